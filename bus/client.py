@@ -1,0 +1,211 @@
+"""BusClient: the one API every chatbus client (gateway, TUI, web app, judge) uses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from bus import subjects
+from bus.codec import decode, encode
+from bus.connection import connect, ensure_nodes_bucket, ensure_tokens_stream
+from bus.errors import ModelNotFound, NodeTimeout, error_for
+from bus.nodes import ModelEntry, NodeTable
+from bus.schemas import (
+    ChatMessage,
+    CountReply,
+    CountRequest,
+    EmbedReply,
+    EmbedRequest,
+    GenerateRequest,
+    KeepAlive,
+    NodeInfo,
+    Rejected,
+    SamplingParams,
+)
+from bus.stream import ChatStream, new_request_id
+
+__all__ = ["BusClient"]
+
+log = logging.getLogger(__name__)
+
+
+class BusClient:
+    """Routing, streaming, cancel and failover over one NATS connection.
+
+    Build it with `await BusClient.connect(url, name=...)` (or around an existing connection and
+    `await client.start()`), and `await client.close()` when done.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        name: str = "chatbus-client",
+        accept_timeout_s: float = 10.0,
+        stall_check_s: float = 2.0,
+        keepalive_every_s: float = 5.0,
+        max_failovers: int = 2,
+        owns_connection: bool = False,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.name = name
+        self.accept_timeout_s = accept_timeout_s
+        self.stall_check_s = stall_check_s
+        self.keepalive_every_s = keepalive_every_s
+        self.max_failovers = max_failovers
+        self._owns = owns_connection
+        self.table: NodeTable = None  # type: ignore[assignment]  # set in start()
+        self._active: dict[str, ChatStream] = {}
+        self._keepalive: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str = "chatbus-client", **options: float) -> BusClient:
+        nc = await connect(url, name=name)
+        client = cls(nc, name=name, owns_connection=True, **options)  # type: ignore[arg-type]
+        try:
+            await client.start()
+        except BaseException:
+            await nc.close()
+            raise
+        return client
+
+    async def start(self) -> None:
+        await ensure_tokens_stream(self.js)
+        self.table = NodeTable(await ensure_nodes_bucket(self.js))
+        await self.table.start()
+        self._keepalive = asyncio.create_task(self._keepalive_loop(), name="chatbus-keepalive")
+
+    async def close(self) -> None:
+        for stream in list(self._active.values()):
+            await stream.aclose()
+        if self._keepalive:
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive
+        if self.table:
+            await self.table.stop()
+        if self._owns:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+    async def __aenter__(self) -> BusClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ discovery
+
+    def nodes(self) -> list[NodeInfo]:
+        return self.table.nodes()
+
+    def models(self) -> dict[str, ModelEntry]:
+        """Models served right now, each with its live nodes."""
+        return self.table.models()
+
+    # ------------------------------------------------------------------ generation
+
+    def chat(
+        self,
+        model: str,
+        messages: list[ChatMessage],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        continuation: str = "",
+        deadline_s: float = 600.0,
+    ) -> ChatStream:
+        """Stream a chat answer: iterate for `Chunk`s, then one `Done` or `Failed`."""
+        return self._stream(
+            GenerateRequest(
+                request_id=request_id or new_request_id(),
+                model=model,
+                messages=messages,
+                params=params or SamplingParams(),
+                continuation=continuation,
+                deadline_s=deadline_s,
+                client=self.name,
+            )
+        )
+
+    def complete(
+        self,
+        model: str,
+        prompt: str,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        deadline_s: float = 600.0,
+    ) -> ChatStream:
+        """Stream a raw completion of `prompt` (no chat template)."""
+        return self._stream(
+            GenerateRequest(
+                request_id=request_id or new_request_id(),
+                model=model,
+                prompt=prompt,
+                params=params or SamplingParams(),
+                deadline_s=deadline_s,
+                client=self.name,
+            )
+        )
+
+    def _stream(self, request: GenerateRequest) -> ChatStream:
+        return ChatStream(self, request, self.max_failovers)
+
+    async def cancel(self, request_id: str) -> None:
+        stream = self._active.get(request_id)
+        if stream is not None:
+            await stream.cancel()
+
+    # ------------------------------------------------------------------ utilities
+
+    async def count_tokens(
+        self, model: str, *, messages: list[ChatMessage] | None = None, prompt: str | None = None
+    ) -> CountReply:
+        reply = await self._ask(subjects.count(model), model, CountRequest(model=model, messages=messages, prompt=prompt))
+        return decode(reply, CountReply)
+
+    async def embed(self, model: str, inputs: list[str]) -> EmbedReply:
+        reply = await self._ask(subjects.embed(model), model, EmbedRequest(model=model, inputs=inputs))
+        return decode(reply, EmbedReply)
+
+    async def _ask(self, subject: str, model: str, message: CountRequest | EmbedRequest) -> bytes:
+        try:
+            msg = await self.nc.request(subject, encode(message), timeout=self.accept_timeout_s * 3)
+        except NoRespondersError:
+            raise ModelNotFound(model, list(self.models())) from None
+        except NatsTimeout:
+            raise NodeTimeout(f"no node answered for model {model!r}") from None
+        if msg.data.startswith(b'{"type":"gen.rejected"'):
+            rejected = decode(msg.data, Rejected)
+            raise error_for(rejected.code, rejected.message)
+        return bytes(msg.data)
+
+    # ------------------------------------------------------------------ keep-alive
+
+    def _register(self, stream: ChatStream) -> None:
+        self._active[stream.attempt_request_id] = stream
+
+    def _unregister(self, stream: ChatStream) -> None:
+        self._active.pop(stream.attempt_request_id, None)
+
+    async def _keepalive_loop(self) -> None:
+        """Tell each node which of its requests still have a listener (it cancels the rest)."""
+        while True:
+            await asyncio.sleep(self.keepalive_every_s)
+            by_node: dict[str, list[str]] = defaultdict(list)
+            for rid, stream in list(self._active.items()):
+                by_node[stream.node_id].append(rid)
+            for node_id, rids in by_node.items():
+                try:
+                    await self.nc.publish(subjects.ctl(node_id), encode(KeepAlive(request_ids=rids)))
+                except Exception as e:  # disconnected: the next round tries again
+                    log.debug("keepalive to %s failed: %r", node_id, e)
+

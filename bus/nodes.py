@@ -1,0 +1,133 @@
+"""A live view of the nodes on the bus, kept from a watch on the `cb_nodes` KV bucket.
+
+KV max-age expiry sends no delete to watchers, so an entry also counts as gone when no heartbeat
+refreshed it for NODE_TTL_S: a SIGKILLed node vanishes here within the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nats.js.kv import KeyValue
+
+from bus.codec import decode
+from bus.connection import NODE_TTL_S
+from bus.errors import BadMessage
+from bus.schemas import NodeInfo
+
+__all__ = ["ModelEntry", "NodeTable"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model as the bus serves it: the nodes that have it and their summed capacity."""
+
+    name: str
+    context_length: int
+    can_embed: bool
+    nodes: list[NodeInfo]
+
+
+class NodeTable:
+    def __init__(self, kv: KeyValue, ttl_s: float = NODE_TTL_S) -> None:
+        self._kv = kv
+        self._ttl_s = ttl_s
+        self._seen: dict[str, tuple[NodeInfo, float]] = {}
+        self._inflight: dict[str, int] = {}  # requests this client sent since the node's last heartbeat
+        self._synced = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.on_change: Callable[[], None] | None = None
+
+    async def start(self, timeout: float = 5.0) -> None:
+        self._task = asyncio.create_task(self._watch(), name="chatbus-node-watch")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._synced.wait(), timeout)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _watch(self) -> None:
+        while True:
+            watcher = None
+            try:
+                watcher = await self._kv.watchall()
+                async for entry in watcher:
+                    if entry is None:  # initial values delivered
+                        self._synced.set()
+                        continue
+                    self._apply(entry)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the watch broke (server restart): start again
+                log.debug("node watch restarting after %r", e)
+                await asyncio.sleep(0.5)
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+
+    def _apply(self, entry: KeyValue.Entry) -> None:
+        if entry.operation in ("DEL", "PURGE") or not entry.value:
+            self._seen.pop(entry.key, None)
+        else:
+            try:
+                info = decode(entry.value, NodeInfo)
+            except BadMessage as e:
+                log.warning("ignoring node entry %s: %s", entry.key, e)
+                return
+            age = max(0.0, time.time() - info.updated_at) if info.updated_at else 0.0
+            self._seen[entry.key] = (info, time.monotonic() - age)
+            self._inflight.pop(info.node_id, None)
+        if self.on_change:
+            self.on_change()
+
+    # ------------------------------------------------------------------ queries
+
+    def nodes(self) -> list[NodeInfo]:
+        """Live nodes, freshest heartbeat first."""
+        horizon = time.monotonic() - self._ttl_s
+        live = [(info, t) for info, t in self._seen.values() if t >= horizon]
+        return [info for info, _ in sorted(live, key=lambda p: -p[1])]
+
+    def is_alive(self, node_id: str) -> bool:
+        return any(n.node_id == node_id for n in self.nodes())
+
+    def models(self) -> dict[str, ModelEntry]:
+        out: dict[str, ModelEntry] = {}
+        for node in self.nodes():
+            for card in node.models:
+                prev = out.get(card.name)
+                nodes = [*(prev.nodes if prev else []), node]
+                ctx = min(card.context_length, prev.context_length) if prev else card.context_length
+                embed = card.can_embed and (prev.can_embed if prev else True)
+                out[card.name] = ModelEntry(card.name, ctx, embed, nodes)
+        return out
+
+    def candidates(self, model: str, exclude: set[str] = frozenset()) -> list[NodeInfo]:  # type: ignore[assignment]
+        """Nodes for `model`, best first: power of two choices on load, then the rest by load."""
+        nodes = [n for n in self.nodes() if n.node_id not in exclude and any(c.name == model for c in n.models)]
+        if len(nodes) <= 1:
+            return nodes
+        ranked = sorted(nodes, key=self._load)
+        a, b = random.sample(nodes, 2)
+        first = a if self._load(a) <= self._load(b) else b
+        return [first, *(n for n in ranked if n is not first)]
+
+    def _load(self, node: NodeInfo) -> float:
+        pending = node.running + node.queued + self._inflight.get(node.node_id, 0)
+        return pending / max(1, node.capacity)
+
+    def note_dispatch(self, node_id: str) -> None:
+        """Count a request we sent until the node's next heartbeat reflects it."""
+        self._inflight[node_id] = self._inflight.get(node_id, 0) + 1

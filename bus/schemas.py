@@ -1,0 +1,218 @@
+"""Every message that crosses the bus, as versioned msgspec structs.
+
+Rules (see DESIGN.md): add fields only with defaults; a breaking change bumps `v` and the tag;
+tests/test_wire.py decodes frozen v1 samples so nobody breaks the wire by accident.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+__all__ = [
+    "Accepted",
+    "Cancel",
+    "ChatMessage",
+    "Chunk",
+    "CountReply",
+    "CountRequest",
+    "Done",
+    "EmbedReply",
+    "EmbedRequest",
+    "Failed",
+    "GenerateReply",
+    "GenerateRequest",
+    "KeepAlive",
+    "ModelCard",
+    "NodeInfo",
+    "Rejected",
+    "SamplingParams",
+    "StreamEvent",
+    "TopLogprob",
+    "TokenLogprob",
+    "Usage",
+]
+
+
+class _Wire(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Base of every message: frozen, keyword-only, compact on the wire."""
+
+
+class _Tagged(_Wire, frozen=True, kw_only=True, tag_field="type"):
+    v: int = 1
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+class ChatMessage(_Wire, frozen=True, kw_only=True):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class SamplingParams(_Wire, frozen=True, kw_only=True):
+    """What shapes one generation. temperature 0 means greedy."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int | None = None  # None: up to the context length
+    stop: list[str] = msgspec.field(default_factory=list)
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+class GenerateRequest(_Tagged, frozen=True, kw_only=True, tag="gen.request"):
+    """Ask a node to generate. Exactly one of `messages` (chat) or `prompt` (raw completion).
+
+    `continuation` is assistant text already produced elsewhere (failover): the node appends it
+    to the prompt and streams only what comes after it.
+    """
+
+    request_id: str
+    model: str
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    params: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    continuation: str = ""
+    deadline_s: float = 600.0  # wall-clock budget on the node, from acceptance
+    keepalive_s: float = 30.0  # node cancels if the client is silent this long
+    client: str = ""
+
+
+class Accepted(_Tagged, frozen=True, kw_only=True, tag="gen.accepted"):
+    request_id: str
+    node_id: str
+    prompt_tokens: int = 0
+
+
+class Rejected(_Tagged, frozen=True, kw_only=True, tag="gen.rejected"):
+    """Why a node will not take a request. `code` is an errors.Code value."""
+
+    request_id: str
+    node_id: str
+    code: str
+    message: str
+    retry_after_s: float = 0.0
+
+
+GenerateReply = Accepted | Rejected
+
+
+class TopLogprob(_Wire, frozen=True, kw_only=True):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(_Wire, frozen=True, kw_only=True):
+    token: str
+    logprob: float
+    top: list[TopLogprob] = msgspec.field(default_factory=list)
+
+
+class Usage(_Wire, frozen=True, kw_only=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Chunk(_Tagged, frozen=True, kw_only=True, tag="tok.chunk"):
+    """Text produced since the previous chunk (one decode step or a few ms of them)."""
+
+    seq: int
+    text: str
+    tokens: int = 0
+    node_id: str = ""
+    logprobs: list[TokenLogprob] | None = None
+
+
+class Done(_Tagged, frozen=True, kw_only=True, tag="tok.done"):
+    seq: int
+    finish_reason: Literal["stop", "length", "cancelled"]
+    usage: Usage = msgspec.field(default_factory=Usage)
+    node_id: str = ""
+
+
+class Failed(_Tagged, frozen=True, kw_only=True, tag="tok.failed"):
+    seq: int
+    code: str
+    message: str
+    node_id: str = ""
+
+
+StreamEvent = Chunk | Done | Failed
+
+
+class Cancel(_Tagged, frozen=True, kw_only=True, tag="ctl.cancel"):
+    request_id: str
+
+
+class KeepAlive(_Tagged, frozen=True, kw_only=True, tag="ctl.keepalive"):
+    request_ids: list[str]
+
+
+ControlMessage = Cancel | KeepAlive
+
+
+# ----------------------------------------------------------------------------- utilities
+
+
+class CountRequest(_Tagged, frozen=True, kw_only=True, tag="count.request"):
+    model: str
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+
+
+class CountReply(_Tagged, frozen=True, kw_only=True, tag="count.reply"):
+    tokens: int
+    context_length: int
+
+
+class EmbedRequest(_Tagged, frozen=True, kw_only=True, tag="embed.request"):
+    model: str
+    inputs: list[str]
+
+
+class EmbedReply(_Tagged, frozen=True, kw_only=True, tag="embed.reply"):
+    embeddings: list[list[float]]
+    prompt_tokens: int = 0
+
+
+# ----------------------------------------------------------------------------- liveness
+
+
+class ModelCard(_Wire, frozen=True, kw_only=True):
+    name: str
+    context_length: int
+    can_embed: bool = False
+    base: str = ""  # the base model of an adapter, else empty
+
+
+class NodeInfo(_Tagged, frozen=True, kw_only=True, tag="node.info"):
+    """A node's heartbeat, re-put into the `cb_nodes` KV bucket every few seconds."""
+
+    node_id: str
+    host: str
+    pid: int
+    models: list[ModelCard]
+    device: str
+    dtype: str
+    capacity: int
+    running: int = 0
+    queued: int = 0
+    tokens_per_s: float = 0.0
+    started_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def load(self) -> float:
+        """Fraction of capacity in use (can exceed 1 with a queue)."""
+        return (self.running + self.queued) / max(1, self.capacity)

@@ -1,0 +1,65 @@
+"""The only place subject strings, stream and bucket names are built."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "NODES_BUCKET",
+    "NODE_QUEUE",
+    "TOKENS_STREAM",
+    "ctl",
+    "count",
+    "embed",
+    "gen",
+    "gen_node",
+    "token",
+    "tokens_all",
+    "safe_token",
+]
+
+PREFIX = "cb"
+TOKENS_STREAM = "CB_TOKENS"
+NODES_BUCKET = "cb_nodes"
+NODE_QUEUE = "cb-nodes"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+def safe_token(name: str) -> str:
+    """A reversible NATS subject token for any name ('.', '/', ' ' and friends are %-escaped)."""
+    if not name:
+        raise ValueError("empty subject token")
+    return _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), name)
+
+
+def gen(model: str) -> str:
+    """Any node serving `model` (queue group)."""
+    return f"{PREFIX}.gen.{safe_token(model)}"
+
+
+def gen_node(model: str, node_id: str) -> str:
+    """One chosen node, for load-aware routing."""
+    return f"{PREFIX}.gen.{safe_token(model)}.{safe_token(node_id)}"
+
+
+def token(request_id: str) -> str:
+    """The token stream of one request (in TOKENS_STREAM)."""
+    return f"{PREFIX}.tok.{safe_token(request_id)}"
+
+
+def tokens_all() -> str:
+    return f"{PREFIX}.tok.>"
+
+
+def ctl(node_id: str) -> str:
+    """Cancel and keep-alive messages for one node."""
+    return f"{PREFIX}.ctl.{safe_token(node_id)}"
+
+
+def embed(model: str) -> str:
+    return f"{PREFIX}.embed.{safe_token(model)}"
+
+
+def count(model: str) -> str:
+    return f"{PREFIX}.count.{safe_token(model)}"

@@ -1,0 +1,1 @@
+"""chatbus gateway package."""

@@ -1,0 +1,1 @@
+"""chatbus judge package."""

@@ -1,0 +1,349 @@
+"""The node's bus adapter: turns bus requests into Engine calls and Engine deltas into token streams.
+
+Knows NATS, not torch. One engine per node; the engine's worker thread hands deltas over through
+`loop.call_soon_threadsafe` into one ordered pump, which publishes them without waiting for acks
+(`publish_async`), so JetStream round-trips never sit on the decode path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from bus import subjects
+from bus.codec import decode, encode
+from bus.connection import HEARTBEAT_S, ensure_nodes_bucket, ensure_tokens_stream
+from bus.errors import BadRequest, BusError, Code
+from bus.schemas import (
+    Accepted,
+    Chunk,
+    ControlMessage,
+    CountReply,
+    CountRequest,
+    Done,
+    EmbedReply,
+    EmbedRequest,
+    Failed,
+    GenerateRequest,
+    KeepAlive,
+    NodeInfo,
+    Rejected,
+    StreamEvent,
+    Usage,
+)
+from node.engine import Delta, Engine, EngineRequest
+
+__all__ = ["NodeService", "new_node_id"]
+
+log = logging.getLogger(__name__)
+
+
+def new_node_id() -> str:
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:24]
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+@dataclass
+class _Job:
+    request_id: str
+    deadline: float
+    keepalive_s: float
+    last_seen: float = field(default_factory=time.monotonic)
+    seq: int = 0
+    prompt_tokens: int = 0
+    end_code: Code | None = None  # why we cancelled it, if we did
+
+
+def validate(req: GenerateRequest) -> None:
+    """Reject what no engine could honour, with a message that names the field."""
+    p = req.params
+    if req.messages is None and req.prompt is None:
+        raise BadRequest("either messages or prompt is required")
+    if req.messages is not None and not req.messages:
+        raise BadRequest("messages must not be empty")
+    if p.temperature < 0 or p.temperature > 100:
+        raise BadRequest(f"temperature must be between 0 and 100, got {p.temperature}")
+    if not 0 < p.top_p <= 1:
+        raise BadRequest(f"top_p must be in (0, 1], got {p.top_p}")
+    if p.top_k < 0:
+        raise BadRequest(f"top_k must be >= 0, got {p.top_k}")
+    if p.max_tokens is not None and p.max_tokens < 1:
+        raise BadRequest(f"max_tokens must be >= 1, got {p.max_tokens}")
+    if p.repetition_penalty <= 0:
+        raise BadRequest(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
+    if not 0 <= p.top_logprobs <= 20:
+        raise BadRequest(f"top_logprobs must be between 0 and 20, got {p.top_logprobs}")
+
+
+class NodeService:
+    def __init__(self, nc: NATS, engine: Engine, *, node_id: str | None = None, max_queued: int = 64) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.engine = engine
+        self.node_id = node_id or new_node_id()
+        self.max_queued = max_queued
+        self.started_at = time.time()
+        self._jobs: dict[str, _Job] = {}
+        self._deltas: asyncio.Queue[Delta] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._subs: list[object] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._accepting = False
+        self._kv = None
+
+    @property
+    def model(self) -> str:
+        return self.engine.card.name
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await ensure_tokens_stream(self.js)
+        self._kv = await ensure_nodes_bucket(self.js)
+        self.engine.start()
+        self._tasks = [
+            asyncio.create_task(self._pump(), name="node-pump"),
+            asyncio.create_task(self._heartbeat_loop(), name="node-heartbeat"),
+            asyncio.create_task(self._watchdog(), name="node-watchdog"),
+        ]
+        self._accepting = True
+        self._subs = [
+            await self.nc.subscribe(subjects.gen(self.model), queue=subjects.NODE_QUEUE, cb=self._on_generate),
+            await self.nc.subscribe(subjects.gen_node(self.model, self.node_id), cb=self._on_generate),
+            await self.nc.subscribe(subjects.ctl(self.node_id), cb=self._on_control),
+            await self.nc.subscribe(subjects.count(self.model), queue=subjects.NODE_QUEUE, cb=self._on_count),
+        ]
+        if self.engine.card.can_embed:
+            self._subs.append(
+                await self.nc.subscribe(subjects.embed(self.model), queue=subjects.NODE_QUEUE, cb=self._on_embed)
+            )
+        await self._heartbeat()
+        await self.nc.flush()
+        log.info("node %s serving %s on %s", self.node_id, self.model, self.engine.device)
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Stop taking work, deregister, let running answers finish (up to `timeout`), then stop."""
+        self._accepting = False
+        for sub in self._subs[:2]:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()  # type: ignore[attr-defined]
+        if self._kv is not None:
+            with contextlib.suppress(Exception):
+                await self._kv.delete(self.node_id)
+        deadline = time.monotonic() + timeout
+        while self._jobs and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for job in self._jobs.values():
+            job.end_code = Code.SHUTTING_DOWN
+        await asyncio.to_thread(self.engine.stop)
+        while self._jobs and time.monotonic() < deadline + 5:
+            await asyncio.sleep(0.02)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.js.publish_async_completed(), 5)
+
+    # ------------------------------------------------------------------ requests
+
+    async def _on_generate(self, msg: Msg) -> None:
+        try:
+            req = decode(msg.data, GenerateRequest)
+        except BusError as e:
+            await msg.respond(encode(Rejected(request_id="", node_id=self.node_id, code=e.code.value, message=str(e))))
+            return
+        reply = self._admit(req)
+        await msg.respond(encode(reply))
+
+    def _admit(self, req: GenerateRequest) -> Accepted | Rejected:
+        def reject(code: Code, message: str, retry_after_s: float = 0.0) -> Rejected:
+            return Rejected(
+                request_id=req.request_id,
+                node_id=self.node_id,
+                code=code.value,
+                message=message,
+                retry_after_s=retry_after_s,
+            )
+
+        if not self._accepting:
+            return reject(Code.SHUTTING_DOWN, f"node {self.node_id} is shutting down", 1.0)
+        if req.model != self.model:
+            return reject(Code.MODEL_NOT_FOUND, f"node {self.node_id} serves {self.model!r}, not {req.model!r}")
+        if req.request_id in self._jobs:
+            return Accepted(request_id=req.request_id, node_id=self.node_id)  # a retried request: same stream
+        if len(self._jobs) >= self.engine.max_running + self.max_queued:
+            return reject(Code.BUSY, f"node {self.node_id} is at capacity ({len(self._jobs)} requests)", 1.0)
+        try:
+            validate(req)
+            job = _Job(req.request_id, time.monotonic() + req.deadline_s, req.keepalive_s)
+            self._jobs[req.request_id] = job
+            engine_req = EngineRequest(
+                request_id=req.request_id,
+                messages=req.messages,
+                prompt=req.prompt,
+                params=req.params,
+                continuation=req.continuation,
+            )
+            job.prompt_tokens = self.engine.submit(engine_req, self._sink)
+        except BusError as e:
+            self._jobs.pop(req.request_id, None)
+            return reject(e.code, e.message)
+        except Exception as e:
+            self._jobs.pop(req.request_id, None)
+            log.exception("submit failed")
+            return reject(Code.INTERNAL, f"node {self.node_id} could not start the request: {e}")
+        return Accepted(request_id=req.request_id, node_id=self.node_id, prompt_tokens=job.prompt_tokens)
+
+    def _sink(self, delta: Delta) -> None:
+        """Called from the engine's thread."""
+        self._loop.call_soon_threadsafe(self._deltas.put_nowait, delta)
+
+    async def _pump(self) -> None:
+        """Deltas → stream events, published in order without waiting for acks."""
+        while True:
+            delta = await self._deltas.get()
+            job = self._jobs.get(delta.request_id)
+            if job is None:
+                continue
+            for event in self._events(job, delta):
+                await self._publish(subjects.token(job.request_id), encode(event))
+            if delta.finish_reason is not None:
+                self._jobs.pop(delta.request_id, None)
+
+    def _events(self, job: _Job, delta: Delta) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        if delta.text or delta.tokens:
+            job.seq += 1
+            events.append(
+                Chunk(seq=job.seq, text=delta.text, tokens=delta.tokens, node_id=self.node_id, logprobs=delta.logprobs)
+            )
+        if delta.finish_reason is None:
+            return events
+        job.seq += 1
+        if delta.finish_reason == "error":
+            events.append(Failed(seq=job.seq, code=Code.INTERNAL.value, message=delta.error, node_id=self.node_id))
+        elif delta.finish_reason == "cancelled" and job.end_code is not None:
+            message = {
+                Code.TIMEOUT: "the request ran past its deadline",
+                Code.SHUTTING_DOWN: f"node {self.node_id} shut down before finishing",
+            }.get(job.end_code, "cancelled by the node")
+            events.append(Failed(seq=job.seq, code=job.end_code.value, message=message, node_id=self.node_id))
+        else:
+            usage = Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens)
+            events.append(
+                Done(seq=job.seq, finish_reason=delta.finish_reason, usage=usage, node_id=self.node_id)  # type: ignore[arg-type]
+            )
+        return events
+
+    async def _publish(self, subject: str, data: bytes) -> None:
+        try:
+            await self.js.publish_async(subject, data, wait_stall=5.0)
+        except Exception as e:
+            log.warning("could not publish to %s: %r", subject, e)
+
+    # ------------------------------------------------------------------ control
+
+    async def _on_control(self, msg: Msg) -> None:
+        try:
+            ctl = decode(msg.data, ControlMessage)
+        except BusError as e:
+            log.warning("bad control message: %s", e)
+            return
+        if isinstance(ctl, KeepAlive):
+            now = time.monotonic()
+            for rid in ctl.request_ids:
+                if rid in self._jobs:
+                    self._jobs[rid].last_seen = now
+        elif ctl.request_id in self._jobs:
+            self.engine.cancel(ctl.request_id)
+
+    async def _watchdog(self) -> None:
+        """A lost client or a blown deadline never leaves the engine generating."""
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for job in list(self._jobs.values()):
+                if job.end_code is not None:
+                    continue
+                if now > job.deadline:
+                    job.end_code = Code.TIMEOUT
+                elif now - job.last_seen > job.keepalive_s:
+                    job.end_code = Code.CANCELLED
+                    log.info("request %s: no keep-alive for %.0fs, cancelling", job.request_id, job.keepalive_s)
+                else:
+                    continue
+                self.engine.cancel(job.request_id)
+
+    # ------------------------------------------------------------------ heartbeat
+
+    def info(self) -> NodeInfo:
+        stats = self.engine.stats()
+        return NodeInfo(
+            node_id=self.node_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            models=[self.engine.card],
+            device=self.engine.device,
+            dtype=self.engine.dtype,
+            capacity=self.engine.max_running,
+            running=stats.running,
+            queued=stats.queued,
+            tokens_per_s=round(stats.tokens_per_s, 1),
+            started_at=self.started_at,
+            updated_at=time.time(),
+        )
+
+    async def _heartbeat(self) -> None:
+        assert self._kv is not None
+        try:
+            await self._kv.put(self.node_id, encode(self.info()))
+        except Exception as e:  # the bucket may be gone after a server restart
+            log.warning("heartbeat failed (%r); re-creating the bucket", e)
+            with contextlib.suppress(Exception):
+                await ensure_tokens_stream(self.js)
+                self._kv = await ensure_nodes_bucket(self.js)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            if self._accepting:
+                await self._heartbeat()
+
+    # ------------------------------------------------------------------ count / embed
+
+    async def _on_count(self, msg: Msg) -> None:
+        await self._answer(msg, CountRequest, self._count)
+
+    async def _on_embed(self, msg: Msg) -> None:
+        await self._answer(msg, EmbedRequest, self._embed)
+
+    async def _count(self, req: CountRequest) -> CountReply:
+        n = await asyncio.to_thread(self.engine.count_tokens, req.messages, req.prompt)
+        return CountReply(tokens=n, context_length=self.engine.card.context_length)
+
+    async def _embed(self, req: EmbedRequest) -> EmbedReply:
+        if not req.inputs:
+            raise BadRequest("input must not be empty")
+        vectors, tokens = await asyncio.to_thread(self.engine.embed, req.inputs)
+        return EmbedReply(embeddings=vectors, prompt_tokens=tokens)
+
+    async def _answer(self, msg: Msg, type_: type, handler) -> None:  # type: ignore[no-untyped-def]
+        try:
+            reply = await handler(decode(msg.data, type_))
+        except BusError as e:
+            reply = Rejected(request_id="", node_id=self.node_id, code=e.code.value, message=e.message)
+        except Exception as e:
+            log.exception("%s failed", type_.__name__)
+            reply = Rejected(request_id="", node_id=self.node_id, code=Code.INTERNAL.value, message=str(e))
+        await msg.respond(encode(reply))

@@ -1,0 +1,100 @@
+"""A tiny scripted engine for bus-level tests (the real model is tested through node/hf.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from bus.errors import ContextLengthExceeded
+from bus.schemas import ChatMessage, ModelCard
+from node.engine import Delta, EngineRequest, EngineStats, Sink
+
+
+class EchoEngine:
+    """Answers with the words of the last message, one word per step of `step_s` seconds."""
+
+    def __init__(self, name: str = "echo", *, step_s: float = 0.01, max_running: int = 4, context: int = 1000):
+        self._card = ModelCard(name=name, context_length=context, can_embed=True)
+        self.step_s = step_s
+        self._max_running = max_running
+        self._queue: deque[tuple[EngineRequest, Sink, list[str]]] = deque()
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.running_ids: set[str] = set()
+
+    card = property(lambda self: self._card)
+    device = property(lambda self: "cpu")
+    dtype = property(lambda self: "none")
+    max_running = property(lambda self: self._max_running)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        with self._lock:
+            for req, sink, _ in self._queue:
+                sink(Delta(request_id=req.request_id, finish_reason="cancelled"))
+            self._queue.clear()
+
+    def count_tokens(self, messages: list[ChatMessage] | None, prompt: str | None) -> int:
+        text = prompt if prompt is not None else " ".join(m.content for m in messages or [])
+        return len(text.split())
+
+    def submit(self, request: EngineRequest, sink: Sink) -> int:
+        n = self.count_tokens(request.messages, request.prompt)
+        if n > self._card.context_length:
+            raise ContextLengthExceeded(f"prompt has {n} tokens, model context is {self._card.context_length}")
+        text = request.prompt if request.prompt is not None else request.messages[-1].content  # type: ignore[index]
+        words = text.split()
+        skip = len(request.continuation.split())
+        limit = request.params.max_tokens or len(words)
+        with self._lock:
+            self._queue.append((request, sink, [("" if i == 0 else " ") + w for i, w in enumerate(words)][skip:limit]))
+        return n
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(running=len(self._queue), queued=0, tokens_per_s=0.0)
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        return [[1.0, 0.0] for _ in texts], sum(len(t.split()) for t in texts)
+
+    def _run(self) -> None:
+        produced: dict[str, int] = {}
+        while not self._stop.is_set():
+            time.sleep(self.step_s)
+            with self._lock:
+                batch = list(self._queue)[: self._max_running]
+                self.running_ids = {r.request_id for r, _, _ in batch}
+            self.steps += 1
+            for item in batch:
+                req, sink, words = item
+                rid = req.request_id
+                if rid in self._cancelled:
+                    sink(Delta(request_id=rid, finish_reason="cancelled", completion_tokens=produced.get(rid, 0)))
+                    self._drop(item)
+                    continue
+                n = produced.get(rid, 0)
+                if n >= len(words):
+                    reason = "length" if req.params.max_tokens == n else "stop"
+                    sink(Delta(request_id=rid, finish_reason=reason, completion_tokens=n))  # type: ignore[arg-type]
+                    self._drop(item)
+                    continue
+                produced[rid] = n + 1
+                sink(Delta(request_id=rid, text=words[n], tokens=1, completion_tokens=n + 1))
+
+    def _drop(self, item: tuple[EngineRequest, Sink, list[str]]) -> None:
+        with self._lock:
+            self._queue.remove(item)

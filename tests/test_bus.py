@@ -1,0 +1,148 @@
+"""The bus contract end to end with a real nats-server and a scripted engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+from fakes import EchoEngine
+
+from bus import BusClient, ChatMessage, Chunk, Done, Failed, ModelNotFound, SamplingParams
+from bus.connection import connect
+from bus.errors import BadRequest, ContextLengthExceeded, NodeBusy
+from node.service import NodeService
+
+
+@contextlib.asynccontextmanager
+async def running_node(url: str, engine: EchoEngine, node_id: str | None = None):
+    nc = await connect(url, name="test-node")
+    service = NodeService(nc, engine, node_id=node_id, max_queued=0)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.drain(timeout=2)
+        await nc.close()
+
+
+def user(text: str) -> list[ChatMessage]:
+    return [ChatMessage(role="user", content=text)]
+
+
+async def wait_for(predicate, timeout: float = 8.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+async def collect(stream) -> list:
+    return [event async for event in stream]
+
+
+async def test_stream_is_gapless_and_ends_in_one_done(nats_url: str, client: BusClient) -> None:
+    async with running_node(nats_url, EchoEngine("echo-a")):
+        await wait_for(lambda: "echo-a" in client.models())
+        events = await collect(client.chat("echo-a", user("one two three four")))
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        assert isinstance(events[-1], Done) and sum(isinstance(e, Done | Failed) for e in events) == 1
+        assert "".join(e.text for e in events if isinstance(e, Chunk)) == "one two three four"
+        assert events[-1].usage.completion_tokens == 4
+        assert events[-1].usage.prompt_tokens == 4
+
+
+async def test_unknown_model_fails_at_once(client: BusClient) -> None:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(ModelNotFound, match="nope"):
+        await client.chat("nope", user("hi")).start()
+    assert loop.time() - t0 < 1.0  # no-responders, not a timeout
+
+
+async def test_bad_params_and_context_are_typed(nats_url: str, client: BusClient) -> None:
+    async with running_node(nats_url, EchoEngine("echo-b", context=3)):
+        await wait_for(lambda: "echo-b" in client.models())
+        with pytest.raises(BadRequest, match="top_p"):
+            await client.chat("echo-b", user("x"), SamplingParams(top_p=0)).start()
+        with pytest.raises(ContextLengthExceeded, match="context"):
+            await client.chat("echo-b", user("a b c d e")).start()
+
+
+async def test_cancel_stops_the_engine(nats_url: str, client: BusClient) -> None:
+    engine = EchoEngine("echo-c", step_s=0.05)
+    async with running_node(nats_url, engine):
+        await wait_for(lambda: "echo-c" in client.models())
+        stream = client.chat("echo-c", user(" ".join(["w"] * 200)))
+        first = await anext(stream)
+        assert isinstance(first, Chunk)
+        await stream.cancel()
+        rest = await collect(stream)
+        assert isinstance(rest[-1], Done) and rest[-1].finish_reason == "cancelled"
+        assert len(rest) < 10
+        await wait_for(lambda: not engine.running_ids)
+
+
+async def test_aclose_cancels_on_node(nats_url: str, client: BusClient) -> None:
+    engine = EchoEngine("echo-d", step_s=0.05)
+    async with running_node(nats_url, engine) as service:
+        await wait_for(lambda: "echo-d" in client.models())
+        stream = client.chat("echo-d", user(" ".join(["w"] * 200)))
+        await anext(stream)
+        await stream.aclose()
+        await wait_for(lambda: not service._jobs)
+
+
+async def test_two_nodes_share_requests(nats_url: str, client: BusClient) -> None:
+    async with (
+        running_node(nats_url, EchoEngine("echo-e", step_s=0.02)) as a,
+        running_node(nats_url, EchoEngine("echo-e", step_s=0.02)) as b,
+    ):
+        await wait_for(lambda: len(client.models().get("echo-e", None).nodes if "echo-e" in client.models() else []) == 2)
+        streams = [client.chat("echo-e", user("a b c d e f")) for _ in range(8)]
+        results = await asyncio.gather(*(collect(s) for s in streams))
+        assert all(isinstance(r[-1], Done) for r in results)
+        used = [s.node_id for s in streams]
+        assert used.count(a.node_id) >= 2 and used.count(b.node_id) >= 2
+
+
+async def test_busy_node_rejects_and_client_says_so(nats_url: str, client: BusClient) -> None:
+    async with running_node(nats_url, EchoEngine("echo-f", step_s=0.05, max_running=1)):
+        await wait_for(lambda: "echo-f" in client.models())
+        first = client.chat("echo-f", user(" ".join(["w"] * 100)))
+        await first.start()
+        with pytest.raises(NodeBusy):
+            await client.chat("echo-f", user("x")).start()
+        await first.aclose()
+
+
+async def test_failover_continues_on_another_node(nats_url: str, client: BusClient) -> None:
+    words = [f"w{i}" for i in range(30)]
+    async with running_node(nats_url, EchoEngine("echo-g", step_s=0.03)) as survivor:
+        nc = await connect(nats_url, name="doomed")
+        doomed = NodeService(nc, EchoEngine("echo-g", step_s=0.03), max_queued=0)
+        await doomed.start()
+        await wait_for(lambda: len(client.models().get("echo-g").nodes) == 2 if "echo-g" in client.models() else False)
+        # Make the doomed node the one chosen, then take it down mid-answer (drain → shutting_down).
+        stream = client.chat("echo-g", user(" ".join(words)))
+        while True:
+            await stream.start()
+            if stream.node_id == doomed.node_id:
+                break
+            await stream.aclose()
+            stream = client.chat("echo-g", user(" ".join(words)))
+        events = [await anext(stream) for _ in range(3)]
+        await doomed.drain(timeout=0)
+        await nc.close()
+        events += await collect(stream)
+        assert isinstance(events[-1], Done), events[-1]
+        assert "".join(e.text for e in events if isinstance(e, Chunk)).split() == words
+        assert stream.nodes_used == [doomed.node_id, survivor.node_id]
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_node_deregisters_on_drain(nats_url: str, client: BusClient) -> None:
+    async with running_node(nats_url, EchoEngine("echo-h")):
+        await wait_for(lambda: "echo-h" in client.models())
+    await wait_for(lambda: "echo-h" not in client.models(), timeout=2)

@@ -1,0 +1,1 @@
+"""chatbus webui package."""
