@@ -11,9 +11,9 @@ from bus.errors import (
     ContextLengthExceeded,
     GenerationFailed,
     ModelNotFound,
-    NoNodeAvailable,
     NodeBusy,
     NodeTimeout,
+    NoNodeAvailable,
 )
 from bus.nodes import ModelEntry
 from bus.schemas import ChatMessage, Chunk, Done, Failed, NodeInfo, SamplingParams, StreamEvent, Usage

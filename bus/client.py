@@ -169,7 +169,9 @@ class BusClient:
     async def count_tokens(
         self, model: str, *, messages: list[ChatMessage] | None = None, prompt: str | None = None
     ) -> CountReply:
-        reply = await self._ask(subjects.count(model), model, CountRequest(model=model, messages=messages, prompt=prompt))
+        reply = await self._ask(
+            subjects.count(model), model, CountRequest(model=model, messages=messages, prompt=prompt)
+        )
         return decode(reply, CountReply)
 
     async def embed(self, model: str, inputs: list[str]) -> EmbedReply:
@@ -208,4 +210,3 @@ class BusClient:
                     await self.nc.publish(subjects.ctl(node_id), encode(KeepAlive(request_ids=rids)))
                 except Exception as e:  # disconnected: the next round tries again
                     log.debug("keepalive to %s failed: %r", node_id, e)
-

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import msgspec
 
@@ -20,12 +20,16 @@ def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
 
 
-def decode(data: bytes, type_: type[T] | Any) -> T:
+@overload
+def decode(data: bytes, type_: type[T]) -> T: ...
+@overload
+def decode(data: bytes, type_: Any) -> Any: ...
+def decode(data: bytes, type_: Any) -> Any:
     """Decode `data` as `type_` (a struct or a union of tagged structs)."""
     decoder = _decoders.get(type_)
     if decoder is None:
         decoder = _decoders[type_] = msgspec.json.Decoder(type_)
     try:
-        return decoder.decode(data)  # type: ignore[no-any-return]
+        return decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise BadMessage(f"undecodable {getattr(type_, '__name__', type_)}: {e}") from e

@@ -92,5 +92,7 @@ async def ensure_nodes_bucket(js: JetStreamContext) -> KeyValue:
         return await js.key_value(subjects.NODES_BUCKET)
     except Exception:
         return await js.create_key_value(
-            KeyValueConfig(bucket=subjects.NODES_BUCKET, ttl=NODE_TTL_S, storage=StorageType.MEMORY, history=1)
+            KeyValueConfig(
+                bucket=subjects.NODES_BUCKET, ttl=NODE_TTL_S, storage=StorageType.MEMORY, history=1
+            )
         )

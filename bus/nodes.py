@@ -116,7 +116,9 @@ class NodeTable:
 
     def candidates(self, model: str, exclude: set[str] = frozenset()) -> list[NodeInfo]:  # type: ignore[assignment]
         """Nodes for `model`, best first: power of two choices on load, then the rest by load."""
-        nodes = [n for n in self.nodes() if n.node_id not in exclude and any(c.name == model for c in n.models)]
+        nodes = [
+            n for n in self.nodes() if n.node_id not in exclude and any(c.name == model for c in n.models)
+        ]
         if len(nodes) <= 1:
             return nodes
         ranked = sorted(nodes, key=self._load)

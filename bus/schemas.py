@@ -29,8 +29,8 @@ __all__ = [
     "Rejected",
     "SamplingParams",
     "StreamEvent",
-    "TopLogprob",
     "TokenLogprob",
+    "TopLogprob",
     "Usage",
 ]
 

@@ -66,7 +66,7 @@ class EmbeddedServer:
         self.port = free_port(self.port, self.host)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [find_binary(), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir)]
-        log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         try:
             # Its own process group: a Ctrl-C in the terminal reaches our supervisor, which stops
             # the server after the nodes have drained, not before.

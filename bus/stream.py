@@ -26,9 +26,9 @@ from bus.errors import (
     BusError,
     Code,
     ModelNotFound,
-    NoNodeAvailable,
     NodeBusy,
     NodeTimeout,
+    NoNodeAvailable,
     error_for,
 )
 from bus.schemas import (
@@ -104,7 +104,9 @@ class ChatStream(AsyncIterator[StreamEvent]):
         table = self._client.table
         payload = encode(request)
         busy: NodeBusy | None = None
-        targets = [subjects.gen_node(request.model, n.node_id) for n in table.candidates(request.model, exclude)]
+        targets = [
+            subjects.gen_node(request.model, n.node_id) for n in table.candidates(request.model, exclude)
+        ]
         targets.append(subjects.gen(request.model))  # the queue group: any node we have not heard of yet
         for subject in targets:
             try:
@@ -115,7 +117,7 @@ class ChatStream(AsyncIterator[StreamEvent]):
                 raise NodeTimeout(
                     f"no node answered for model {request.model!r} within {self._client.accept_timeout_s:.0f}s"
                 ) from None
-            reply = decode(msg.data, GenerateReply)
+            reply: Accepted | Rejected = decode(msg.data, GenerateReply)
             if isinstance(reply, Rejected):
                 if reply.code == Code.BUSY.value:
                     busy = NodeBusy(reply.message, reply.retry_after_s or 1.0)
@@ -128,7 +130,9 @@ class ChatStream(AsyncIterator[StreamEvent]):
             raise busy
         served = list(table.models())
         if request.model in served:
-            raise NoNodeAvailable(f"every node serving {request.model!r} is gone or draining; try again shortly")
+            raise NoNodeAvailable(
+                f"every node serving {request.model!r} is gone or draining; try again shortly"
+            )
         raise ModelNotFound(request.model, served)
 
     async def _accepted(self, request: GenerateRequest, reply: Accepted) -> None:
@@ -191,7 +195,7 @@ class ChatStream(AsyncIterator[StreamEvent]):
                     message=f"node {self.node_id} stopped heartbeating ({silent:.1f}s without tokens)",
                     node_id=self.node_id,
                 )
-            event = decode(msg.data, StreamEvent)
+            event: StreamEvent = decode(msg.data, StreamEvent)
             if event.seq <= self._last_seq:
                 continue  # a redelivery after a consumer reset
             self._last_seq = event.seq
@@ -241,7 +245,9 @@ class ChatStream(AsyncIterator[StreamEvent]):
     async def cancel(self) -> None:
         """Ask the node to stop; the stream then ends with Done(finish_reason='cancelled')."""
         if self.node_id and not self._finished:
-            await self._client.nc.publish(subjects.ctl(self.node_id), encode(Cancel(request_id=self._attempt_rid)))
+            await self._client.nc.publish(
+                subjects.ctl(self.node_id), encode(Cancel(request_id=self._attempt_rid))
+            )
 
     async def aclose(self) -> None:
         if not self._finished:

@@ -8,14 +8,14 @@ __all__ = [
     "NODES_BUCKET",
     "NODE_QUEUE",
     "TOKENS_STREAM",
-    "ctl",
     "count",
+    "ctl",
     "embed",
     "gen",
     "gen_node",
+    "safe_token",
     "token",
     "tokens_all",
-    "safe_token",
 ]
 
 PREFIX = "cb"

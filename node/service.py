@@ -14,10 +14,14 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
 
 from bus import subjects
 from bus.codec import decode, encode
@@ -25,6 +29,7 @@ from bus.connection import HEARTBEAT_S, ensure_nodes_bucket, ensure_tokens_strea
 from bus.errors import BadRequest, BusError, Code
 from bus.schemas import (
     Accepted,
+    Cancel,
     Chunk,
     ControlMessage,
     CountReply,
@@ -98,7 +103,7 @@ class NodeService:
         self._subs: list[object] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._accepting = False
-        self._kv = None
+        self._kv: KeyValue | None = None
 
     @property
     def model(self) -> str:
@@ -117,14 +122,18 @@ class NodeService:
         ]
         self._accepting = True
         self._subs = [
-            await self.nc.subscribe(subjects.gen(self.model), queue=subjects.NODE_QUEUE, cb=self._on_generate),
+            await self.nc.subscribe(
+                subjects.gen(self.model), queue=subjects.NODE_QUEUE, cb=self._on_generate
+            ),
             await self.nc.subscribe(subjects.gen_node(self.model, self.node_id), cb=self._on_generate),
             await self.nc.subscribe(subjects.ctl(self.node_id), cb=self._on_control),
             await self.nc.subscribe(subjects.count(self.model), queue=subjects.NODE_QUEUE, cb=self._on_count),
         ]
         if self.engine.card.can_embed:
             self._subs.append(
-                await self.nc.subscribe(subjects.embed(self.model), queue=subjects.NODE_QUEUE, cb=self._on_embed)
+                await self.nc.subscribe(
+                    subjects.embed(self.model), queue=subjects.NODE_QUEUE, cb=self._on_embed
+                )
             )
         await self._heartbeat()
         await self.nc.flush()
@@ -161,7 +170,9 @@ class NodeService:
         try:
             req = decode(msg.data, GenerateRequest)
         except BusError as e:
-            await msg.respond(encode(Rejected(request_id="", node_id=self.node_id, code=e.code.value, message=str(e))))
+            await msg.respond(
+                encode(Rejected(request_id="", node_id=self.node_id, code=e.code.value, message=str(e)))
+            )
             return
         reply = self._admit(req)
         await msg.respond(encode(reply))
@@ -179,7 +190,9 @@ class NodeService:
         if not self._accepting:
             return reject(Code.SHUTTING_DOWN, f"node {self.node_id} is shutting down", 1.0)
         if req.model != self.model:
-            return reject(Code.MODEL_NOT_FOUND, f"node {self.node_id} serves {self.model!r}, not {req.model!r}")
+            return reject(
+                Code.MODEL_NOT_FOUND, f"node {self.node_id} serves {self.model!r}, not {req.model!r}"
+            )
         if req.request_id in self._jobs:
             return Accepted(request_id=req.request_id, node_id=self.node_id)  # a retried request: same stream
         if len(self._jobs) >= self.engine.max_running + self.max_queued:
@@ -226,13 +239,21 @@ class NodeService:
         if delta.text or delta.tokens:
             job.seq += 1
             events.append(
-                Chunk(seq=job.seq, text=delta.text, tokens=delta.tokens, node_id=self.node_id, logprobs=delta.logprobs)
+                Chunk(
+                    seq=job.seq,
+                    text=delta.text,
+                    tokens=delta.tokens,
+                    node_id=self.node_id,
+                    logprobs=delta.logprobs,
+                )
             )
         if delta.finish_reason is None:
             return events
         job.seq += 1
         if delta.finish_reason == "error":
-            events.append(Failed(seq=job.seq, code=Code.INTERNAL.value, message=delta.error, node_id=self.node_id))
+            events.append(
+                Failed(seq=job.seq, code=Code.INTERNAL.value, message=delta.error, node_id=self.node_id)
+            )
         elif delta.finish_reason == "cancelled" and job.end_code is not None:
             message = {
                 Code.TIMEOUT: "the request ran past its deadline",
@@ -242,7 +263,7 @@ class NodeService:
         else:
             usage = Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens)
             events.append(
-                Done(seq=job.seq, finish_reason=delta.finish_reason, usage=usage, node_id=self.node_id)  # type: ignore[arg-type]
+                Done(seq=job.seq, finish_reason=delta.finish_reason, usage=usage, node_id=self.node_id)  # type: ignore[arg-type,unused-ignore]
             )
         return events
 
@@ -256,7 +277,7 @@ class NodeService:
 
     async def _on_control(self, msg: Msg) -> None:
         try:
-            ctl = decode(msg.data, ControlMessage)
+            ctl: Cancel | KeepAlive = decode(msg.data, ControlMessage)
         except BusError as e:
             log.warning("bad control message: %s", e)
             return
@@ -280,7 +301,9 @@ class NodeService:
                     job.end_code = Code.TIMEOUT
                 elif now - job.last_seen > job.keepalive_s:
                     job.end_code = Code.CANCELLED
-                    log.info("request %s: no keep-alive for %.0fs, cancelling", job.request_id, job.keepalive_s)
+                    log.info(
+                        "request %s: no keep-alive for %.0fs, cancelling", job.request_id, job.keepalive_s
+                    )
                 else:
                     continue
                 self.engine.cancel(job.request_id)
@@ -338,7 +361,9 @@ class NodeService:
         vectors, tokens = await asyncio.to_thread(self.engine.embed, req.inputs)
         return EmbedReply(embeddings=vectors, prompt_tokens=tokens)
 
-    async def _answer(self, msg: Msg, type_: type, handler) -> None:  # type: ignore[no-untyped-def]
+    async def _answer(
+        self, msg: Msg, type_: type, handler: Callable[[Any], Awaitable[msgspec.Struct]]
+    ) -> None:
         try:
             reply = await handler(decode(msg.data, type_))
         except BusError as e:

@@ -14,7 +14,9 @@ from node.engine import Delta, EngineRequest, EngineStats, Sink
 class EchoEngine:
     """Answers with the words of the last message, one word per step of `step_s` seconds."""
 
-    def __init__(self, name: str = "echo", *, step_s: float = 0.01, max_running: int = 4, context: int = 1000):
+    def __init__(
+        self, name: str = "echo", *, step_s: float = 0.01, max_running: int = 4, context: int = 1000
+    ):
         self._card = ModelCard(name=name, context_length=context, can_embed=True)
         self.step_s = step_s
         self._max_running = max_running
@@ -51,13 +53,17 @@ class EchoEngine:
     def submit(self, request: EngineRequest, sink: Sink) -> int:
         n = self.count_tokens(request.messages, request.prompt)
         if n > self._card.context_length:
-            raise ContextLengthExceeded(f"prompt has {n} tokens, model context is {self._card.context_length}")
+            raise ContextLengthExceeded(
+                f"prompt has {n} tokens, model context is {self._card.context_length}"
+            )
         text = request.prompt if request.prompt is not None else request.messages[-1].content  # type: ignore[index]
         words = text.split()
         skip = len(request.continuation.split())
         limit = request.params.max_tokens or len(words)
         with self._lock:
-            self._queue.append((request, sink, [("" if i == 0 else " ") + w for i, w in enumerate(words)][skip:limit]))
+            self._queue.append(
+                (request, sink, [("" if i == 0 else " ") + w for i, w in enumerate(words)][skip:limit])
+            )
         return n
 
     def cancel(self, request_id: str) -> None:
@@ -83,7 +89,11 @@ class EchoEngine:
                 req, sink, words = item
                 rid = req.request_id
                 if rid in self._cancelled:
-                    sink(Delta(request_id=rid, finish_reason="cancelled", completion_tokens=produced.get(rid, 0)))
+                    sink(
+                        Delta(
+                            request_id=rid, finish_reason="cancelled", completion_tokens=produced.get(rid, 0)
+                        )
+                    )
                     self._drop(item)
                     continue
                 n = produced.get(rid, 0)

@@ -99,7 +99,9 @@ async def test_two_nodes_share_requests(nats_url: str, client: BusClient) -> Non
         running_node(nats_url, EchoEngine("echo-e", step_s=0.02)) as a,
         running_node(nats_url, EchoEngine("echo-e", step_s=0.02)) as b,
     ):
-        await wait_for(lambda: len(client.models().get("echo-e", None).nodes if "echo-e" in client.models() else []) == 2)
+        await wait_for(
+            lambda: len(client.models().get("echo-e", None).nodes if "echo-e" in client.models() else []) == 2
+        )
         streams = [client.chat("echo-e", user("a b c d e f")) for _ in range(8)]
         results = await asyncio.gather(*(collect(s) for s in streams))
         assert all(isinstance(r[-1], Done) for r in results)
@@ -123,7 +125,9 @@ async def test_failover_continues_on_another_node(nats_url: str, client: BusClie
         nc = await connect(nats_url, name="doomed")
         doomed = NodeService(nc, EchoEngine("echo-g", step_s=0.03), max_queued=0)
         await doomed.start()
-        await wait_for(lambda: len(client.models().get("echo-g").nodes) == 2 if "echo-g" in client.models() else False)
+        await wait_for(
+            lambda: len(client.models().get("echo-g").nodes) == 2 if "echo-g" in client.models() else False
+        )
         # Make the doomed node the one chosen, then take it down mid-answer (drain → shutting_down).
         stream = client.chat("echo-g", user(" ".join(words)))
         while True:

@@ -1,0 +1,5 @@
+import sys
+
+from chatbus.cli import main
+
+sys.exit(main())

@@ -1,0 +1,192 @@
+"""The `chatbus` command: up, models, chat, node (and the commands other packages add)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from bus.client import BusClient
+from bus.errors import BusError
+from bus.schemas import ChatMessage, Chunk, Done, Failed, SamplingParams
+from chatbus.paths import DEFAULT_NATS, default_cache_dir, default_state_dir, read_nats_url
+
+__all__ = ["main"]
+
+
+def resolve_nats(flag: str | None, state_dir: Path) -> str:
+    """--nats, else $CHATBUS_NATS, else what a running `chatbus up` recorded, else the default port."""
+    return flag or os.environ.get("CHATBUS_NATS") or read_nats_url(state_dir) or DEFAULT_NATS
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nats", default=None, help="NATS URL (default: the one `chatbus up` started)")
+    p.add_argument(
+        "--state-dir", type=Path, default=default_state_dir(), help="chatbus state (server data, URL)"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="chatbus", description="Serve, chat with, evaluate and fine-tune LLMs over NATS."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start a whole system: nats-server, a node per model, gateway, web UI")
+    _common(up)
+    up.add_argument(
+        "--model", action="append", default=None, help="model dir or hub id (repeatable; default model)"
+    )
+    up.add_argument("--cache-dir", type=Path, default=default_cache_dir() / "models")
+    up.add_argument(
+        "--nats-port", type=int, default=4222, help="port of the embedded server (next free if taken)"
+    )
+    up.add_argument("--gateway-host", default="127.0.0.1")
+    up.add_argument("--gateway-port", type=int, default=8000)
+    up.add_argument("--no-gateway", action="store_true")
+    up.add_argument("--web-host", default="127.0.0.1")
+    up.add_argument("--web-port", type=int, default=8080)
+    up.add_argument("--no-web", action="store_true")
+    up.add_argument(
+        "--api-key", action="append", default=[], help="require this key on the gateway (repeatable)"
+    )
+    up.add_argument("--trainer", action="store_true", help="also run a training worker")
+    up.add_argument("--judge", action="store_true", help="also run an evaluation worker")
+    up.add_argument(
+        "--node-arg",
+        action="append",
+        default=[],
+        help="extra argument for every node, e.g. --node-arg=--load-8bit",
+    )
+
+    models = sub.add_parser("models", help="list live nodes and the models they serve")
+    _common(models)
+
+    chat = sub.add_parser("chat", help="chat with a model (one-shot with a prompt, else the terminal app)")
+    _common(chat)
+    chat.add_argument("prompt", nargs="?", help="ask this and print the answer (stdin if '-')")
+    chat.add_argument("--model", default=None, help="model name (default: the first one served)")
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--max-tokens", type=int, default=512)
+    chat.add_argument("--plain", action="store_true", help="no terminal app: read stdin, print the answer")
+
+    node = sub.add_parser("node", help="run a node (same options as `python -m node`)", add_help=False)
+    node.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+async def _client(url: str) -> BusClient:
+    client = await BusClient.connect(url, name="chatbus-cli")
+    if not client.nodes():  # a node may be between heartbeats right after start
+        await asyncio.sleep(0.5)
+    return client
+
+
+async def cmd_models(url: str) -> int:
+    client = await _client(url)
+    try:
+        nodes = client.nodes()
+        if not nodes:
+            print(f"no nodes on {url}. start one with `chatbus up` or `python -m node --nats {url}`")
+            return 1
+        print(f"{'MODEL':<28} {'NODE':<36} {'DEVICE':<8} {'DTYPE':<9} {'CTX':>6} {'LOAD':>9} {'TOK/S':>7}")
+        for name, entry in sorted(client.models().items()):
+            for n in entry.nodes:
+                load = f"{n.running + n.queued}/{n.capacity}"
+                print(
+                    f"{name:<28} {n.node_id:<36} {n.device:<8} {n.dtype:<9} {entry.context_length:>6} {load:>9} "
+                    f"{n.tokens_per_s:>7.1f}"
+                )
+        return 0
+    finally:
+        await client.close()
+
+
+async def cmd_chat(url: str, args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
+    client = await _client(url)
+    try:
+        served = sorted(client.models())
+        model = args.model or (served[0] if served else "")
+        if not model:
+            print(f"error: no model is served on {url}; start one with `chatbus up`", file=sys.stderr)
+            return 1
+        messages = [ChatMessage(role="system", content=args.system)] if args.system else []
+        messages.append(ChatMessage(role="user", content=prompt))
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+        stream = client.chat(model, messages, params)
+        try:
+            async for event in stream:
+                if isinstance(event, Chunk):
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+                elif isinstance(event, Failed):
+                    print(f"\nerror: {event.message} ({event.code})", file=sys.stderr)
+                    return 1
+                elif isinstance(event, Done):
+                    sys.stdout.write("\n")
+        finally:
+            await stream.aclose()
+        return 0
+    finally:
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["node"]:  # everything after `node` belongs to the node's own parser
+        from node.__main__ import parse
+        from node.main import main as node_main
+
+        return node_main(parse(argv[1:]))
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            from chatbus.up import UpConfig, run_up
+
+            cfg = UpConfig(
+                models=args.model or ["default"],
+                nats=args.nats,
+                state_dir=args.state_dir,
+                cache_dir=args.cache_dir,
+                nats_port=args.nats_port,
+                gateway=not args.no_gateway,
+                gateway_host=args.gateway_host,
+                gateway_port=args.gateway_port,
+                web=not args.no_web,
+                web_host=args.web_host,
+                web_port=args.web_port,
+                api_keys=args.api_key or [k for k in os.environ.get("CHATBUS_API_KEYS", "").split(",") if k],
+                node_args=args.node_arg,
+                trainer=args.trainer,
+                judge=args.judge,
+            )
+            return asyncio.run(run_up(cfg))
+        url = resolve_nats(args.nats, args.state_dir)
+        if args.command == "models":
+            return asyncio.run(cmd_models(url))
+        if args.command == "chat":
+            interactive = (
+                args.prompt is None and not args.plain and sys.stdin.isatty() and sys.stdout.isatty()
+            )
+            if interactive:
+                try:
+                    from tui.app import run_tui
+                except ImportError:
+                    print(
+                        'the terminal app is not installed; pass a prompt: chatbus chat "..."',
+                        file=sys.stderr,
+                    )
+                    return 2
+                return run_tui(url, args)
+            return asyncio.run(cmd_chat(url, args))
+    except BusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2

@@ -1,0 +1,220 @@
+"""`chatbus up`: an embedded nats-server plus a node per model, the gateway and the web UI, supervised.
+
+Children are plain `python -m <package>` processes in their own process groups: Ctrl-C reaches this
+supervisor only, which stops them in order (front ends, then nodes, which drain and deregister,
+then the server) so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bus.client import BusClient
+from bus.errors import BusUnavailable
+from bus.server import EmbeddedServer
+from chatbus.paths import clear_nats_url, write_nats_url
+from node.service import new_node_id
+
+__all__ = ["Child", "UpConfig", "run_up"]
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    models: list[str]
+    nats: str | None  # None: start the embedded server
+    state_dir: Path
+    cache_dir: Path
+    nats_port: int = 4222
+    gateway: bool = True
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    web: bool = True
+    web_host: str = "127.0.0.1"
+    web_port: int = 8080
+    api_keys: list[str] = field(default_factory=list)
+    node_args: list[str] = field(default_factory=list)
+    trainer: bool = False
+    judge: bool = False
+    ready_timeout: float = 300.0
+
+
+@dataclass
+class Child:
+    """One supervised process; restarted (with backoff) if it dies on its own."""
+
+    label: str
+    argv: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    node_id: str = ""
+    restarts: int = 0
+    stopping: bool = False
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float) -> None:
+        self.stopping = True
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def tail(self, lines: int = 8) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def say(line: str) -> None:
+    print(f"chatbus: {line}", flush=True)
+
+
+def _children(cfg: UpConfig, url: str) -> tuple[list[Child], list[Child]]:
+    """(nodes, front ends) to start, each with its log file under the state dir."""
+    py = sys.executable
+    logs = cfg.state_dir / "logs"
+    nodes = []
+    for i, model in enumerate(cfg.models):
+        node_id = f"{new_node_id()}-{i}"
+        argv = [py, "-m", "node", "--model", model, "--nats", url, "--node-id", node_id]
+        argv += ["--cache-dir", str(cfg.cache_dir), *cfg.node_args]
+        nodes.append(Child(f"node {model}", argv, logs / f"node-{i}.log", node_id=node_id))
+    fronts: list[Child] = []
+    keys = [a for k in cfg.api_keys for a in ("--api-key", k)]
+    if cfg.gateway and importlib.util.find_spec("gateway.__main__"):
+        argv = [
+            py,
+            "-m",
+            "gateway",
+            "--nats",
+            url,
+            "--host",
+            cfg.gateway_host,
+            "--port",
+            str(cfg.gateway_port),
+            *keys,
+        ]
+        fronts.append(Child("gateway", argv, logs / "gateway.log"))
+    if cfg.web and importlib.util.find_spec("webui.__main__"):
+        argv = [py, "-m", "webui", "--nats", url, "--host", cfg.web_host, "--port", str(cfg.web_port)]
+        fronts.append(Child("web UI", argv, logs / "webui.log"))
+    for package, wanted in (("trainer", cfg.trainer), ("judge", cfg.judge)):
+        if wanted and importlib.util.find_spec(f"{package}.__main__"):
+            fronts.append(Child(package, [py, "-m", package, "--nats", url], logs / f"{package}.log"))
+    return nodes, fronts
+
+
+async def _wait_ready(url: str, nodes: list[Child], timeout: float) -> BusClient:
+    """Wait until our nodes heartbeat on the bus; fail early if a node process exits."""
+    client = await BusClient.connect(url, name="chatbus-up")
+    deadline = time.monotonic() + timeout
+    want = {child.node_id for child in nodes}
+    while not want <= {n.node_id for n in client.nodes()}:
+        for child in nodes:
+            if not child.alive():
+                await client.close()
+                raise RuntimeError(f"{child.label} exited while starting:\n{child.tail()}")
+        if time.monotonic() > deadline:
+            await client.close()
+            raise TimeoutError(f"nodes not ready after {timeout:.0f}s; see {nodes[0].log_path}")
+        await asyncio.sleep(0.2)
+    return client
+
+
+async def _supervise(children: list[Child], stop: asyncio.Event) -> None:
+    """Restart a child that died by itself, with a growing pause; give up after 5 tries."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+        for child in children:
+            if child.stopping or child.alive() or child.restarts >= 5:
+                continue
+            child.restarts += 1
+            code = child.process.returncode if child.process else "?"
+            say(f"{child.label} exited ({code}); restarting (try {child.restarts}/5); log: {child.log_path}")
+            await asyncio.sleep(min(10, 2**child.restarts))
+            if not stop.is_set():
+                child.start()
+
+
+def _describe(client: BusClient, url: str, fronts: list[Child], cfg: UpConfig) -> None:
+    for node in client.nodes():
+        models = ", ".join(m.name for m in node.models)
+        say(f"node {node.node_id}: {models} on {node.device} ({node.dtype})")
+    say(f"bus      {url}")
+    for child in fronts:
+        if child.label == "gateway":
+            say(f"gateway  http://{cfg.gateway_host}:{cfg.gateway_port}/v1  (OpenAI-compatible)")
+        elif child.label == "web UI":
+            say(f"web UI   http://{cfg.web_host}:{cfg.web_port}")
+    say(
+        f'ready. try: chatbus chat "What is the capital of France?"   (logs: {cfg.state_dir / "logs"}; Ctrl-C stops)'
+    )
+
+
+async def run_up(cfg: UpConfig) -> int:
+    server: EmbeddedServer | None = None
+    url = cfg.nats
+    if url is None:
+        server = EmbeddedServer(
+            cfg.state_dir / "jetstream", port=cfg.nats_port, log_file=cfg.state_dir / "nats.log"
+        )
+        url = server.start()
+        await server.wait_jetstream()
+    write_nats_url(cfg.state_dir, url)
+    nodes, fronts = _children(cfg, url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        say(
+            f"starting {len(nodes)} node(s) on {url}; loading models (first start converts the default model, ~20 s)"
+        )
+        for child in nodes + fronts:
+            child.start()
+        client = await _wait_ready(url, nodes, cfg.ready_timeout)
+        _describe(client, url, fronts, cfg)
+        await client.close()
+        await _supervise(nodes + fronts, stop)
+        say("stopping")
+        return 0
+    except (RuntimeError, TimeoutError, BusUnavailable) as e:
+        say(f"error: {e}")
+        return 1
+    finally:
+        for child in fronts:
+            child.stop(10)
+        for child in nodes:
+            child.stop(40)  # nodes drain their answers first
+        if server is not None:
+            server.stop()
+        clear_nats_url(cfg.state_dir)
