@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from bus.schemas import ChatMessage, Chunk, Done, Failed, SamplingParams
 from chatbus.paths import DEFAULT_NATS, default_cache_dir, default_state_dir, read_nats_url
 
 __all__ = ["main"]
+
+PLUGIN_PACKAGES = ("gateway", "tui", "webui", "trainer", "judge")
 
 
 def resolve_nats(flag: str | None, state_dir: Path) -> str:
@@ -76,6 +79,16 @@ def _parser() -> argparse.ArgumentParser:
 
     node = sub.add_parser("node", help="run a node (same options as `python -m node`)", add_help=False)
     node.add_argument("args", nargs=argparse.REMAINDER)
+
+    # Packages add their own commands (`chatbus train ...`, `chatbus eval ...`, `chatbus export-logs`):
+    # a `<package>/commands.py` with `add_commands(subparsers, common)` that sets `func(args, url) -> int`
+    # on each parser it adds. A package that is not installed adds nothing.
+    for package in PLUGIN_PACKAGES:
+        try:
+            module = importlib.import_module(f"{package}.commands")
+        except ImportError:
+            continue
+        module.add_commands(sub, _common)
     return p
 
 
@@ -167,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             return asyncio.run(run_up(cfg))
         url = resolve_nats(args.nats, args.state_dir)
+        if hasattr(args, "func"):
+            return int(args.func(args, url))
         if args.command == "models":
             return asyncio.run(cmd_models(url))
         if args.command == "chat":
