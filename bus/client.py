@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import AsyncIterator
 
+import msgspec
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
@@ -15,6 +17,7 @@ from bus import subjects
 from bus.codec import decode, encode
 from bus.connection import connect, ensure_nodes_bucket, ensure_tokens_stream
 from bus.errors import ModelNotFound, NodeTimeout, error_for
+from bus.jobs import Jobs
 from bus.nodes import ModelEntry, NodeTable
 from bus.schemas import (
     ChatMessage,
@@ -28,6 +31,7 @@ from bus.schemas import (
     Rejected,
     SamplingParams,
 )
+from bus.schemas_jobs import JobEvent, JobKind
 from bus.stream import ChatStream, new_request_id
 
 __all__ = ["BusClient"]
@@ -64,6 +68,7 @@ class BusClient:
         self.table: NodeTable = None  # type: ignore[assignment]  # set in start()
         self._active: dict[str, ChatStream] = {}
         self._keepalive: asyncio.Task[None] | None = None
+        self._jobs: Jobs | None = None
 
     @classmethod
     async def connect(cls, url: str, *, name: str = "chatbus-client", **options: float) -> BusClient:
@@ -163,6 +168,21 @@ class BusClient:
         stream = self._active.get(request_id)
         if stream is not None:
             await stream.cancel()
+
+    # ------------------------------------------------------------------ jobs
+
+    async def jobs(self) -> Jobs:
+        """The job API (train/eval): submit, events, list, cancel, artifacts."""
+        if self._jobs is None:
+            self._jobs = await Jobs(self.nc).start()
+        return self._jobs
+
+    async def submit_job(self, kind: JobKind, spec: msgspec.Struct, *, job_id: str | None = None) -> str:
+        return await (await self.jobs()).submit(kind, spec, job_id=job_id, by=self.name)
+
+    async def job_events(self, job_id: str, *, follow: bool = True) -> AsyncIterator[JobEvent]:
+        async for event in (await self.jobs()).events(job_id, follow=follow):
+            yield event
 
     # ------------------------------------------------------------------ utilities
 

@@ -63,3 +63,56 @@ def embed(model: str) -> str:
 
 def count(model: str) -> str:
     return f"{PREFIX}.count.{safe_token(model)}"
+
+
+# ----------------------------------------------------------------------------- jobs
+
+JOBS_STREAM = "CB_JOBS"
+JOB_EVENTS_STREAM = "CB_JOB_EVENTS"
+JOBS_BUCKET = "cb_jobs"
+ARTIFACTS_BUCKET = "cb_artifacts"
+
+
+def job(kind: str, job_id: str) -> str:
+    """A submitted job in the work queue (kind: train | eval)."""
+    return f"{PREFIX}.job.{safe_token(kind)}.{safe_token(job_id)}"
+
+
+def jobs_of(kind: str) -> str:
+    return f"{PREFIX}.job.{safe_token(kind)}.>"
+
+
+def jobs_all() -> str:
+    return f"{PREFIX}.job.>"
+
+
+def job_events(job_id: str) -> str:
+    return f"{PREFIX}.jobevt.{safe_token(job_id)}"
+
+
+def job_events_all() -> str:
+    return f"{PREFIX}.jobevt.>"
+
+
+def job_control(job_id: str) -> str:
+    """Cancel a running job (core publish; the record in JOBS_BUCKET also says cancelled)."""
+    return f"{PREFIX}.jobctl.{safe_token(job_id)}"
+
+
+# ----------------------------------------------------------------------------- chat & vote logs
+
+LOGS_STREAM = "CB_LOGS"
+
+
+def log_chat() -> str:
+    """Every answer a user got in the web app (durable, in LOGS_STREAM)."""
+    return f"{PREFIX}.log.chat"
+
+
+def log_vote() -> str:
+    """Every vote and flag (durable, in LOGS_STREAM)."""
+    return f"{PREFIX}.log.vote"
+
+
+def logs_all() -> str:
+    return f"{PREFIX}.log.>"

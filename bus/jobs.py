@@ -1,0 +1,382 @@
+"""Jobs on the bus: submit, follow, list, cancel; a worker loop with in-progress acks; artifacts.
+
+Train and eval jobs sit in the work-queue stream CB_JOBS until one worker of their kind pulls them.
+A worker keeps its job alive with in-progress acks; if it dies, the job is redelivered after the
+ack wait and the handler resumes from its last checkpoint (`JobContext.attempt` > 1). Progress goes
+to `cb.jobevt.<id>` (replayable by any UI) and the job's summary to the `cb_jobs` KV bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from bus import subjects
+from bus.codec import decode, encode
+from bus.errors import BadRequest, BusError
+from bus.schemas_jobs import TERMINAL_STATES, JobEvent, JobKind, JobRecord, JobState, JobSubmit
+
+__all__ = ["JobCancelled", "JobContext", "JobWorker", "Jobs"]
+
+log = logging.getLogger(__name__)
+
+ACK_WAIT_S = 30.0  # a dead worker's job is redelivered after this long
+MAX_DELIVER = 5
+
+
+class JobCancelled(Exception):
+    """Raised inside a handler (by `JobContext.check_cancelled`) when the job was cancelled."""
+
+
+async def ensure_job_streams(js: JetStreamContext) -> None:
+    async def add(config: StreamConfig) -> None:
+        try:
+            await js.add_stream(config)
+        except BusError:
+            raise
+        except Exception:
+            await js.update_stream(config)
+
+    await add(
+        StreamConfig(
+            name=subjects.JOBS_STREAM,
+            subjects=[subjects.jobs_all()],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+        )
+    )
+    await add(
+        StreamConfig(
+            name=subjects.JOB_EVENTS_STREAM,
+            subjects=[subjects.job_events_all()],
+            storage=StorageType.FILE,
+            max_age=30 * 24 * 3600.0,
+        )
+    )
+
+
+class Jobs:
+    """The client side: what `chatbus train/eval ...` and the UIs use."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self._kv: KeyValue | None = None
+        self._obs: ObjectStore | None = None
+
+    async def start(self) -> Jobs:
+        await ensure_job_streams(self.js)
+        try:
+            self._kv = await self.js.key_value(subjects.JOBS_BUCKET)
+        except Exception:
+            self._kv = await self.js.create_key_value(
+                KeyValueConfig(bucket=subjects.JOBS_BUCKET, storage=StorageType.FILE, history=1)
+            )
+        try:
+            self._obs = await self.js.object_store(subjects.ARTIFACTS_BUCKET)
+        except Exception:
+            self._obs = await self.js.create_object_store(
+                subjects.ARTIFACTS_BUCKET, ObjectStoreConfig(storage=StorageType.FILE)
+            )
+        return self
+
+    # ------------------------------------------------------------------ submit / follow
+
+    async def submit(
+        self, kind: JobKind, spec: msgspec.Struct, *, job_id: str | None = None, by: str = ""
+    ) -> str:
+        job_id = job_id or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        raw = msgspec.Raw(encode(spec))
+        now = time.time()
+        await self.put_record(
+            JobRecord(job_id=job_id, kind=kind, state="queued", submitted_at=now, updated_at=now, spec=raw)
+        )
+        await self.publish_event(JobEvent(job_id=job_id, state="queued", event="queued", at=now))
+        submit = JobSubmit(job_id=job_id, kind=kind, spec=raw, submitted_at=now, submitted_by=by)
+        await self.js.publish(subjects.job(kind, job_id), encode(submit), stream=subjects.JOBS_STREAM)
+        return job_id
+
+    async def events(
+        self, job_id: str, *, follow: bool = True, idle_timeout: float | None = None
+    ) -> AsyncIterator[JobEvent]:
+        """Replay the job's events from the start; with `follow`, wait for more until a terminal one."""
+        sub = await self.js.subscribe(
+            subjects.job_events(job_id),
+            stream=subjects.JOB_EVENTS_STREAM,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        try:
+            waited = 0.0
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=1.0)
+                except NatsTimeout:
+                    waited += 1.0
+                    pending = (await sub.consumer_info()).num_pending
+                    if (not follow and pending == 0) or (idle_timeout and waited >= idle_timeout):
+                        return
+                    continue
+                waited = 0.0
+                event = decode(msg.data, JobEvent)
+                yield event
+                if event.state in TERMINAL_STATES and event.event != "queued":
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(subjects.safe_token(job_id).replace("%", "_"))
+        except Exception:
+            return None
+        return decode(entry.value, JobRecord) if entry.value else None
+
+    async def list(self, kind: JobKind | None = None) -> list[JobRecord]:
+        assert self._kv is not None
+        try:
+            keys = await self._kv.keys()
+        except Exception:  # nats-py raises when the bucket is empty
+            return []
+        records = [r for r in [await self.get(k) for k in keys] if r is not None]
+        return sorted((r for r in records if kind is None or r.kind == kind), key=lambda r: r.submitted_at)
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        record = await self.get(job_id)
+        if record is None:
+            raise BadRequest(f"no job {job_id!r}; `chatbus train list` / `chatbus eval list` show the jobs")
+        if record.state in TERMINAL_STATES:
+            return record
+        if record.state == "queued":  # no worker has it: the worker that pulls it will skip it
+            record = msgspec.structs.replace(record, state="cancelled", updated_at=time.time())
+            await self.put_record(record)
+            await self.publish_event(
+                JobEvent(job_id=job_id, state="cancelled", event="cancelled", at=time.time())
+            )
+        await self.nc.publish(subjects.job_control(job_id), b"cancel")
+        return record
+
+    # ------------------------------------------------------------------ records and events
+
+    async def put_record(self, record: JobRecord) -> None:
+        assert self._kv is not None
+        await self._kv.put(subjects.safe_token(record.job_id).replace("%", "_"), encode(record))
+
+    async def publish_event(self, event: JobEvent) -> None:
+        await self.js.publish(
+            subjects.job_events(event.job_id), encode(event), stream=subjects.JOB_EVENTS_STREAM
+        )
+
+    # ------------------------------------------------------------------ artifacts
+
+    async def put_artifact(self, prefix: str, data: bytes) -> str:
+        """Store `data` under a content address (deduplicated by digest); returns its name."""
+        assert self._obs is not None
+        name = f"{prefix}/{hashlib.sha256(data).hexdigest()[:24]}"
+        try:
+            await self._obs.get_info(name)
+            return name
+        except NotFoundError:
+            pass
+        except Exception as e:
+            if "not found" not in str(e).lower():
+                raise
+        await self._obs.put(name, data)
+        return name
+
+    async def put_named(self, name: str, data: bytes) -> str:
+        assert self._obs is not None
+        await self._obs.put(name, data)
+        return name
+
+    async def get_artifact(self, name: str) -> bytes:
+        assert self._obs is not None
+        try:
+            result = await self._obs.get(name)
+        except NotFoundError:
+            raise BadRequest(f"no artifact {name!r} in the object store") from None
+        return bytes(result.data or b"")
+
+    async def has_artifact(self, name: str) -> bool:
+        assert self._obs is not None
+        try:
+            await self._obs.get_info(name)
+            return True
+        except Exception:
+            return False
+
+    async def get_artifact_to(self, name: str, path: Path) -> Path:
+        data = await self.get_artifact(name)
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+        await asyncio.to_thread(write)
+        return path
+
+
+@dataclass
+class JobContext:
+    """What a handler gets: its job, a way to report, and the cancel flag."""
+
+    jobs: Jobs
+    submit: JobSubmit
+    attempt: int
+    loop: asyncio.AbstractEventLoop
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)  # the user cancelled the job
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)  # the worker shuts down: hand it back
+
+    @property
+    def job_id(self) -> str:
+        return self.submit.job_id
+
+    async def emit(self, event: str, *, state: JobState = "running", **fields: Any) -> None:
+        """Update the job's record, then publish the event (so a follower seeing it finds the record current)."""
+        ev = JobEvent(
+            job_id=self.job_id, state=state, event=event, at=time.time(), attempt=self.attempt, **fields
+        )
+        record = await self.jobs.get(self.job_id)
+        if record is not None:
+            updates: dict[str, Any] = {"state": state, "updated_at": ev.at, "attempt": self.attempt}
+            for key in ("message", "progress", "metrics", "artifacts", "result"):
+                if key in fields:
+                    updates[key] = fields[key]
+            await self.jobs.put_record(msgspec.structs.replace(record, **updates))
+        await self.jobs.publish_event(ev)
+
+    def emit_threadsafe(self, event: str, **fields: Any) -> None:
+        """From a worker thread (a training loop): fire and forget onto the event loop."""
+        asyncio.run_coroutine_threadsafe(self.emit(event, **fields), self.loop)
+
+    @property
+    def should_stop(self) -> bool:
+        """For loops in worker threads: stop at the next safe point (after a checkpoint, ideally)."""
+        return self.cancelled.is_set() or self.stopping.is_set()
+
+    def check_cancelled(self) -> None:
+        if self.should_stop:
+            raise JobCancelled(self.job_id)
+
+
+Handler = Callable[[JobContext], Awaitable[msgspec.Raw | None]]
+
+
+class JobWorker:
+    """Pulls jobs of one kind, one at a time, and runs `handler` on each."""
+
+    def __init__(self, nc: NATS, kind: JobKind, handler: Handler, *, ack_wait_s: float = ACK_WAIT_S) -> None:
+        self.nc = nc
+        self.kind = kind
+        self.handler = handler
+        self.ack_wait_s = ack_wait_s
+        self.jobs = Jobs(nc)
+        self._stop = asyncio.Event()
+        self.current: JobContext | None = None
+
+    async def run(self) -> None:
+        await self.jobs.start()
+        durable = f"cb-{self.kind}-workers"
+        config = ConsumerConfig(
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait_s,
+            max_deliver=MAX_DELIVER,
+            filter_subject=subjects.jobs_of(self.kind),
+            max_ack_pending=1000,
+        )
+        sub = await self.jobs.js.pull_subscribe(
+            subjects.jobs_of(self.kind), durable=durable, stream=subjects.JOBS_STREAM, config=config
+        )
+        while not self._stop.is_set():
+            try:
+                msgs = await sub.fetch(1, timeout=1.0)
+            except (NatsTimeout, TimeoutError):
+                continue
+            except Exception as e:  # the server went away: keep trying
+                log.warning("%s worker: fetch failed (%r)", self.kind, e)
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                try:
+                    await self._run_one(msg)
+                except Exception:  # bookkeeping failed (bus trouble): the job is redelivered
+                    log.exception("%s worker: job bookkeeping failed", self.kind)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.current is not None:
+            self.current.stopping.set()
+
+    async def _run_one(self, msg: Msg) -> None:
+        submit = decode(msg.data, JobSubmit)
+        attempt = msg.metadata.num_delivered or 1
+        record = await self.jobs.get(submit.job_id)
+        if record is not None and record.state in TERMINAL_STATES:
+            await msg.ack()  # cancelled while queued, or a stale redelivery of a finished job
+            return
+        ctx = JobContext(self.jobs, submit, attempt, asyncio.get_running_loop())
+        self.current = ctx
+
+        async def on_cancel(_msg: Msg) -> None:
+            ctx.cancelled.set()
+
+        ctl = await self.nc.subscribe(subjects.job_control(submit.job_id), cb=on_cancel)
+        keeper = asyncio.create_task(self._keep_alive(msg))
+        try:
+            await ctx.emit("started", message=f"attempt {attempt}" if attempt > 1 else "")
+            result = await self.handler(ctx)
+            await ctx.emit("done", state="done", progress=1.0, result=result)
+        except asyncio.CancelledError:
+            raise  # torn down like a killed process: no ack, the job is redelivered after ack_wait
+        except JobCancelled:
+            if not ctx.cancelled.is_set():  # the worker is stopping: another one resumes the job
+                await ctx.emit("log", state="queued", message="worker stopped; the job will resume elsewhere")
+                keeper.cancel()
+                await msg.nak()
+                return
+            await ctx.emit("cancelled", state="cancelled", message="cancelled")
+        except Exception as e:
+            log.exception("job %s failed", submit.job_id)
+            await ctx.emit("failed", state="failed", message=f"{type(e).__name__}: {e}")
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(Exception):
+                await ctl.unsubscribe()
+            self.current = None
+        await msg.ack()
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self.ack_wait_s / 3)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()

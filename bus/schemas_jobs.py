@@ -1,0 +1,65 @@
+"""Wire messages of the job family: train and eval jobs, their records and progress events.
+
+A job's `spec` is carried raw: the envelope is shared, the spec's type belongs to the worker kind
+(trainer/, judge/), which defines it in its own schemas module and decodes it there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from bus.schemas import _Tagged
+
+__all__ = ["TERMINAL_STATES", "JobEvent", "JobKind", "JobRecord", "JobState", "JobSubmit"]
+
+JobKind = Literal["train", "eval"]
+JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+TERMINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled"})
+
+
+class JobSubmit(_Tagged, frozen=True, kw_only=True, tag="job.submit"):
+    """What sits in the work-queue stream until a worker takes it."""
+
+    job_id: str
+    kind: JobKind
+    spec: msgspec.Raw
+    submitted_at: float = 0.0
+    submitted_by: str = ""
+
+
+class JobEvent(_Tagged, frozen=True, kw_only=True, tag="job.event"):
+    """One step of a job's life, on `cb.jobevt.<job_id>`; the last one has a terminal `state`.
+
+    `metrics` carries numbers a UI plots (step, loss, lr, tokens_per_s, eta_s, ...);
+    `result` is the kind's own final result struct, raw; `artifacts` are Object Store names.
+    """
+
+    job_id: str
+    state: JobState
+    event: str  # queued | started | progress | checkpoint | log | done | failed | cancelled
+    at: float
+    message: str = ""
+    progress: float | None = None  # 0..1
+    metrics: dict[str, float] = msgspec.field(default_factory=dict)
+    artifacts: list[str] = msgspec.field(default_factory=list)
+    result: Any = None  # decode with msgspec.convert(result, YourResultType)
+    attempt: int = 1
+
+
+class JobRecord(_Tagged, frozen=True, kw_only=True, tag="job.record"):
+    """The job's current summary, in the `cb_jobs` KV bucket (for list/status without replay)."""
+
+    job_id: str
+    kind: JobKind
+    state: JobState
+    submitted_at: float
+    updated_at: float
+    spec: msgspec.Raw
+    message: str = ""
+    progress: float | None = None
+    metrics: dict[str, float] = msgspec.field(default_factory=dict)
+    artifacts: list[str] = msgspec.field(default_factory=list)
+    result: Any = None  # decode with msgspec.convert(result, YourResultType)
+    attempt: int = 0
