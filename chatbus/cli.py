@@ -12,7 +12,7 @@ from pathlib import Path
 from bus.client import BusClient
 from bus.errors import BusError
 from bus.schemas import ChatMessage, Chunk, Done, Failed, SamplingParams
-from chatbus.paths import DEFAULT_NATS, default_cache_dir, default_state_dir, read_nats_url
+from bus.paths import DEFAULT_NATS, default_cache_dir, default_state_dir, read_nats_url
 
 __all__ = ["main"]
 

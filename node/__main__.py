@@ -33,7 +33,7 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish answers on shutdown")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
-    from chatbus.paths import default_cache_dir
+    from bus.paths import default_cache_dir
 
     return NodeConfig(
         model=a.model,
