@@ -130,6 +130,7 @@ class NodeTable:
         pending = node.running + node.queued + self._inflight.get(node.node_id, 0)
         return pending / max(1, node.capacity)
 
-    def note_dispatch(self, node_id: str) -> None:
-        """Count a request we sent until the node's next heartbeat reflects it."""
-        self._inflight[node_id] = self._inflight.get(node_id, 0) + 1
+    def note_dispatch(self, node_id: str, delta: int) -> None:
+        """Count requests we sent until the node's next heartbeat reflects them."""
+        if node_id:
+            self._inflight[node_id] = max(0, self._inflight.get(node_id, 0) + delta)

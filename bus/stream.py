@@ -105,20 +105,27 @@ class ChatStream(AsyncIterator[StreamEvent]):
         payload = encode(request)
         busy: NodeBusy | None = None
         targets = [
-            subjects.gen_node(request.model, n.node_id) for n in table.candidates(request.model, exclude)
+            (n.node_id, subjects.gen_node(request.model, n.node_id))
+            for n in table.candidates(request.model, exclude)
         ]
-        targets.append(subjects.gen(request.model))  # the queue group: any node we have not heard of yet
-        for subject in targets:
+        targets.append(
+            ("", subjects.gen(request.model))
+        )  # the queue group: any node we have not heard of yet
+        for node_id, subject in targets:
+            table.note_dispatch(node_id, +1)  # before the request, so a concurrent burst spreads out
             try:
                 msg = await self._client.nc.request(subject, payload, timeout=self._client.accept_timeout_s)
             except NoRespondersError:
+                table.note_dispatch(node_id, -1)
                 continue
             except NatsTimeout:
+                table.note_dispatch(node_id, -1)
                 raise NodeTimeout(
                     f"no node answered for model {request.model!r} within {self._client.accept_timeout_s:.0f}s"
                 ) from None
             reply: Accepted | Rejected = decode(msg.data, GenerateReply)
             if isinstance(reply, Rejected):
+                table.note_dispatch(node_id, -1)
                 if reply.code == Code.BUSY.value:
                     busy = NodeBusy(reply.message, reply.retry_after_s or 1.0)
                     exclude.add(reply.node_id)
@@ -136,7 +143,6 @@ class ChatStream(AsyncIterator[StreamEvent]):
         raise ModelNotFound(request.model, served)
 
     async def _accepted(self, request: GenerateRequest, reply: Accepted) -> None:
-        self._client.table.note_dispatch(reply.node_id)
         self.node_id = reply.node_id
         self.nodes_used.append(reply.node_id)
         if not self.prompt_tokens:

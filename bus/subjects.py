@@ -116,3 +116,8 @@ def log_vote() -> str:
 
 def logs_all() -> str:
     return f"{PREFIX}.log.>"
+
+
+# ----------------------------------------------------------------------------- eval triggers
+
+EVAL_TRIGGERS_BUCKET = "cb_eval_triggers"  # KV: trigger id -> judge.schemas.EvalTrigger
