@@ -1,0 +1,84 @@
+"""The README's quick start, as a user runs it: `./dev up`, then `chatbus models` and `chatbus chat`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import MODEL_CACHE
+from procs import ROOT, stop
+
+from bus.server import free_port
+
+
+def _wait_for_line(log: Path, needle: str, proc: subprocess.Popen[bytes], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while needle not in log.read_text(errors="replace"):
+        assert proc.poll() is None, f"chatbus up exited with {proc.returncode}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no {needle!r} in time:\n{log.read_text()}"
+        time.sleep(0.2)
+
+
+def _leftovers(marker: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if "pgrep" not in line]
+
+
+def test_up_then_models_then_chat_then_ctrl_c(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    log = tmp_path / "up.log"
+    argv = [
+        str(ROOT / "dev"),
+        "up",
+        "--state-dir",
+        str(state),
+        "--cache-dir",
+        str(MODEL_CACHE),
+        "--nats-port",
+        "0",
+        "--gateway-port",
+        str(free_port()),
+        "--web-port",
+        str(free_port()),
+    ]
+    env = {**os.environ, "CHATBUS_VENV": str(Path(sys.executable).parent.parent)}
+    with open(log, "wb") as out:
+        up = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
+        )
+    try:
+        _wait_for_line(log, "ready.", up)
+        text = log.read_text()
+        assert "SmolLM2-135M-Instruct" in text and "nats://127.0.0.1:" in text
+        chatbus = str(Path(sys.executable).parent / "chatbus")
+        models = subprocess.run(
+            [chatbus, "models", "--state-dir", str(state)], capture_output=True, text=True, timeout=60
+        )
+        assert models.returncode == 0 and "SmolLM2-135M-Instruct" in models.stdout, models.stderr
+        chat = subprocess.run(
+            [
+                chatbus,
+                "chat",
+                "--state-dir",
+                str(state),
+                "--temperature",
+                "0",
+                "What is the capital of France?",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert chat.returncode == 0, chat.stderr
+        assert "Paris" in chat.stdout
+        os.killpg(up.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        assert up.wait(90) == 0, log.read_text()
+        assert "stopping" in log.read_text()
+        assert not _leftovers(str(state)), _leftovers(str(state))  # every child is gone
+        assert not (state / "nats.url").exists()
+    finally:
+        stop(up)
