@@ -83,7 +83,7 @@ class BusClient:
 
     async def start(self) -> None:
         await ensure_tokens_stream(self.js)
-        self.table = NodeTable(await ensure_nodes_bucket(self.js))
+        self.table = NodeTable(await ensure_nodes_bucket(self.js), self.reconnects)
         await self.table.start()
         self._keepalive = asyncio.create_task(self._keepalive_loop(), name="chatbus-keepalive")
 
@@ -105,6 +105,19 @@ class BusClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message the server takes (1 MB by default)."""
+        return int(self.nc.max_payload)
+
+    def reconnects(self) -> int:
+        """How often the connection was re-established (consumers may need re-creating after one)."""
+        return int(self.nc.stats.get("reconnects", 0))
 
     # ------------------------------------------------------------------ discovery
 

@@ -77,7 +77,8 @@ async def ensure_tokens_stream(js: JetStreamContext) -> None:
         StreamConfig(
             name=subjects.TOKENS_STREAM,
             subjects=[subjects.tokens_all()],
-            storage=StorageType.MEMORY,
+            # File, not memory: the token stream is the record, and survives a server restart.
+            storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS,
             max_age=TOKENS_MAX_AGE_S,
             max_bytes=256 * 1024 * 1024,
@@ -92,7 +93,5 @@ async def ensure_nodes_bucket(js: JetStreamContext) -> KeyValue:
         return await js.key_value(subjects.NODES_BUCKET)
     except Exception:
         return await js.create_key_value(
-            KeyValueConfig(
-                bucket=subjects.NODES_BUCKET, ttl=NODE_TTL_S, storage=StorageType.MEMORY, history=1
-            )
+            KeyValueConfig(bucket=subjects.NODES_BUCKET, ttl=NODE_TTL_S, storage=StorageType.FILE, history=1)
         )

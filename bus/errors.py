@@ -30,6 +30,7 @@ class Code(str, Enum):
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     NODE_LOST = "node_lost"
+    STREAM_GAP = "stream_gap"
     INTERNAL = "internal"
     SHUTTING_DOWN = "shutting_down"
     BUS_UNAVAILABLE = "bus_unavailable"

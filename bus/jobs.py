@@ -317,20 +317,24 @@ class JobWorker:
         sub = await self.jobs.js.pull_subscribe(
             subjects.jobs_of(self.kind), durable=durable, stream=subjects.JOBS_STREAM, config=config
         )
-        while not self._stop.is_set():
-            try:
-                msgs = await sub.fetch(1, timeout=1.0)
-            except (NatsTimeout, TimeoutError):
-                continue
-            except Exception as e:  # the server went away: keep trying
-                log.warning("%s worker: fetch failed (%r)", self.kind, e)
-                await asyncio.sleep(1.0)
-                continue
-            for msg in msgs:
+        try:
+            while not self._stop.is_set():
                 try:
-                    await self._run_one(msg)
-                except Exception:  # bookkeeping failed (bus trouble): the job is redelivered
-                    log.exception("%s worker: job bookkeeping failed", self.kind)
+                    msgs = await sub.fetch(1, timeout=1.0)
+                except (NatsTimeout, TimeoutError):
+                    continue
+                except Exception as e:  # the server went away: keep trying
+                    log.warning("%s worker: fetch failed (%r)", self.kind, e)
+                    await asyncio.sleep(1.0)
+                    continue
+                for msg in msgs:
+                    try:
+                        await self._run_one(msg)
+                    except Exception:  # bookkeeping failed (bus trouble): the job is redelivered
+                        log.exception("%s worker: job bookkeeping failed", self.kind)
+        finally:  # a pull subscription left open makes a later nc.drain() wait its whole timeout (30 s)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     def stop(self) -> None:
         self._stop.set()

@@ -37,8 +37,9 @@ class ModelEntry:
 
 
 class NodeTable:
-    def __init__(self, kv: KeyValue, ttl_s: float = NODE_TTL_S) -> None:
+    def __init__(self, kv: KeyValue, reconnects: Callable[[], int], ttl_s: float = NODE_TTL_S) -> None:
         self._kv = kv
+        self._reconnects = reconnects
         self._ttl_s = ttl_s
         self._seen: dict[str, tuple[NodeInfo, float]] = {}
         self._inflight: dict[str, int] = {}  # requests this client sent since the node's last heartbeat
@@ -58,18 +59,27 @@ class NodeTable:
                 await self._task
 
     async def _watch(self) -> None:
+        """Watch the bucket; start over whenever the connection was re-established (the server may
+        have restarted and forgotten our consumer) or the watch broke."""
         while True:
             watcher = None
+            reconnects = self._reconnects()
             try:
                 watcher = await self._kv.watchall()
-                async for entry in watcher:
+                while self._reconnects() == reconnects:
+                    try:
+                        entry = await watcher.updates(timeout=1.0)
+                    except Exception as e:
+                        if "Timeout" in type(e).__name__:
+                            continue
+                        raise
                     if entry is None:  # initial values delivered
                         self._synced.set()
-                        continue
-                    self._apply(entry)
+                    elif isinstance(entry, KeyValue.Entry):
+                        self._apply(entry)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # the watch broke (server restart): start again
+            except Exception as e:
                 log.debug("node watch restarting after %r", e)
                 await asyncio.sleep(0.5)
             finally:

@@ -24,6 +24,7 @@ from bus import subjects
 from bus.codec import decode, encode
 from bus.errors import (
     BusError,
+    BusUnavailable,
     Code,
     ModelNotFound,
     NodeBusy,
@@ -54,7 +55,7 @@ __all__ = ["ChatStream"]
 log = logging.getLogger(__name__)
 
 # Failures after which the answer may continue on another node.
-_FAILOVER_CODES = {Code.NODE_LOST.value, Code.SHUTTING_DOWN.value}
+_FAILOVER_CODES = {Code.NODE_LOST.value, Code.SHUTTING_DOWN.value, Code.STREAM_GAP.value}
 
 
 class ChatStream(AsyncIterator[StreamEvent]):
@@ -78,6 +79,7 @@ class ChatStream(AsyncIterator[StreamEvent]):
         self._text: list[str] = []
         self._completion_tokens = 0
         self._last_event_at = 0.0
+        self._reconnects = 0
 
     @property
     def text(self) -> str:
@@ -102,6 +104,10 @@ class ChatStream(AsyncIterator[StreamEvent]):
     async def _dispatch(self, request: GenerateRequest, exclude: set[str]) -> None:
         """Find a node that accepts `request` and subscribe to its token stream."""
         table = self._client.table
+        if not self._client.connected:
+            raise BusUnavailable(
+                "the NATS server is unreachable right now; chatbus reconnects by itself, retry shortly"
+            )
         payload = encode(request)
         busy: NodeBusy | None = None
         targets = [
@@ -150,13 +156,21 @@ class ChatStream(AsyncIterator[StreamEvent]):
         self._attempt_rid = request.request_id
         self._last_seq = 0
         self._last_event_at = time.monotonic()
+        await self._subscribe()
+        self._client._register(self)
+
+    async def _subscribe(self) -> None:
+        """(Re)subscribe to this attempt's token stream from its start; seen events are skipped."""
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        self._reconnects = self._client.reconnects()
         self._sub = await self._client.js.subscribe(
-            subjects.token(request.request_id),
+            subjects.token(self._attempt_rid),
             stream=subjects.TOKENS_STREAM,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.ALL,
         )
-        self._client._register(self)
 
     # ------------------------------------------------------------------ iteration
 
@@ -178,7 +192,7 @@ class ChatStream(AsyncIterator[StreamEvent]):
                 self._out_seq += 1
                 usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self._completion_tokens)
                 return msgspec.structs.replace(event, seq=self._out_seq, usage=usage)
-            if event.code in _FAILOVER_CODES and await self._failover(event.message):
+            if event.code in _FAILOVER_CODES and await self._failover(event.message, event.code):
                 continue
             await self._finish()
             self._out_seq += 1
@@ -187,11 +201,15 @@ class ChatStream(AsyncIterator[StreamEvent]):
 
     async def _next_event(self) -> StreamEvent:
         """The next event of this attempt; a silent, vanished node becomes Failed(node_lost)."""
-        assert self._sub is not None
         while True:
+            assert self._sub is not None
             try:
                 msg = await self._sub.next_msg(timeout=self._client.stall_check_s)
             except NatsTimeout:
+                if self._client.reconnects() != self._reconnects:
+                    with contextlib.suppress(Exception):  # the server restarted: resume from the record
+                        await self._subscribe()
+                    continue
                 if self._client.table.is_alive(self.node_id):
                     continue
                 silent = time.monotonic() - self._last_event_at
@@ -204,11 +222,19 @@ class ChatStream(AsyncIterator[StreamEvent]):
             event: StreamEvent = decode(msg.data, StreamEvent)
             if event.seq <= self._last_seq:
                 continue  # a redelivery after a consumer reset
+            if event.seq > self._last_seq + 1:  # tokens were lost (a server restart): continue elsewhere
+                await self.cancel()
+                return Failed(
+                    seq=self._last_seq + 1,
+                    code=Code.STREAM_GAP.value,
+                    message=f"tokens {self._last_seq + 1}..{event.seq - 1} were lost on the bus",
+                    node_id=self.node_id,
+                )
             self._last_seq = event.seq
             self._last_event_at = time.monotonic()
             return event
 
-    async def _failover(self, reason: str) -> bool:
+    async def _failover(self, reason: str, code: str) -> bool:
         """Re-dispatch prompt + text so far to another node; False when we may not or cannot."""
         attempts = len(self.nodes_used) - 1
         if attempts >= self._max_failovers:
@@ -229,7 +255,9 @@ class ChatStream(AsyncIterator[StreamEvent]):
         )
         log.warning("request %s: %s; continuing on another node", old, reason)
         try:
-            await self._dispatch(retry, exclude=set(self.nodes_used))
+            # After a gap the node itself is fine: it may take the continuation too.
+            exclude = set() if code == Code.STREAM_GAP.value else set(self.nodes_used)
+            await self._dispatch(retry, exclude=exclude)
         except BusError as e:
             log.warning("request %s: failover impossible: %s", old, e)
             return False

@@ -104,6 +104,7 @@ class NodeService:
         self._tasks: list[asyncio.Task[None]] = []
         self._accepting = False
         self._kv: KeyValue | None = None
+        self._repair: asyncio.Task[None] | None = None
 
     @property
     def model(self) -> str:
@@ -269,9 +270,19 @@ class NodeService:
 
     async def _publish(self, subject: str, data: bytes) -> None:
         try:
-            await self.js.publish_async(subject, data, wait_stall=5.0)
+            ack = await self.js.publish_async(subject, data, wait_stall=5.0)
         except Exception as e:
             log.warning("could not publish to %s: %r", subject, e)
+            return
+        ack.add_done_callback(self._on_ack)
+
+    def _on_ack(self, ack: asyncio.Future[Any]) -> None:
+        """A lost token leaves a gap the client sees (it fails over); here we repair the stream."""
+        if ack.cancelled() or ack.exception() is None:
+            return
+        log.warning("token publish failed: %r", ack.exception())
+        if self._repair is None or self._repair.done():
+            self._repair = asyncio.create_task(self._ensure_bus_objects())
 
     # ------------------------------------------------------------------ control
 
@@ -331,11 +342,16 @@ class NodeService:
         assert self._kv is not None
         try:
             await self._kv.put(self.node_id, encode(self.info()))
-        except Exception as e:  # the bucket may be gone after a server restart
+        except Exception as e:  # the bucket may be gone after a server restart: re-create it
             log.warning("heartbeat failed (%r); re-creating the bucket", e)
-            with contextlib.suppress(Exception):
-                await ensure_tokens_stream(self.js)
-                self._kv = await ensure_nodes_bucket(self.js)
+            await self._ensure_bus_objects()
+
+    async def _ensure_bus_objects(self) -> None:
+        try:
+            await ensure_tokens_stream(self.js)
+            self._kv = await ensure_nodes_bucket(self.js)
+        except Exception as e:
+            log.warning("cannot re-create streams yet (%r)", e)
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -1,0 +1,291 @@
+"""Load generator: streaming chat requests through the gateway at several concurrency levels, vs the engine.
+
+Run:  python bench/load.py [--concurrency 1,4,8] [--max-tokens 64] [--gateway URL --api-key K --model M]
+
+With no --gateway it starts its own system: an embedded nats-server, `python -m node` with the default model
+and `python -m gateway`. Each level keeps `c` requests in flight (closed loop) until `--requests` (default
+2·c, at least 4) have finished. Every request is greedy with the same prompts, so gateway and engine produce
+the same tokens. Then (unless --no-engine, and when node/hf.py imports) the node is stopped and the same
+workload runs on HFEngine in-process, so gateway + bus overhead is a measured ratio.
+
+Reported per level: TTFT (request sent → first content), ITL (mean inter-token latency of each request:
+(last − first content) / (tokens − 1)), E2E latency, each p50/p90/p99 over requests, and aggregate output
+tokens/s (all completion tokens / wall time of the level).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+QUESTIONS = [
+    "Write a long story about a lighthouse keeper.",
+    "Explain how a steam engine works, step by step.",
+    "Describe the history of Paris in detail.",
+    "List ideas for a birthday party and explain each one.",
+]
+
+
+@dataclass
+class Sample:
+    ttft: float
+    itl: float
+    e2e: float
+    tokens: int
+
+
+Run = Callable[[int], Awaitable[Sample]]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def level(run: Run, concurrency: int, requests: int) -> tuple[list[Sample], float]:
+    """Keep `concurrency` requests in flight until `requests` are done; samples and wall seconds."""
+    counter = iter(range(requests))
+    samples: list[Sample] = []
+
+    async def worker() -> None:
+        for i in counter:
+            samples.append(await run(i))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return samples, time.perf_counter() - started
+
+
+# ----------------------------------------------------------------------------- through the gateway
+
+
+def gateway_runner(http: httpx.AsyncClient, model: str, max_tokens: int) -> Run:
+    async def run(i: int) -> Sample:
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        sent = time.perf_counter()
+        first = last = 0.0
+        tokens = 0
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"gateway answered {r.status_code}: {(await r.aread()).decode()}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"stream failed: {chunk['error']}")
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    last = time.perf_counter()
+                    first = first or last
+        return _sample(sent, first, last, tokens)
+
+    return run
+
+
+def _sample(sent: float, first: float, last: float, tokens: int) -> Sample:
+    itl = (last - first) / (tokens - 1) if tokens > 1 else 0.0
+    return Sample(ttft=first - sent, itl=itl, e2e=last - sent, tokens=tokens)
+
+
+# ----------------------------------------------------------------------------- the engine in-process
+
+
+def engine_runner(engine: object, max_tokens: int) -> Run:
+    from bus.schemas import ChatMessage, SamplingParams
+    from node.engine import Delta, EngineRequest
+
+    loop = asyncio.get_running_loop()
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+
+    async def run(i: int) -> Sample:
+        done: asyncio.Future[None] = loop.create_future()
+        marks = {"first": 0.0, "last": 0.0, "tokens": 0}
+
+        def on_delta(delta: Delta) -> None:  # engine thread → loop
+            now = time.perf_counter()
+            if delta.text:
+                marks["last"] = now
+                marks["first"] = marks["first"] or now
+            if delta.finish_reason is not None:
+                marks["tokens"] = delta.completion_tokens
+                if not done.done():
+                    done.set_result(None)
+
+        messages = [ChatMessage(role="user", content=QUESTIONS[i % len(QUESTIONS)])]
+        sent = time.perf_counter()
+        request = EngineRequest(request_id=f"bench-{i}-{sent}", messages=messages, params=params)
+        engine.submit(request, lambda d: loop.call_soon_threadsafe(on_delta, d))  # type: ignore[attr-defined]
+        await done
+        return _sample(sent, marks["first"], marks["last"], int(marks["tokens"]))
+
+    return run
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def wait_ready(http: httpx.AsyncClient, model: str | None, procs: list[subprocess.Popen[bytes]]) -> str:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a process exited early; see the logs")
+        try:
+            data = (await http.get("/v1/models")).json()["data"]
+            if data and (model is None or model in {m["id"] for m in data}):
+                return model or data[0]["id"]
+        except (httpx.HTTPError, KeyError):
+            pass
+        await asyncio.sleep(0.5)
+    raise RuntimeError("the gateway never listed a model")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def row(mode: str, c: int, samples: list[Sample], wall: float) -> str:
+    def trio(values: list[float], scale: float, fmt: str) -> str:
+        return "/".join(format(pct(values, q) * scale, fmt) for q in (0.5, 0.9, 0.99))
+
+    tokens = sum(s.tokens for s in samples)
+    return (
+        f"| {mode} | {c} | {len(samples)} | {trio([s.ttft for s in samples], 1000, '.0f')} "
+        f"| {trio([s.itl for s in samples], 1000, '.1f')} | {trio([s.e2e for s in samples], 1, '.2f')} "
+        f"| {tokens / wall:.1f} |"
+    )
+
+
+HEADER = (
+    "| mode | conc | reqs | TTFT ms p50/p90/p99 | ITL ms p50/p90/p99 | E2E s p50/p90/p99 | out tok/s |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
+async def measure(run: Run, mode: str, levels: list[int], requests: int | None) -> list[str]:
+    await level(run, max(levels), max(levels))  # warm-up: new batch shapes are slow the first time
+    rows = []
+    for c in levels:
+        samples, wall = await level(run, c, requests or max(4, 2 * c))
+        rows.append(row(mode, c, samples, wall))
+        print(rows[-1], flush=True)
+    return rows
+
+
+async def main(args: argparse.Namespace) -> None:
+    levels = [int(x) for x in args.concurrency.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="chatbus-load-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    server = None
+    url = args.gateway
+    try:
+        if url is None:
+            from bus.server import EmbeddedServer
+
+            server = EmbeddedServer(data_dir=work / "js", port=0, log_file=work / "nats.log")
+            server.start()
+            node = [sys.executable, "-m", "node", "--nats", server.url, "--max-running", str(max(levels))]
+            node += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
+            procs.append(spawn([*node, "--model", args.engine_model], work / "node.log"))
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            gw = [sys.executable, "-m", "gateway", "--nats", server.url, "--port", str(port)]
+            procs.append(spawn([*gw, "--max-n", "64"], work / "gateway.log"))
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        limits = httpx.Limits(max_connections=max(levels) * 2)
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as http:
+            model = await wait_ready(http, args.model, procs)
+            print(f"gateway {url}, model {model}, max_tokens {args.max_tokens}, logs in {work}\n")
+            print(HEADER, flush=True)
+            await measure(gateway_runner(http, model, args.max_tokens), "gateway", levels, args.requests)
+        for proc in procs:
+            stop(proc)
+        if not args.no_engine:
+            await engine_part(args, levels)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                stop(proc)
+        if server is not None:
+            server.stop()
+
+
+async def engine_part(args: argparse.Namespace, levels: list[int]) -> None:
+    try:
+        from node.hf import HFEngine
+        from node.loader import load_model
+    except ImportError as e:
+        print(f"\n(engine comparison skipped: {e})")
+        return
+    from bus.paths import default_cache_dir
+
+    cache = args.cache_dir or default_cache_dir() / "models"
+    spec = None if args.engine_model == "default" else args.engine_model
+    loaded = await asyncio.to_thread(load_model, spec, cache_dir=cache, progress=lambda _: None)
+    engine = HFEngine(loaded, max_running=max(levels))
+    engine.start()
+    try:
+        await measure(engine_runner(engine, args.max_tokens), "engine", levels, args.requests)
+    finally:
+        engine.stop()
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gateway", default=None, help="an existing gateway URL (default: start a system)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--model", default=None, help="model name (default: the first one served)")
+    p.add_argument("--engine-model", default="default", help="what the node / in-process engine loads")
+    p.add_argument("--cache-dir", type=Path, default=None, help="converted-model cache (as python -m node)")
+    p.add_argument("--concurrency", default="1,4,8")
+    p.add_argument("--requests", type=int, default=None, help="requests per level (default: max(4, 2·c))")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--no-engine", action="store_true", help="skip the in-process engine comparison")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse()))

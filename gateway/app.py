@@ -1,0 +1,112 @@
+"""build_app: the OpenAI-compatible Starlette app around a BusClient it is given (it does not own it)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from bus import BusClient
+from bus.errors import BusError
+from gateway.config import GatewayConfig
+from gateway.errors import ApiError
+from gateway.http import error_response
+from gateway.routes_generate import chat_completions, completions
+from gateway.routes_info import embeddings, health, list_models, model_detail, token_check
+
+__all__ = ["build_app"]
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/health"})
+
+
+class ApiKeyAuth:
+    """Every path but /health (and CORS preflights) needs `Authorization: Bearer <key>` when keys are set."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or not self.keys
+            or scope["path"] in OPEN_PATHS
+            or scope["method"] == "OPTIONS"
+        ):
+            await self.app(scope, receive, send)
+            return
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        given = token.strip().encode()
+        # compare_digest against every key, so timing does not tell which one nearly matched
+        ok = scheme.lower() == "bearer" and sum(hmac.compare_digest(given, k) for k in self.keys) > 0
+        if ok:
+            await self.app(scope, receive, send)
+            return
+        message = (
+            "missing API key: send 'Authorization: Bearer <key>'"
+            if not token
+            else "invalid API key: it is not one of the gateway's --api-key / CHATBUS_API_KEYS keys"
+        )
+        response = error_response(ApiError(401, message, code="invalid_api_key"))
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
+
+
+async def _on_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, HTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        detail = f"{exc.detail}: {request.method} {request.url.path}; see docs/api.md for the endpoints"
+        return error_response(ApiError(exc.status_code, detail, code=kind))
+    if not isinstance(exc, ApiError | BusError):
+        log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return error_response(exc)
+
+
+def build_app(client: BusClient, config: GatewayConfig | None = None) -> Starlette:
+    config = config or GatewayConfig()
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", model_detail, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/api/v1/token_check", token_check, methods=["POST"]),
+        Route("/v1/token_check", token_check, methods=["POST"]),
+    ]
+    middleware = []
+    if config.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(config.cors_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["*"],
+                expose_headers=["Retry-After"],
+            )
+        )
+    middleware.append(Middleware(ApiKeyAuth, keys=config.api_keys))
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={
+            HTTPException: _on_error,
+            ApiError: _on_error,
+            BusError: _on_error,
+            Exception: _on_error,
+        },
+    )
+    app.state.client = client
+    app.state.config = config
+    return app

@@ -1,0 +1,74 @@
+"""Run the gateway: connect to the bus, build the app, serve it with uvicorn until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+
+import uvicorn
+
+from bus import BusClient
+from gateway.app import build_app
+from gateway.config import GatewayConfig
+
+__all__ = ["add_options", "config_from", "parser", "serve"]
+
+log = logging.getLogger("gateway")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m gateway", description="OpenAI-compatible API over the chatbus bus."
+    )
+    p.add_argument("--nats", default=None, help="NATS URL (default: $CHATBUS_NATS or nats://127.0.0.1:4222)")
+    add_options(p)
+    return p
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """Every gateway option but --nats (shared with `chatbus gateway`)."""
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="accept this Bearer key (repeatable; also $CHATBUS_API_KEYS, comma-separated); none: no auth",
+    )
+    p.add_argument(
+        "--cors-origin", action="append", default=[], help="allow browser calls from this origin ('*': any)"
+    )
+    p.add_argument("--max-body-bytes", type=int, default=GatewayConfig.max_body_bytes)
+    p.add_argument("--max-n", type=int, default=GatewayConfig.max_n, help="most choices per request")
+    p.add_argument("--deadline", type=float, default=GatewayConfig.deadline_s, help="seconds per generation")
+    p.add_argument("--log-level", default="info")
+
+
+def config_from(args: argparse.Namespace, environ: dict[str, str]) -> GatewayConfig:
+    keys = list(args.api_key) + [
+        k.strip() for k in environ.get("CHATBUS_API_KEYS", "").split(",") if k.strip()
+    ]
+    return GatewayConfig(
+        api_keys=tuple(dict.fromkeys(keys)),
+        cors_origins=tuple(args.cors_origin),
+        max_body_bytes=args.max_body_bytes,
+        max_n=args.max_n,
+        deadline_s=args.deadline,
+    )
+
+
+async def serve(nats_url: str, host: str, port: int, config: GatewayConfig, log_level: str = "info") -> None:
+    """Own a BusClient and a uvicorn server for as long as the server runs."""
+    async with contextlib.AsyncExitStack() as stack:
+        client = await BusClient.connect(nats_url, name=f"chatbus-gateway {host}:{port}")
+        stack.push_async_callback(client.close)
+        app = build_app(client, config)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app, host=host, port=port, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5
+            )
+        )
+        auth = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no API key (open)"
+        log.info("gateway on http://%s:%d/v1, bus %s, %s", host, port, nats_url, auth)
+        await server.serve()

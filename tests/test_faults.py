@@ -1,0 +1,104 @@
+"""Faults caused for real: the NATS server restarts, a node hangs (SIGSTOP), a client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+from fakes import EchoEngine
+
+from bus import BusClient, ChatMessage, Chunk, Done, Failed
+from bus.connection import connect
+from bus.server import EmbeddedServer
+from node.service import NodeService
+
+
+def user(text: str) -> list[ChatMessage]:
+    return [ChatMessage(role="user", content=text)]
+
+
+async def wait_for(predicate, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def own_server(tmp_path):  # type: ignore[no-untyped-def]
+    server = EmbeddedServer(data_dir=tmp_path / "js", port=0, log_file=tmp_path / "nats.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_everything_reconnects_after_server_restart(own_server: EmbeddedServer) -> None:
+    nc = await connect(own_server.url, name="node")
+    service = NodeService(nc, EchoEngine("echo-r", step_s=0.01), max_queued=0)
+    await service.start()
+    client = await BusClient.connect(own_server.url, name="c")
+    try:
+        await wait_for(lambda: "echo-r" in client.models())
+        own_server.kill()
+        own_server.start()  # same port, same data dir
+        await wait_for(lambda: nc.is_connected and client.nc.is_connected, 20)
+        for _ in range(100):  # the first tries may race the node's re-registration
+            try:
+                events = [e async for e in client.chat("echo-r", user("still here after restart"))]
+                break
+            except Exception:
+                await asyncio.sleep(0.2)
+        assert isinstance(events[-1], Done)
+        assert "".join(e.text for e in events if isinstance(e, Chunk)) == "still here after restart"
+    finally:
+        await client.close()
+        await service.drain(1)
+        await nc.close()
+
+
+async def test_client_that_vanishes_stops_generation(own_server: EmbeddedServer) -> None:
+    """No keep-alives (a dead gateway): the node cancels the request by itself."""
+    nc = await connect(own_server.url, name="node")
+    engine = EchoEngine("echo-k", step_s=0.05)
+    service = NodeService(nc, engine, max_queued=0)
+    await service.start()
+    client = await BusClient.connect(own_server.url, name="doomed", keepalive_every_s=1000)
+    try:
+        await wait_for(lambda: "echo-k" in client.models())
+        from bus.schemas import GenerateRequest
+
+        stream = client._stream(
+            GenerateRequest(request_id="lost-1", model="echo-k", messages=user("w " * 500), keepalive_s=1.0)
+        )
+        await stream.start()
+        await anext(stream)
+        await client.nc.close()  # the client process is gone: no cancel, no keep-alive
+        await wait_for(lambda: not service._jobs, 10)
+        await wait_for(lambda: "lost-1" not in engine.running_ids, 5)
+    finally:
+        with contextlib.suppress(Exception):
+            await client.close()
+        await service.drain(1)
+        await nc.close()
+
+
+async def test_lost_node_without_failover_fails_clearly(own_server: EmbeddedServer) -> None:
+    nc = await connect(own_server.url, name="node")
+    service = NodeService(nc, EchoEngine("echo-l", step_s=0.05), max_queued=0)
+    await service.start()
+    client = await BusClient.connect(own_server.url, name="c", stall_check_s=0.5)
+    try:
+        await wait_for(lambda: "echo-l" in client.models())
+        stream = client.chat("echo-l", user("w " * 200))
+        await anext(stream)
+        # The node freezes: its connection stays open but nothing more comes (as under SIGSTOP).
+        service.engine.stop()
+        for task in service._tasks:
+            task.cancel()
+        events = [e async for e in stream]
+        assert isinstance(events[-1], Failed) and events[-1].code == "node_lost"
+    finally:
+        await client.close()
+        await nc.close()

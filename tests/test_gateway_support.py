@@ -1,0 +1,152 @@
+"""Helpers for the gateway tests: a gateway (and echo nodes) served from a background thread's loop.
+
+The gateway gets its own thread and event loop so that blocking clients (the sync `openai` SDK,
+LangChain) can call it from the test's thread without freezing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+import uvicorn
+from fakes import EchoEngine
+
+from bus import BusClient
+from bus.connection import connect
+from gateway import GatewayConfig, build_app
+from node.service import NodeService
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An event loop in a daemon thread; `call(coro)` runs a coroutine there and waits for it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.call(cancel_all())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class Gateway:
+    """A BusClient + build_app + uvicorn on a free port, in `thread`'s loop."""
+
+    def __init__(self, thread: LoopThread, nats_url: str, config: GatewayConfig, **client_options: float):
+        self.thread = thread
+        self.nats_url = nats_url
+        self.config = config
+        self.client_options = client_options
+        self.client: BusClient | None = None
+        self.server: uvicorn.Server | None = None
+        self._task: asyncio.Future[None] | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _start(self) -> None:
+        self.client = await BusClient.connect(self.nats_url, name="test-gateway", **self.client_options)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(build_app(self.client, self.config), log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self._task = asyncio.ensure_future(self.server.serve(sockets=[sock]))
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.01)
+
+    async def _stop(self) -> None:
+        assert self.server is not None and self._task is not None and self.client is not None
+        self.server.should_exit = True  # not handle_exit: sse-starlette would end every stream in-process
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._task, 10)
+        await self.client.close()
+
+    def start(self) -> Gateway:
+        self.thread.call(self._start())
+        return self
+
+    def stop(self) -> None:
+        self.thread.call(self._stop())
+
+
+@contextlib.contextmanager
+def gateway(
+    thread: LoopThread, nats_url: str, config: GatewayConfig | None = None, **client_options: float
+) -> Iterator[Gateway]:
+    gw = Gateway(thread, nats_url, config or GatewayConfig(), **client_options).start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+class EchoNode:
+    """An EchoEngine behind a real NodeService, living in `thread`'s loop."""
+
+    def __init__(self, thread: LoopThread, nats_url: str, engine: EchoEngine, max_queued: int = 0) -> None:
+        self.thread, self.nats_url, self.engine, self.max_queued = thread, nats_url, engine, max_queued
+        self.service: NodeService | None = None
+
+    async def _start(self) -> None:
+        nc = await connect(self.nats_url, name="test-echo-node")
+        self.service = NodeService(nc, self.engine, max_queued=self.max_queued)
+        await self.service.start()
+
+    async def _stop(self) -> None:
+        assert self.service is not None
+        await self.service.drain(timeout=2)
+        await self.service.nc.close()
+
+    def __enter__(self) -> EchoNode:
+        self.thread.call(self._start())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.call(self._stop())
+
+
+async def eventually(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+def sse_payloads(raw: str) -> list[str]:
+    """The data of every SSE event in a raw body, checking the exact `data: ...\\n\\n` framing."""
+    assert raw.endswith("\n\n"), repr(raw[-40:])
+    events = [e for e in raw.split("\n\n") if e and not e.startswith(":")]  # ':' lines are pings
+    for event in events:
+        assert event.startswith("data: ") and "\n" not in event, repr(event)
+    return [e[len("data: ") :] for e in events]
