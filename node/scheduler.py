@@ -1,0 +1,101 @@
+"""KV-cache bookkeeping for continuous batching: one left-padded batch that rows join and leave.
+
+Each new sequence is prefilled alone (batch 1, chunk by chunk), so its prompt never sees padding and
+its prefill is bit-identical to running it alone. A finished prefill is then merged into the running
+batch by left-padding the shorter cache with zeros along the sequence dim; the attention mask hides
+those columns, and no query ever sits on a pad position (so no fully-masked softmax rows, no NaNs).
+Rows leave by index_select on the batch dim; columns that became padding for every row are trimmed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+__all__ = ["KVBatch"]
+
+
+class KVBatch:
+    """A batch of sequences sharing one DynamicCache of shape [rows, heads, cols, head_dim] per layer.
+
+    `mask[r, c]` is 1 where column c holds a real token of row r. Position ids come from the mask
+    (a row's next position is its count of real tokens), so padding never shifts rotary positions.
+    """
+
+    def __init__(self, device: str | torch.device) -> None:
+        self.device = torch.device(device)
+        # No config: every layer is a plain DynamicLayer, whose tensors we may pad and slice freely.
+        self.cache: DynamicCache = DynamicCache()
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+
+    @property
+    def rows(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def cols(self) -> int:
+        return int(self.mask.shape[1])
+
+    def forward(self, model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+        """Feed `input_ids` [rows, T] (all real tokens) and return float32 logits of the last one."""
+        rows, new = input_ids.shape
+        if self.rows == 0:
+            self.mask = torch.zeros(rows, 0, dtype=torch.long, device=self.device)
+        full = torch.cat([self.mask, torch.ones(rows, new, dtype=torch.long, device=self.device)], dim=1)
+        positions = (full.cumsum(-1) - 1)[:, -new:]
+        out = model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=full,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.cache = out.past_key_values
+        self.mask = full
+        return out.logits[:, -1, :].float()
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order) and drop columns no remaining row uses."""
+        if not rows:
+            self.cache = DynamicCache()
+            self.mask = self.mask[:0, :0]
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        mask = self.mask.index_select(0, index)
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else mask.shape[1]
+        self.mask = mask[:, start:]
+        layers: list[Any] = list(self.cache.layers)
+        for layer in layers:
+            if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+                continue
+            layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))[:, :, start:, :]
+            layer.values = layer.values.index_select(0, index.to(layer.values.device))[:, :, start:, :]
+
+    def merge(self, other: KVBatch) -> None:
+        """Append `other`'s rows after ours, left-padding whichever cache is shorter."""
+        if other.rows == 0:
+            return
+        if self.rows == 0:
+            self.cache, self.mask = other.cache, other.mask
+            return
+        cols = max(self.cols, other.cols)
+        self.mask = torch.cat([_left_pad(self.mask, cols), _left_pad(other.mask, cols)], dim=0)
+        pairs: list[tuple[Any, Any]] = list(zip(self.cache.layers, other.cache.layers, strict=True))
+        for mine, theirs in pairs:
+            mine.keys = torch.cat([_left_pad(mine.keys, cols), _left_pad(theirs.keys, cols)], dim=0)
+            mine.values = torch.cat([_left_pad(mine.values, cols), _left_pad(theirs.values, cols)], dim=0)
+
+
+def _left_pad(tensor: torch.Tensor, cols: int) -> torch.Tensor:
+    """Zero-pad the sequence dim (dim 1 of a mask, dim 2 of a KV tensor) on the left up to `cols`."""
+    dim = 1 if tensor.dim() == 2 else 2
+    missing = cols - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
