@@ -150,3 +150,20 @@ async def test_node_deregisters_on_drain(nats_url: str, client: BusClient) -> No
     async with running_node(nats_url, EchoEngine("echo-h")):
         await wait_for(lambda: "echo-h" in client.models())
     await wait_for(lambda: "echo-h" not in client.models(), timeout=2)
+
+
+async def test_full_node_rejects_and_the_client_goes_elsewhere(nats_url: str, client: BusClient) -> None:
+    async with (
+        running_node(nats_url, EchoEngine("echo-i", step_s=0.05, max_running=1)) as a,
+        running_node(nats_url, EchoEngine("echo-i", step_s=0.05, max_running=1)) as b,
+    ):
+        await wait_for(lambda: "echo-i" in client.models() and len(client.models()["echo-i"].nodes) == 2)
+        first = client.chat("echo-i", user(" ".join(["w"] * 100)))
+        await first.start()
+        second = client.chat("echo-i", user(" ".join(["w"] * 100)))
+        await second.start()  # whichever node the client tries first, the free one takes it
+        assert {first.node_id, second.node_id} == {a.node_id, b.node_id}
+        with pytest.raises(NodeBusy):  # both full now: a typed error with a retry hint
+            await client.chat("echo-i", user("x")).start()
+        await first.aclose()
+        await second.aclose()

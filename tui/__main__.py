@@ -1,0 +1,45 @@
+"""`python -m tui`: the terminal chat on any NATS URL (the same app `chatbus chat` opens)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tui", description="Chat with models on the chatbus bus.")
+    p.add_argument("--nats", default=os.environ.get("CHATBUS_NATS", "nats://127.0.0.1:4222"), help="NATS URL")
+    p.add_argument("--state-dir", type=Path, default=None, help="state dir for the embedded defaults")
+    p.add_argument("--model", default=None, help="model name (default: the first one served)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--plain", action="store_true", help="no app: read stdin, print the answer only")
+    p.add_argument(
+        "--no-start", action="store_true", help="never start the embedded defaults when nothing answers"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    try:
+        if args.plain or not sys.stdout.isatty():  # no need to load Textual for a pipe
+            import asyncio
+
+            from tui.config import config_from_args
+            from tui.plain import run_plain
+
+            return asyncio.run(run_plain(config_from_args(args.nats, args), sys.stdin.read()))
+        from tui.app import run_tui
+
+        return run_tui(args.nats, args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

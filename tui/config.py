@@ -1,0 +1,37 @@
+"""The chat's settings, from `chatbus chat` / `python -m tui` flags (no UI imports here)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["ChatConfig", "config_from_args"]
+
+
+@dataclass
+class ChatConfig:
+    url: str
+    model: str | None = None
+    system: str = ""
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int | None = 512
+    state_dir: Path | None = None
+    autostart: bool = True  # start `chatbus up` when nothing answers at a loopback URL
+    cwd: Path = field(default_factory=Path.cwd)
+    tick_s: float = 0.5  # how often the app checks the connection and the model list
+
+
+def config_from_args(url: str, args: argparse.Namespace) -> ChatConfig:
+    """Works with `chatbus chat`'s namespace and with `python -m tui`'s (a superset)."""
+    return ChatConfig(
+        url=url,
+        model=getattr(args, "model", None),
+        system=getattr(args, "system", None) or "",
+        temperature=getattr(args, "temperature", 0.7),
+        top_p=getattr(args, "top_p", 1.0),
+        max_tokens=getattr(args, "max_tokens", 512),
+        state_dir=getattr(args, "state_dir", None),
+        autostart=not getattr(args, "no_start", False),
+    )

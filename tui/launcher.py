@@ -1,0 +1,120 @@
+"""Start the embedded defaults (`chatbus up` without web UI or gateway) when nothing answers at the URL.
+
+So `chatbus chat` alone works on a fresh machine: the chat spawns `python -m chatbus up --no-web
+--no-gateway` as a child in its own process group, learns the URL it bound from its first line, and
+stops it (which drains and stops its node and server) when the chat ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+__all__ = ["EmbeddedDefaults", "is_local", "port_of", "reachable"]
+
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", ""}
+_URL_IN_LOG = re.compile(r"\bon (nats://[^\s;]+)")
+
+
+def is_local(url: str) -> bool:
+    """Only a loopback URL may be started by us; a remote one that is down is the user's to fix."""
+    return (urlparse(url).hostname or "") in _LOCAL_HOSTS
+
+
+def port_of(url: str) -> int:
+    return urlparse(url).port or 4222
+
+
+def reachable(url: str, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections at the URL (cheaper than a NATS connect)."""
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout):
+            return True
+    except OSError:
+        return False
+
+
+class EmbeddedDefaults:
+    """One `chatbus up --no-web --no-gateway` child that we started and will stop."""
+
+    def __init__(self, port: int, state_dir: Path | None = None) -> None:
+        self.port = port
+        self.state_dir = state_dir
+        folder = (state_dir / "logs") if state_dir else Path(tempfile.mkdtemp(prefix="chatbus-tui-"))
+        self.log_path = folder / "tui-up.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "chatbus", "up", "--no-web", "--no-gateway"]
+        argv += ["--nats-port", str(self.port)]
+        if self.state_dir is not None:
+            argv += ["--state-dir", str(self.state_dir)]
+        return argv
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_bytes(b"")
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.argv(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # the terminal's Ctrl-C is ours, not its
+            )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def tail(self, lines: int = 6) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    async def wait_url(self, timeout: float = 30.0) -> str:
+        """The URL the child's server bound (it may have moved off a taken port)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError):
+                found = _URL_IN_LOG.search(self.log_path.read_text(errors="replace"))
+                if found:
+                    return found.group(1)
+            if not self.alive():
+                raise RuntimeError(f"`chatbus up` exited while starting:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"`chatbus up` did not start a server in {timeout:.0f}s; see {self.log_path}"
+                )
+            await asyncio.sleep(0.1)
+
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM) without waiting; `stop()` then waits."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM: `chatbus up` stops its node (which drains) and its server, then exits."""
+        proc, self.process = self.process, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
