@@ -88,17 +88,24 @@ class BusClient:
         self._keepalive = asyncio.create_task(self._keepalive_loop(), name="chatbus-keepalive")
 
     async def close(self) -> None:
+        """Cancel what is still streaming, stop the background tasks, drain; each step bounded."""
         for stream in list(self._active.values()):
-            await stream.aclose()
-        if self._keepalive:
-            self._keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keepalive
-        if self.table:
-            await self.table.stop()
-        if self._owns:
             with contextlib.suppress(Exception):
-                await self.nc.drain()
+                await asyncio.wait_for(stream.aclose(), 2.0)
+        for task in (self._keepalive,):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(task, 2.0)
+        if self.table:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.table.stop(), 3.0)
+        if self._owns:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 5.0)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
 
     async def __aenter__(self) -> BusClient:
         return self

@@ -63,12 +63,22 @@ async def connect(url: str, *, name: str, timeout: float = 5.0) -> NATS:
         ) from e
 
 
-async def _add_or_update_stream(js: JetStreamContext, config: StreamConfig) -> None:
+async def _add_or_update_stream(
+    js: JetStreamContext, config: StreamConfig, *, disposable: bool = False
+) -> None:
     try:
         await js.add_stream(config)
     except BadRequestError:
         # Exists with another config (an older version of ours): bring it to this one.
-        await js.update_stream(config)
+        try:
+            await js.update_stream(config)
+        except BadRequestError:
+            if not disposable:
+                raise
+            # e.g. the storage type changed, which the server cannot update: the data is
+            # short-lived (token streams), so start the stream afresh.
+            await js.delete_stream(config.name or "")
+            await js.add_stream(config)
 
 
 async def ensure_tokens_stream(js: JetStreamContext) -> None:
@@ -83,6 +93,7 @@ async def ensure_tokens_stream(js: JetStreamContext) -> None:
             max_age=TOKENS_MAX_AGE_S,
             max_bytes=256 * 1024 * 1024,
         ),
+        disposable=True,
     )
 
 

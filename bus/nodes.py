@@ -55,8 +55,8 @@ class NodeTable:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._task, 3.0)
 
     async def _watch(self) -> None:
         """Watch the bucket; start over whenever the connection was re-established (the server may
@@ -85,7 +85,7 @@ class NodeTable:
             finally:
                 if watcher is not None:
                     with contextlib.suppress(Exception):
-                        await watcher.stop()
+                        await asyncio.wait_for(watcher.stop(), 2.0)
 
     def _apply(self, entry: KeyValue.Entry) -> None:
         if entry.operation in ("DEL", "PURGE") or not entry.value:

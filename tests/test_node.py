@@ -19,7 +19,10 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 @pytest.fixture(scope="module")
 async def two_nodes(nats_url: str, client: BusClient, tmp_path_factory: pytest.TempPathFactory):
     logs = tmp_path_factory.mktemp("nodes")
-    procs = [spawn(node_argv(nats_url), logs / f"node{i}.log") for i in range(2)]
+    procs = [
+        spawn(node_argv(nats_url, extra=["--node-id", f"t-node-{i}"]), logs / f"node{i}.log")
+        for i in range(2)
+    ]
     try:
         for _ in range(1200):
             entry = client.models().get(MODEL)
@@ -97,18 +100,30 @@ async def test_two_nodes_both_take_requests(two_nodes, client: BusClient) -> Non
     assert len({s.node_id for s in streams}) == 2
 
 
-async def test_killed_node_disappears_within_ttl(two_nodes, client: BusClient) -> None:
+async def test_sigkilled_node_mid_stream_fails_over_and_disappears(two_nodes, client: BusClient) -> None:
+    prompt = ask("List the planets of the solar system, one per line, with a sentence about each.")
+    params = SamplingParams(temperature=0, max_tokens=60)
+    stream = client.chat(MODEL, prompt, params)
+    while True:  # get a stream on the node we are going to kill
+        await stream.start()
+        if stream.node_id == "t-node-1":
+            break
+        await stream.aclose()
+        stream = client.chat(MODEL, prompt, params)
+    events = [await anext(stream) for _ in range(3)]
     victim = two_nodes[1]
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+    events += [e async for e in stream]
+    assert isinstance(events[-1], Done), events[-1]  # one continuous answer, not a truncated one
+    assert stream.nodes_used == ["t-node-1", "t-node-0"]
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].usage.completion_tokens <= 60
     for _ in range(int((NODE_TTL_S + 4) / 0.1)):
         if len(client.models()[MODEL].nodes) == 1:
             break
         await asyncio.sleep(0.1)
-    assert len(client.models()[MODEL].nodes) == 1
-    # and the survivor still answers
-    events = [e async for e in client.chat(MODEL, ask("Hi"), SamplingParams(temperature=0, max_tokens=3))]
-    assert isinstance(events[-1], Done)
+    assert [n.node_id for n in client.models()[MODEL].nodes] == ["t-node-0"]
 
 
 def test_bad_model_path_is_one_clear_line(nats_url: str, tmp_path: Path) -> None:

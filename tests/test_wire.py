@@ -60,7 +60,10 @@ def test_tags_are_unique() -> None:
         c
         for module in (schemas, schemas_jobs)
         for c in vars(module).values()
-        if isinstance(c, type) and issubclass(c, msgspec.Struct) and c.__struct_config__.tag is not None and not c.__name__.startswith("_")
+        if isinstance(c, type)
+        and issubclass(c, msgspec.Struct)
+        and c.__struct_config__.tag is not None
+        and not c.__name__.startswith("_")
     }
     tags = [c.__struct_config__.tag for c in tagged]
     assert len(tags) == len(set(tags))

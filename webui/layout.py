@@ -1,0 +1,111 @@
+"""The shell around every page: theme, header with navigation, and small shared widgets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from nicegui import ui
+
+__all__ = ["NAV", "Shell", "assistant_bubble", "empty_state", "user_bubble"]
+
+NAV = [
+    ("/", "Chat", "chat_bubble_outline"),
+    ("/side-by-side", "Side by side", "view_column"),
+    ("/arena", "Arena", "sports_mma"),
+    ("/leaderboard", "Leaderboard", "leaderboard"),
+    ("/nodes", "Nodes", "hub"),
+]
+
+_CSS = """
+body { background: #f6f7fb; }
+.body--dark { background: #121318; }
+.cb-bubble-user { background: #ecebff; border-radius: 18px 18px 4px 18px; white-space: pre-wrap; }
+.body--dark .cb-bubble-user { background: #2d2a52; }
+.cb-answer .nicegui-markdown p:first-child { margin-top: 0; }
+.cb-answer .nicegui-markdown pre { background: #f0f1f5; border-radius: 10px; padding: 10px 12px; overflow-x: auto; }
+.body--dark .cb-answer .nicegui-markdown pre { background: #1d1f27; }
+.cb-answer .nicegui-markdown code { font-size: 0.86em; }
+.cb-composer { border-radius: 22px; box-shadow: 0 4px 24px rgba(30, 30, 80, .10); }
+.cb-nav .q-btn { border-radius: 999px; text-transform: none; }
+.cb-nav .cb-active { background: #ecebff; color: #5b4ee6; }
+.body--dark .cb-nav .cb-active { background: #2d2a52; color: #c9c3ff; }
+.cb-cursor::after { content: '▍'; animation: cb-blink 1s steps(2) infinite; margin-left: 1px; }
+@keyframes cb-blink { 50% { opacity: 0; } }
+.cb-typing span { display:inline-block; width:7px; height:7px; margin-right:3px; border-radius:50%;
+  background:#9b95f5; animation: cb-bounce 1.2s infinite; }
+.cb-typing span:nth-child(2) { animation-delay: .15s; } .cb-typing span:nth-child(3) { animation-delay: .3s; }
+@keyframes cb-bounce { 0%, 80%, 100% { transform: scale(.6); opacity:.5 } 40% { transform: scale(1); opacity:1 } }
+"""
+
+
+class Shell:
+    """Header with the brand and the page links; `activate(path)` highlights the current one."""
+
+    def __init__(self, title: str) -> None:
+        ui.colors(primary="#5b4ee6", secondary="#26a69a", accent="#f59e0b")
+        ui.add_css(_CSS)
+        ui.page_title(title)
+        self._buttons: dict[str, ui.button] = {}
+        dark = ui.dark_mode()
+        with ui.header().classes("bg-white/90 text-grey-9 backdrop-blur border-b border-grey-3 px-4 py-2"):
+            with ui.row().classes("w-full items-center no-wrap gap-2"):
+                with (
+                    ui.row()
+                    .classes("items-center gap-2 cursor-pointer")
+                    .on("click", lambda: ui.navigate.to("/"))
+                ):
+                    ui.icon("forum", size="28px", color="primary")
+                    ui.label(title).classes("text-xl font-bold tracking-tight")
+                ui.space()
+                with ui.row().classes("cb-nav items-center gap-1 no-wrap"):
+                    for path, label, icon in NAV:
+                        self._buttons[path] = (
+                            ui.button(label, icon=icon, on_click=_go(path))
+                            .props("flat no-caps dense padding='6px 14px'")
+                            .classes("text-grey-8")
+                            .mark(f"nav-{label.lower().replace(' ', '-')}")
+                        )
+                ui.space()
+                ui.button(icon="dark_mode", on_click=dark.toggle).props("flat round dense").classes(
+                    "text-grey-7"
+                )
+
+    def activate(self, path: str) -> None:
+        for p, button in self._buttons.items():
+            button.classes(add="cb-active") if p == path else button.classes(remove="cb-active")
+
+
+def _go(path: str) -> Callable[[], None]:
+    return lambda: ui.navigate.to(path)
+
+
+def user_bubble(text: str) -> None:
+    with ui.row().classes("w-full justify-end"):
+        ui.label(text).classes("cb-bubble-user px-4 py-2 max-w-[80%] text-[15px]")
+
+
+def assistant_bubble(name: str, text: str = "", *, icon: str = "auto_awesome") -> ui.markdown:
+    """An answer: avatar, model name, Markdown body (code highlighted). Returns the body."""
+    with ui.row().classes("w-full no-wrap items-start gap-3 cb-answer"):
+        ui.avatar(icon, color="primary", text_color="white", size="34px").classes("shrink-0 mt-1")
+        with ui.column().classes("gap-1 grow min-w-0") as column:
+            ui.label(name).classes("text-xs font-medium text-grey-6 cb-model-name")
+            body = ui.markdown(text).classes("w-full text-[15px] leading-relaxed")
+    body.column = column  # type: ignore[attr-defined]  # where actions go
+    return body
+
+
+def typing_dots() -> ui.html:
+    return ui.html("<span></span><span></span><span></span>").classes("cb-typing py-2")
+
+
+def empty_state(title: str, subtitle: str, suggestions: list[str], on_pick: Callable[[str], object]) -> None:
+    with ui.column().classes("w-full items-center gap-3 pt-16 pb-6"):
+        ui.icon("auto_awesome", size="48px", color="primary")
+        ui.label(title).classes("text-3xl font-semibold text-grey-9 text-center")
+        ui.label(subtitle).classes("text-grey-6 text-center")
+        with ui.row().classes("justify-center gap-2 pt-4 max-w-2xl"):
+            for s in suggestions:
+                ui.button(s, on_click=lambda s=s: on_pick(s)).props("outline no-caps rounded").classes(
+                    "text-grey-8 bg-white"
+                )
