@@ -1,0 +1,58 @@
+"""`python -m judge --nats URL`: run an evaluation worker (and the auto-eval triggers)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from bus.errors import BusUnavailable
+from judge.worker import WorkerConfig, serve
+
+
+def parse(argv: list[str] | None = None) -> WorkerConfig:
+    p = argparse.ArgumentParser(prog="python -m judge", description="Run chatbus evaluation jobs.")
+    p.add_argument("--nats", default=os.environ.get("CHATBUS_NATS", "nats://127.0.0.1:4222"), help="NATS URL")
+    p.add_argument(
+        "--ack-wait", type=float, default=30.0, help="seconds before a dead worker's job is redelivered"
+    )
+    p.add_argument("--no-triggers", action="store_true", help="do not run auto-eval triggers in this worker")
+    p.add_argument("--trigger-poll", type=float, default=2.0, help="seconds between trigger checks")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    return WorkerConfig(
+        nats=a.nats,
+        ack_wait_s=a.ack_wait,
+        triggers=not a.no_triggers,
+        trigger_poll_s=a.trigger_poll,
+        environ=dict(os.environ),
+    )
+
+
+async def _main(cfg: WorkerConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(cfg, stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(argv)
+    try:
+        asyncio.run(_main(cfg))
+    except BusUnavailable as e:
+        print(f"judge: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
