@@ -1,0 +1,37 @@
+"""`python -m trainer --nats URL`: a worker that runs train jobs from the bus, one at a time."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from trainer.worker import WorkerConfig, main
+
+
+def default_cache_dir() -> Path:
+    """The same model cache `chatbus up` gives its nodes, so the default model is converted once."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "chatbus" / "models"
+
+
+def parse(argv: list[str]) -> WorkerConfig:
+    p = argparse.ArgumentParser(prog="python -m trainer", description="Run chatbus train jobs from the bus.")
+    p.add_argument("--nats", default=os.environ.get("CHATBUS_NATS", "nats://127.0.0.1:4222"))
+    p.add_argument(
+        "--cache-dir", type=Path, default=default_cache_dir(), help="model cache (shared with nodes)"
+    )
+    p.add_argument("--work-dir", type=Path, default=None, help="scratch space for outputs (default: temp)")
+    p.add_argument(
+        "--ack-wait",
+        type=float,
+        default=30.0,
+        help="seconds before a dead worker's job goes to another worker",
+    )
+    a = p.parse_args(argv)
+    return WorkerConfig(nats=a.nats, cache_dir=a.cache_dir, work_dir=a.work_dir, ack_wait_s=a.ack_wait)
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse(sys.argv[1:])))

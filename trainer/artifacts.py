@@ -1,0 +1,75 @@
+"""Fetch a trained adapter (or full model) from the Object Store into a local dir a node can load.
+
+Uses only bus/ and the stdlib, so it can move to bus/ verbatim if node/ (which may not import
+trainer/) wants to call it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from bus.connection import connect
+from bus.errors import BadRequest
+from bus.jobs import Jobs
+
+__all__ = ["describe", "fetch_adapter", "fetch_with", "resolve_artifact"]
+
+
+async def resolve_artifact(jobs: Jobs, ref: str) -> str:
+    """An Object Store name from a train job id or an artifact name (`models/<digest>`)."""
+    if await jobs.has_artifact(ref):
+        return ref
+    record = await jobs.get(ref)
+    if record is None or record.kind != "train":
+        raise BadRequest(
+            f"{ref!r} is neither a train job nor a stored model: `chatbus train list` shows the jobs"
+        )
+    if record.state != "done":
+        raise BadRequest(
+            f"train job {ref} is {record.state}, not done: nothing to serve yet ({record.message})"
+        )
+    result: Any = record.result
+    if not isinstance(result, dict) or not result.get("artifact"):
+        raise BadRequest(f"train job {ref} finished without storing a model")
+    return str(result["artifact"])
+
+
+async def fetch_with(jobs: Jobs, ref: str, dest: Path) -> Path:
+    """Download and unpack into `dest/<digest>` (skipped when already there); returns that dir."""
+    name = await resolve_artifact(jobs, ref)
+    target = Path(dest) / name.replace("/", "-")
+    if (target / "chatbus.json").is_file():
+        return target
+    data = await jobs.get_artifact(name)
+
+    def unpack() -> None:
+        partial = target.with_name(target.name + ".partial")
+        partial.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            tar.extractall(partial, filter="data")  # refuses absolute paths and links out of the dir
+        partial.rename(target)
+
+    await asyncio.to_thread(unpack)
+    return target
+
+
+async def fetch_adapter(nats_url: str, ref: str, dest: Path) -> Path:
+    """`ref` is a train job id or an artifact name. The dir holds `chatbus.json` ({name, base, method,
+    job_id}), the tokenizer, and either a peft adapter (`adapter_config.json`) or full model weights."""
+    nc = await connect(nats_url, name="chatbus-fetch")
+    try:
+        jobs = await Jobs(nc).start()
+        return await fetch_with(jobs, ref, dest)
+    finally:
+        await nc.close()
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """The `chatbus.json` a fetched dir carries (name to serve it under, base, method, job id)."""
+    result: dict[str, Any] = json.loads((Path(path) / "chatbus.json").read_text())
+    return result
