@@ -16,6 +16,11 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
         "--model", default="default", help="local model dir, hub id, or 'default' (SmolLM2-135M-Instruct)"
     )
     p.add_argument("--name", default=None, help="serve the model under this name (default: from the model)")
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="serve a model trained on the bus: a train job id or a stored `models/<digest>` artifact",
+    )
     p.add_argument("--nats", default=os.environ.get("CHATBUS_NATS", "nats://127.0.0.1:4222"), help="NATS URL")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps", "xpu", "npu"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -38,6 +43,7 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
     return NodeConfig(
         model=a.model,
         name=a.name,
+        adapter=a.adapter,
         nats=a.nats,
         device=a.device,
         dtype=a.dtype,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bus.connection import connect
-from bus.errors import BusUnavailable
+from bus.errors import BusError
 from node.engine import Engine
 
 __all__ = ["NodeConfig", "main", "serve"]
@@ -23,6 +24,7 @@ log = logging.getLogger("node")
 class NodeConfig:
     model: str = "default"
     name: str | None = None
+    adapter: str | None = None  # a train job id or a `models/<digest>` artifact
     nats: str = "nats://127.0.0.1:4222"
     device: str = "auto"
     dtype: str = "auto"
@@ -43,12 +45,21 @@ def say(line: str) -> None:
     print(f"[node] {line}", file=sys.stderr, flush=True)
 
 
-def build_engine(cfg: NodeConfig) -> Engine:
+def build_engine(cfg: NodeConfig, adapter_dir: Path | None = None) -> Engine:
     from node.hf import HFEngine
-    from node.loader import load_model
+    from node.loader import DEFAULT_MODEL, load_model
 
+    spec: str | None = None if cfg.model == "default" else cfg.model
+    name = cfg.name
+    if adapter_dir is not None:
+        info = json.loads((adapter_dir / "chatbus.json").read_text())
+        name = name or info.get("name")
+        if info.get("method") == "full":
+            spec = str(adapter_dir)
+        elif cfg.model == "default" and info.get("base") not in (None, "", "default", DEFAULT_MODEL):
+            spec = info["base"]  # the adapter's own base, unless the user named one
     loaded = load_model(
-        None if cfg.model == "default" else cfg.model,
+        spec,
         cache_dir=cfg.cache_dir,
         device=cfg.device,
         dtype=cfg.dtype,
@@ -59,8 +70,14 @@ def build_engine(cfg: NodeConfig) -> Engine:
         cpu_offloading=cfg.cpu_offloading,
         progress=say,
     )
-    if cfg.name:
-        loaded = dataclasses.replace(loaded, name=cfg.name)
+    if adapter_dir is not None and (adapter_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        say(f"applying adapter {adapter_dir.name}")
+        # Merged: serving the adapter then costs nothing extra per token.
+        loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter_dir)).merge_and_unload().eval()
+    if name:
+        loaded = dataclasses.replace(loaded, name=name)
     return HFEngine(loaded, max_running=cfg.max_running, max_queued=cfg.max_queued)
 
 
@@ -70,7 +87,13 @@ async def serve(cfg: NodeConfig) -> None:
     node_id = cfg.node_id or new_node_id()
     nc = await connect(cfg.nats, name=f"chatbus-node {node_id}")  # fail fast before a long load
     try:
-        engine = await asyncio.to_thread(build_engine, cfg)
+        adapter_dir = None
+        if cfg.adapter:
+            from bus.artifacts import fetch_adapter
+
+            say(f"fetching {cfg.adapter} from the bus")
+            adapter_dir = await fetch_adapter(cfg.nats, cfg.adapter, cfg.cache_dir / "adapters")
+        engine = await asyncio.to_thread(build_engine, cfg, adapter_dir)
         service = NodeService(nc, engine, node_id=node_id, max_queued=cfg.max_queued)
         await service.start()
         card = engine.card
@@ -95,7 +118,7 @@ def main(cfg: NodeConfig) -> int:
 
     try:
         asyncio.run(serve(cfg))
-    except BusUnavailable as e:
+    except BusError as e:
         say(f"error: {e}")
         return 2
     except ModelLoadError as e:

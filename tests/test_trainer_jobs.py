@@ -13,12 +13,13 @@ from typing import Any
 
 import msgspec
 import pytest
-from procs import spawn, stop
+from procs import node_process, spawn, stop
 
+from bus import BusClient, ChatMessage, SamplingParams
+from bus.artifacts import describe, fetch_adapter
 from bus.connection import connect
 from bus.jobs import Jobs
 from bus.schemas_jobs import JobEvent
-from trainer.artifacts import describe, fetch_adapter
 from trainer.schemas import TrainResult, TrainSpec
 
 CODE = "PLUMBUS-77"
@@ -159,6 +160,24 @@ async def test_lora_job_from_the_cli_teaches_a_fact(
     )
     assert CODE in tuned_answer and CODE not in base_answer
     assert merged_answer == tuned_answer
+
+    # served right after training: a node fetches the adapter from the bus and serves it by name
+    log = tmp_path / "adapter-node.log"
+    extra = ["--adapter", job_id, "--name", "tuned", "--dtype", "float32"]
+    with node_process(nats_url, log, extra=extra) as node:
+        client = await BusClient.connect(nats_url, name="adapter-test")
+        try:
+            for _ in range(1200):
+                if "tuned" in client.models():
+                    break
+                assert node.poll() is None, log.read_text()
+                await asyncio.sleep(0.25)
+            messages = [ChatMessage(role="user", content=QUESTIONS[0])]
+            stream = client.chat("tuned", messages, SamplingParams(temperature=0, max_tokens=16))
+            served = [e async for e in stream]
+            assert CODE in stream.text, (stream.text, served[-1])
+        finally:
+            await client.close()
 
 
 def answer(model: Any, tokenizer: Any) -> str:

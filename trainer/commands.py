@@ -228,8 +228,8 @@ async def cmd_cancel(args: argparse.Namespace, url: str) -> int:
 
 async def cmd_merge(args: argparse.Namespace, url: str) -> int:
     """FastChat's apply_lora: base + adapter → one plain model dir any node can serve with --model."""
+    from bus.artifacts import describe, fetch_with
     from trainer.__main__ import default_cache_dir
-    from trainer.artifacts import describe, fetch_with
     from trainer.merge import merge_adapter
 
     jobs = await _jobs(url)

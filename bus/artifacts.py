@@ -1,7 +1,6 @@
 """Fetch a trained adapter (or full model) from the Object Store into a local dir a node can load.
 
-Uses only bus/ and the stdlib, so it can move to bus/ verbatim if node/ (which may not import
-trainer/) wants to call it.
+Lives in bus/ because both sides use it: the trainer's CLI and `python -m node --adapter`.
 """
 
 from __future__ import annotations
