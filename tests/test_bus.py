@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import pytest
 from fakes import EchoEngine
+from fakes import echo_node as running_node
 
 from bus import BusClient, ChatMessage, Chunk, Done, Failed, ModelNotFound, SamplingParams
 from bus.connection import connect
 from bus.errors import BadRequest, ContextLengthExceeded, NodeBusy
 from node.service import NodeService
-
-
-@contextlib.asynccontextmanager
-async def running_node(url: str, engine: EchoEngine, node_id: str | None = None):
-    nc = await connect(url, name="test-node")
-    service = NodeService(nc, engine, node_id=node_id, max_queued=0)
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.drain(timeout=2)
-        await nc.close()
 
 
 def user(text: str) -> list[ChatMessage]:

@@ -17,7 +17,7 @@ NEVER = {
     "gateway": {"node", "tui", "webui", "trainer", "judge", "torch", "transformers"},
     "tui": {"node", "gateway", "webui", "trainer", "judge", "torch", "transformers"},
     "webui": {"node", "gateway", "tui", "trainer", "judge", "torch", "transformers"},
-    "trainer": {"node", "gateway", "tui", "webui", "judge"},
+    "trainer": {"gateway", "tui", "webui", "judge"},  # it may reuse node's model loading
     "judge": {"node", "gateway", "tui", "webui", "trainer", "torch", "transformers"},
 }
 

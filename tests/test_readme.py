@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from conftest import MODEL_CACHE
@@ -23,6 +25,18 @@ def _wait_for_line(log: Path, needle: str, proc: subprocess.Popen[bytes], timeou
         time.sleep(0.2)
 
 
+def _get(url: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                return str(reply.read().decode())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def _leftovers(marker: str) -> list[str]:
     out = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True)
     return [line for line in out.stdout.splitlines() if "pgrep" not in line]
@@ -31,6 +45,7 @@ def _leftovers(marker: str) -> list[str]:
 def test_up_then_models_then_chat_then_ctrl_c(tmp_path: Path) -> None:
     state = tmp_path / "state"
     log = tmp_path / "up.log"
+    gateway_port, web_port = free_port(), free_port()
     argv = [
         str(ROOT / "dev"),
         "up",
@@ -41,9 +56,9 @@ def test_up_then_models_then_chat_then_ctrl_c(tmp_path: Path) -> None:
         "--nats-port",
         "0",
         "--gateway-port",
-        str(free_port()),
+        str(gateway_port),
         "--web-port",
-        str(free_port()),
+        str(web_port),
     ]
     env = {**os.environ, "CHATBUS_VENV": str(Path(sys.executable).parent.parent)}
     with open(log, "wb") as out:
@@ -75,6 +90,11 @@ def test_up_then_models_then_chat_then_ctrl_c(tmp_path: Path) -> None:
         )
         assert chat.returncode == 0, chat.stderr
         assert "Paris" in chat.stdout
+        # the gateway and the web UI that `up` started answer too
+        assert f"http://127.0.0.1:{gateway_port}/v1" in text and f"http://127.0.0.1:{web_port}" in text
+        health = json.loads(_get(f"http://127.0.0.1:{gateway_port}/health"))
+        assert health["nodes"] >= 1, health
+        assert "chatbus" in _get(f"http://127.0.0.1:{web_port}/").lower()
         os.killpg(up.pid, signal.SIGINT)  # Ctrl-C in the terminal
         assert up.wait(90) == 0, log.read_text()
         assert "stopping" in log.read_text()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fakes import EchoEngine
-from test_tui_support import answers, ask, echo_node, make_app, notices, transcript, type_line, until, users
+from fakes import EchoEngine, echo_node
+from test_tui_support import answers, ask, make_app, notices, transcript, type_line, until, users
 from textual.widgets import Input, Select
 
 from bus.server import EmbeddedServer

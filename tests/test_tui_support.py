@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
-from fakes import EchoEngine
 from textual.pilot import Pilot
 
-from bus.connection import connect
-from node.service import NodeService
 from tui.app import ChatApp
 from tui.config import ChatConfig
 from tui.widgets import Answer, Notice, PromptInput, UserTurn
-
-
-@contextlib.asynccontextmanager
-async def echo_node(url: str, engine: EchoEngine) -> AsyncIterator[NodeService]:
-    nc = await connect(url, name="tui-test-node")
-    service = NodeService(nc, engine, max_queued=0)
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.drain(timeout=2)
-        await nc.close()
 
 
 def make_app(url: str, tmp: Path, **options: object) -> ChatApp:

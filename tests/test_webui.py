@@ -12,33 +12,20 @@ from pathlib import Path
 
 import pytest
 from fakes import EchoEngine
+from fakes import echo_node as running_node
 from nicegui import ElementFilter, app, ui
 from nicegui.storage import Storage
 from nicegui.testing import User
 from nicegui.testing.user_simulation import user_simulation
 
 from bus import BusClient
-from bus.connection import connect
 from bus.schemas_logs import ChatLog, VoteLog
-from node.service import NodeService
 from webui.app import build_root
 from webui.config import Limits, WebConfig
 from webui.logstore import read_log
 from webui.services import Services
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@contextlib.asynccontextmanager
-async def running_node(url: str, engine: EchoEngine) -> AsyncIterator[NodeService]:
-    nc = await connect(url, name="test-node")
-    service = NodeService(nc, engine, max_queued=0)
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.drain(timeout=2)
-        await nc.close()
 
 
 async def wait_for(predicate, timeout: float = 8.0) -> None:  # type: ignore[no-untyped-def]

