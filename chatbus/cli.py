@@ -11,8 +11,8 @@ from pathlib import Path
 
 from bus.client import BusClient
 from bus.errors import BusError
-from bus.schemas import ChatMessage, Chunk, Done, Failed, SamplingParams
 from bus.paths import DEFAULT_NATS, default_cache_dir, default_state_dir, read_nats_url
+from bus.schemas import ChatMessage, Chunk, Done, Failed, SamplingParams
 
 __all__ = ["main"]
 

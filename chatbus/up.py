@@ -20,8 +20,8 @@ from pathlib import Path
 
 from bus.client import BusClient
 from bus.errors import BusUnavailable
-from bus.server import EmbeddedServer
 from bus.paths import clear_nats_url, write_nats_url
+from bus.server import EmbeddedServer
 from node.service import new_node_id
 
 __all__ = ["Child", "UpConfig", "run_up"]
