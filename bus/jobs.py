@@ -48,7 +48,7 @@ __all__ = ["JobCancelled", "JobContext", "JobWorker", "Jobs"]
 log = logging.getLogger(__name__)
 
 ACK_WAIT_S = 30.0  # a dead worker's job is redelivered after this long
-MAX_DELIVER = 5
+MAX_ATTEMPTS = 10  # deliveries of one job (crashes and hand-backs) before it is marked failed
 
 
 class JobCancelled(Exception):
@@ -310,7 +310,7 @@ class JobWorker:
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait_s,
-            max_deliver=MAX_DELIVER,
+            max_deliver=-1,  # we count attempts ourselves, so the record says why a job gave up
             filter_subject=subjects.jobs_of(self.kind),
             max_ack_pending=1000,
         )
@@ -349,6 +349,11 @@ class JobWorker:
             await msg.ack()  # cancelled while queued, or a stale redelivery of a finished job
             return
         ctx = JobContext(self.jobs, submit, attempt, asyncio.get_running_loop())
+        if attempt > MAX_ATTEMPTS:
+            message = f"gave up after {MAX_ATTEMPTS} attempts (each worker died or stopped while running it)"
+            await ctx.emit("failed", state="failed", message=message)
+            await msg.ack()
+            return
         self.current = ctx
 
         async def on_cancel(_msg: Msg) -> None:

@@ -75,3 +75,31 @@ async def test_crashed_worker_job_is_redelivered(nats_url: str) -> None:
         survivor.stop()
         await task
         await nc.close()
+
+
+async def test_a_job_that_keeps_killing_workers_is_marked_failed(nats_url: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import bus.jobs
+
+    monkeypatch.setattr(bus.jobs, "MAX_ATTEMPTS", 1)
+    nc = await connect(nats_url, name="t3")
+    jobs = await Jobs(nc).start()
+    job_id = await jobs.submit("train", EchoSpec(steps=1000, step_s=0.01))
+    doomed_nc = await connect(nats_url, name="doomed3")
+    crashed = asyncio.create_task(JobWorker(doomed_nc, "train", steps_handler, ack_wait_s=1.0).run())
+    async for e in jobs.events(job_id):
+        if e.event == "progress":
+            break
+    crashed.cancel()
+    await asyncio.gather(crashed, return_exceptions=True)
+    await doomed_nc.close()
+    survivor = JobWorker(nc, "train", steps_handler, ack_wait_s=1.0)
+    task = asyncio.create_task(survivor.run())
+    try:
+        events = [e async for e in jobs.events(job_id)]
+        assert events[-1].state == "failed" and "gave up after 1 attempts" in events[-1].message
+        record = await jobs.get(job_id)
+        assert record is not None and record.state == "failed"
+    finally:
+        survivor.stop()
+        await task
+        await nc.close()
