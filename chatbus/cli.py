@@ -12,7 +12,6 @@ from pathlib import Path
 from bus.client import BusClient
 from bus.errors import BusError
 from bus.paths import DEFAULT_NATS, default_cache_dir, default_state_dir, read_nats_url
-from bus.schemas import ChatMessage, Chunk, Done, Failed, SamplingParams
 
 __all__ = ["main"]
 
@@ -119,34 +118,13 @@ async def cmd_models(url: str) -> int:
         await client.close()
 
 
-async def cmd_chat(url: str, args: argparse.Namespace) -> int:
+def cmd_chat(url: str, args: argparse.Namespace) -> int:
+    """One-shot: the prompt (or stdin) in, the streamed answer out; the same code as the TUI's plain mode."""
+    from tui.config import config_from_args
+    from tui.plain import run_plain
+
     prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
-    client = await _client(url)
-    try:
-        served = sorted(client.models())
-        model = args.model or (served[0] if served else "")
-        if not model:
-            print(f"error: no model is served on {url}; start one with `chatbus up`", file=sys.stderr)
-            return 1
-        messages = [ChatMessage(role="system", content=args.system)] if args.system else []
-        messages.append(ChatMessage(role="user", content=prompt))
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
-        stream = client.chat(model, messages, params)
-        try:
-            async for event in stream:
-                if isinstance(event, Chunk):
-                    sys.stdout.write(event.text)
-                    sys.stdout.flush()
-                elif isinstance(event, Failed):
-                    print(f"\nerror: {event.message} ({event.code})", file=sys.stderr)
-                    return 1
-                elif isinstance(event, Done):
-                    sys.stdout.write("\n")
-        finally:
-            await stream.aclose()
-        return 0
-    finally:
-        await client.close()
+    return asyncio.run(run_plain(config_from_args(url, args), prompt))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     return 2
                 return run_tui(url, args)
-            return asyncio.run(cmd_chat(url, args))
+            return cmd_chat(url, args)
     except BusError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

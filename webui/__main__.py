@@ -68,6 +68,10 @@ def main() -> int:
     assert config.state_dir is not None
     # NiceGUI reads its storage folder at import: point it into our state dir first.
     os.environ.setdefault("NICEGUI_STORAGE_PATH", str(config.state_dir / "sessions"))
+    # NiceGUI switches to its screen-test mode when it sees pytest's variables; a process started as
+    # `python -m webui` is always the real app, even when a test suite started it.
+    for name in [n for n in os.environ if n.startswith("PYTEST_")]:
+        del os.environ[name]
     from webui.app import run
 
     return run(config)
