@@ -27,7 +27,8 @@ TOKENS_MAX_AGE_S = 600.0  # token streams are replayable (resume) for this long
 async def connect(url: str, *, name: str, timeout: float = 5.0) -> NATS:
     """Connect, or raise BusUnavailable with a message that says what to do.
 
-    Pings every 5 s (the default 120 s hides a dead server for minutes) and reconnects forever.
+    `url` may list several servers of a cluster, comma-separated. Pings every 5 s (the default 120 s
+    hides a dead server for minutes) and reconnects forever, to any server of the cluster.
     """
 
     async def on_error(e: Exception) -> None:
@@ -42,7 +43,7 @@ async def connect(url: str, *, name: str, timeout: float = 5.0) -> NATS:
     try:
         return await asyncio.wait_for(
             nats.connect(
-                url,
+                [u.strip() for u in url.split(",") if u.strip()],  # a cluster: several seed URLs
                 name=name,
                 connect_timeout=min(timeout, 2.0),
                 allow_reconnect=True,
