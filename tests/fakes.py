@@ -86,7 +86,11 @@ class EchoEngine:
         while not self._stop.is_set():
             time.sleep(self.step_s)
             with self._lock:
-                batch = list(self._queue)[: self._max_running]
+                # cancels apply to queued requests too, as in a real engine
+                waiting = [
+                    i for i in list(self._queue)[self._max_running :] if i[0].request_id in self._cancelled
+                ]
+                batch = waiting + list(self._queue)[: self._max_running]
                 self.running_ids = {r.request_id for r, _, _ in batch}
             self.steps += 1
             for item in batch:
