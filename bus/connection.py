@@ -15,7 +15,14 @@ from nats.js.kv import KeyValue
 from bus import subjects
 from bus.errors import BusUnavailable
 
-__all__ = ["HEARTBEAT_S", "NODE_TTL_S", "connect", "ensure_nodes_bucket", "ensure_tokens_stream"]
+__all__ = [
+    "HEARTBEAT_S",
+    "NODE_TTL_S",
+    "connect",
+    "ensure_nodes_bucket",
+    "ensure_stream",
+    "ensure_tokens_stream",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +71,7 @@ async def connect(url: str, *, name: str, timeout: float = 5.0) -> NATS:
         ) from e
 
 
-async def _add_or_update_stream(
-    js: JetStreamContext, config: StreamConfig, *, disposable: bool = False
-) -> None:
+async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, disposable: bool = False) -> None:
     try:
         await js.add_stream(config)
     except BadRequestError:
@@ -83,7 +88,7 @@ async def _add_or_update_stream(
 
 
 async def ensure_tokens_stream(js: JetStreamContext) -> None:
-    await _add_or_update_stream(
+    await ensure_stream(
         js,
         StreamConfig(
             name=subjects.TOKENS_STREAM,

@@ -40,7 +40,8 @@ from nats.js.object_store import ObjectStore
 
 from bus import subjects
 from bus.codec import decode, encode
-from bus.errors import BadRequest, BusError
+from bus.connection import ensure_stream
+from bus.errors import BadRequest
 from bus.schemas_jobs import TERMINAL_STATES, JobEvent, JobKind, JobRecord, JobState, JobSubmit
 
 __all__ = ["JobCancelled", "JobContext", "JobWorker", "Jobs"]
@@ -51,34 +52,33 @@ ACK_WAIT_S = 30.0  # a dead worker's job is redelivered after this long
 MAX_ATTEMPTS = 10  # deliveries of one job (crashes and hand-backs) before it is marked failed
 
 
+def _key(job_id: str) -> str:
+    """The job's key in JOBS_BUCKET (KV keys allow fewer characters than subjects)."""
+    return subjects.safe_token(job_id).replace("%", "_")
+
+
 class JobCancelled(Exception):
     """Raised inside a handler (by `JobContext.check_cancelled`) when the job was cancelled."""
 
 
 async def ensure_job_streams(js: JetStreamContext) -> None:
-    async def add(config: StreamConfig) -> None:
-        try:
-            await js.add_stream(config)
-        except BusError:
-            raise
-        except Exception:
-            await js.update_stream(config)
-
-    await add(
+    await ensure_stream(
+        js,
         StreamConfig(
             name=subjects.JOBS_STREAM,
             subjects=[subjects.jobs_all()],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
-        )
+        ),
     )
-    await add(
+    await ensure_stream(
+        js,
         StreamConfig(
             name=subjects.JOB_EVENTS_STREAM,
             subjects=[subjects.job_events_all()],
             storage=StorageType.FILE,
             max_age=30 * 24 * 3600.0,
-        )
+        ),
     )
 
 
@@ -156,7 +156,7 @@ class Jobs:
     async def get(self, job_id: str) -> JobRecord | None:
         assert self._kv is not None
         try:
-            entry = await self._kv.get(subjects.safe_token(job_id).replace("%", "_"))
+            entry = await self._kv.get(_key(job_id))
         except Exception:
             return None
         return decode(entry.value, JobRecord) if entry.value else None
@@ -189,7 +189,7 @@ class Jobs:
 
     async def put_record(self, record: JobRecord) -> None:
         assert self._kv is not None
-        await self._kv.put(subjects.safe_token(record.job_id).replace("%", "_"), encode(record))
+        await self._kv.put(_key(record.job_id), encode(record))
 
     async def publish_event(self, event: JobEvent) -> None:
         await self.js.publish(

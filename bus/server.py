@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["EmbeddedServer", "find_binary", "free_port"]
+__all__ = ["EmbeddedServer", "find_binary", "free_port", "stop_process_group"]
 
 
 def find_binary() -> str:
@@ -42,6 +42,20 @@ def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
                 continue
             return int(s.getsockname()[1])
     raise OSError("no free port")
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM a child started with `start_new_session=True` (its whole group), wait up to `timeout`
+    for it to shut down cleanly, then SIGKILL the group."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -108,14 +122,8 @@ class EmbeddedServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_process_group(proc, timeout)
 
     def kill(self) -> None:
         """Hard stop (for fault tests)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 from bus.client import BusClient
 from bus.errors import BusUnavailable
 from bus.paths import clear_nats_url, write_nats_url
-from bus.server import EmbeddedServer
+from bus.server import EmbeddedServer, stop_process_group
 from node.service import new_node_id
 
 __all__ = ["Child", "UpConfig", "run_up"]
@@ -75,16 +74,8 @@ class Child:
 
     def stop(self, timeout: float) -> None:
         self.stopping = True
-        proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if self.process is not None:
+            stop_process_group(self.process, timeout)
 
     def tail(self, lines: int = 8) -> str:
         try:

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from bus.server import stop_process_group
+
 __all__ = ["EmbeddedDefaults", "is_local", "port_of", "reachable"]
 
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", ""}
@@ -107,14 +109,5 @@ class EmbeddedDefaults:
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM: `chatbus up` stops its node (which drains) and its server, then exits."""
         proc, self.process = self.process, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if proc is not None:
+            stop_process_group(proc, timeout)

@@ -20,6 +20,7 @@ from nats.js.errors import NotFoundError
 
 from bus import subjects
 from bus.codec import decode, encode
+from bus.connection import ensure_stream
 from bus.errors import BadMessage
 from bus.ratings import Battle, battle_from_vote
 from bus.schemas_logs import BATTLE_VOTES, ChatLog, LogRecord, VoteLog
@@ -37,10 +38,7 @@ async def ensure_logs_stream(js: JetStreamContext) -> None:
         retention=RetentionPolicy.LIMITS,
         duplicate_window=120.0,
     )
-    try:
-        await js.add_stream(config)
-    except Exception:  # exists with another config: bring it to this one
-        await js.update_stream(config)
+    await ensure_stream(js, config)
 
 
 async def read_log(js: JetStreamContext, subject: str | None = None) -> AsyncIterator[LogRecord]:
