@@ -92,11 +92,10 @@ class BusClient:
         for stream in list(self._active.values()):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(stream.aclose(), 2.0)
-        for task in (self._keepalive,):
-            if task:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(task, 2.0)
+        if self._keepalive:
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._keepalive, 2.0)
         if self.table:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.table.stop(), 3.0)

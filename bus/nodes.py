@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.kv import KeyValue
 
 from bus.codec import decode
@@ -69,10 +70,8 @@ class NodeTable:
                 while self._reconnects() == reconnects:
                     try:
                         entry = await watcher.updates(timeout=1.0)
-                    except Exception as e:
-                        if "Timeout" in type(e).__name__:
-                            continue
-                        raise
+                    except NatsTimeout:
+                        continue
                     if entry is None:  # initial values delivered
                         self._synced.set()
                     elif isinstance(entry, KeyValue.Entry):

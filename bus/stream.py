@@ -114,9 +114,8 @@ class ChatStream(AsyncIterator[StreamEvent]):
             (n.node_id, subjects.gen_node(request.model, n.node_id))
             for n in table.candidates(request.model, exclude)
         ]
-        targets.append(
-            ("", subjects.gen(request.model))
-        )  # the queue group: any node we have not heard of yet
+        # Last, the queue group: any node we have not heard of yet.
+        targets.append(("", subjects.gen(request.model)))
         for node_id, subject in targets:
             table.note_dispatch(node_id, +1)  # before the request, so a concurrent burst spreads out
             try:
