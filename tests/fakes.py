@@ -1,12 +1,13 @@
-"""A tiny scripted engine for bus-level tests (the real model is tested through node/hf.py)."""
+"""A tiny scripted engine and helpers for bus-level tests (the real model is tested through node/hf.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from bus.connection import connect
 from bus.errors import ContextLengthExceeded
@@ -129,3 +130,16 @@ async def echo_node(url: str, engine: EchoEngine, node_id: str | None = None) ->
     finally:
         await service.drain(timeout=2)
         await nc.close()
+
+
+def user(text: str) -> list[ChatMessage]:
+    return [ChatMessage(role="user", content=text)]
+
+
+async def wait_for(predicate: Callable[[], object], timeout: float = 8.0) -> None:
+    """Poll `predicate` until it holds; fail the test after `timeout` seconds."""
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")

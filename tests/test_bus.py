@@ -5,25 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from fakes import EchoEngine
+from fakes import EchoEngine, user, wait_for
 from fakes import echo_node as running_node
 
-from bus import BusClient, ChatMessage, Chunk, Done, Failed, ModelNotFound, SamplingParams
+from bus import BusClient, Chunk, Done, Failed, ModelNotFound, SamplingParams
 from bus.connection import connect
 from bus.errors import BadRequest, ContextLengthExceeded, NodeBusy
 from node.service import NodeService
-
-
-def user(text: str) -> list[ChatMessage]:
-    return [ChatMessage(role="user", content=text)]
-
-
-async def wait_for(predicate, timeout: float = 8.0) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 async def collect(stream) -> list:

@@ -6,24 +6,12 @@ import asyncio
 import contextlib
 
 import pytest
-from fakes import EchoEngine
+from fakes import EchoEngine, user, wait_for
 
-from bus import BusClient, ChatMessage, Chunk, Done, Failed
+from bus import BusClient, Chunk, Done, Failed
 from bus.connection import connect
 from bus.server import EmbeddedServer
 from node.service import NodeService
-
-
-def user(text: str) -> list[ChatMessage]:
-    return [ChatMessage(role="user", content=text)]
-
-
-async def wait_for(predicate, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(int(timeout / 0.05)):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture
@@ -40,7 +28,7 @@ async def test_everything_reconnects_after_server_restart(own_server: EmbeddedSe
     await service.start()
     client = await BusClient.connect(own_server.url, name="c")
     try:
-        await wait_for(lambda: "echo-r" in client.models())
+        await wait_for(lambda: "echo-r" in client.models(), 15)
         own_server.kill()
         own_server.start()  # same port, same data dir
         await wait_for(lambda: nc.is_connected and client.nc.is_connected, 20)
@@ -66,7 +54,7 @@ async def test_client_that_vanishes_stops_generation(own_server: EmbeddedServer)
     await service.start()
     client = await BusClient.connect(own_server.url, name="doomed", keepalive_every_s=1000)
     try:
-        await wait_for(lambda: "echo-k" in client.models())
+        await wait_for(lambda: "echo-k" in client.models(), 15)
         from bus.schemas import GenerateRequest
 
         stream = client._stream(
@@ -90,7 +78,7 @@ async def test_lost_node_without_failover_fails_clearly(own_server: EmbeddedServ
     await service.start()
     client = await BusClient.connect(own_server.url, name="c", stall_check_s=0.5)
     try:
-        await wait_for(lambda: "echo-l" in client.models())
+        await wait_for(lambda: "echo-l" in client.models(), 15)
         stream = client.chat("echo-l", user("w " * 200))
         await anext(stream)
         # The node freezes: its connection stays open but nothing more comes (as under SIGSTOP).

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from fakes import EchoEngine
+from fakes import EchoEngine, wait_for
 from fakes import echo_node as running_node
 from nicegui import ElementFilter, app, ui
 from nicegui.storage import Storage
@@ -26,14 +26,6 @@ from webui.logstore import read_log
 from webui.services import Services
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def wait_for(predicate, timeout: float = 8.0) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(int(timeout / 0.05)):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture(scope="module", autouse=True)
