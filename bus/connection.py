@@ -8,7 +8,7 @@ import logging
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
@@ -19,6 +19,7 @@ __all__ = [
     "HEARTBEAT_S",
     "NODE_TTL_S",
     "connect",
+    "ensure_bucket",
     "ensure_nodes_bucket",
     "ensure_stream",
     "ensure_tokens_stream",
@@ -103,12 +104,15 @@ async def ensure_tokens_stream(js: JetStreamContext) -> None:
     )
 
 
-async def ensure_nodes_bucket(js: JetStreamContext) -> KeyValue:
-    from nats.js.api import KeyValueConfig
-
+async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """The KV bucket `config.bucket`, created with `config` if it does not exist yet."""
     try:
-        return await js.key_value(subjects.NODES_BUCKET)
+        return await js.key_value(config.bucket or "")
     except Exception:
-        return await js.create_key_value(
-            KeyValueConfig(bucket=subjects.NODES_BUCKET, ttl=NODE_TTL_S, storage=StorageType.FILE, history=1)
-        )
+        return await js.create_key_value(config)
+
+
+async def ensure_nodes_bucket(js: JetStreamContext) -> KeyValue:
+    return await ensure_bucket(
+        js, KeyValueConfig(bucket=subjects.NODES_BUCKET, ttl=NODE_TTL_S, storage=StorageType.FILE, history=1)
+    )

@@ -40,7 +40,7 @@ from nats.js.object_store import ObjectStore
 
 from bus import subjects
 from bus.codec import decode, encode
-from bus.connection import ensure_stream
+from bus.connection import ensure_bucket, ensure_stream
 from bus.errors import BadRequest
 from bus.schemas_jobs import TERMINAL_STATES, JobEvent, JobKind, JobRecord, JobState, JobSubmit
 
@@ -93,12 +93,9 @@ class Jobs:
 
     async def start(self) -> Jobs:
         await ensure_job_streams(self.js)
-        try:
-            self._kv = await self.js.key_value(subjects.JOBS_BUCKET)
-        except Exception:
-            self._kv = await self.js.create_key_value(
-                KeyValueConfig(bucket=subjects.JOBS_BUCKET, storage=StorageType.FILE, history=1)
-            )
+        self._kv = await ensure_bucket(
+            self.js, KeyValueConfig(bucket=subjects.JOBS_BUCKET, storage=StorageType.FILE, history=1)
+        )
         try:
             self._obs = await self.js.object_store(subjects.ARTIFACTS_BUCKET)
         except Exception:

@@ -15,6 +15,7 @@ from nats.js.kv import KeyValue
 
 from bus import subjects
 from bus.client import BusClient
+from bus.connection import ensure_bucket
 from bus.jobs import Jobs
 from judge.schemas import EvalSpec, EvalTrigger
 
@@ -33,13 +34,8 @@ class TriggerStore:
 
     async def kv(self) -> KeyValue:
         if self._kv is None:
-            js = self.client.js
-            try:
-                self._kv = await js.key_value(subjects.EVAL_TRIGGERS_BUCKET)
-            except Exception:
-                self._kv = await js.create_key_value(
-                    KeyValueConfig(bucket=subjects.EVAL_TRIGGERS_BUCKET, storage=StorageType.FILE, history=1)
-                )
+            config = KeyValueConfig(bucket=subjects.EVAL_TRIGGERS_BUCKET, storage=StorageType.FILE, history=1)
+            self._kv = await ensure_bucket(self.client.js, config)
         return self._kv
 
     async def add(self, spec: EvalSpec, match: str = "*", include_current: bool = False) -> EvalTrigger:
