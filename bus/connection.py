@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import ssl
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import nats
 from nats.aio.client import Client as NATS
@@ -13,6 +17,7 @@ from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
 from bus import subjects
+from bus.auth import credential_of, redact
 from bus.errors import BusUnavailable
 
 __all__ = [
@@ -37,39 +42,85 @@ async def connect(url: str, *, name: str, timeout: float = 5.0) -> NATS:
 
     `url` may list several servers of a cluster, comma-separated. Pings every 5 s (the default 120 s
     hides a dead server for minutes) and reconnects forever, to any server of the cluster.
+
+    The URL carries everything needed to get in, like a database DSN: `user:password@` (its replies
+    then use the inbox prefix `_INBOX_<user>` that the server's permissions expect), `tls://` for
+    TLS, and options after `?`: `ca=` (CA bundle to trust), `cert=` and `key=` (a client
+    certificate), `creds=` (a NATS JWT .creds file instead of a password).
     """
+    servers, options = _parse_url(url)
+    shown = redact(url)
+    refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
     async def on_error(e: Exception) -> None:
+        if "authorization" in str(e).lower() and not refused.done():
+            refused.set_result(e)  # a wrong password never heals: say so now, not after the timeout
         log.debug("nats: %s", e)
 
     async def on_disconnect() -> None:
-        log.info("nats: disconnected from %s", url)
+        log.info("nats: disconnected from %s", shown)
 
     async def on_reconnect() -> None:
-        log.warning("nats: reconnected to %s", url)
+        log.warning("nats: reconnected to %s", shown)
 
-    try:
-        return await asyncio.wait_for(
-            nats.connect(
-                [u.strip() for u in url.split(",") if u.strip()],  # a cluster: several seed URLs
-                name=name,
-                connect_timeout=min(timeout, 2.0),
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                ping_interval=5,
-                max_outstanding_pings=2,
-                error_cb=on_error,
-                disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect,
-            ),
-            timeout,
+    connecting = asyncio.ensure_future(
+        nats.connect(
+            servers,
+            name=name,
+            connect_timeout=min(timeout, 2.0),
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            ping_interval=5,
+            max_outstanding_pings=2,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            **options,
         )
-    except (TimeoutError, OSError, nats.errors.NoServersError) as e:
+    )
+    racing: list[asyncio.Future[Any]] = [connecting, refused]
+    done, _ = await asyncio.wait(racing, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if connecting in done and connecting.exception() is None:
+        return connecting.result()
+    connecting.cancel()
+    with contextlib.suppress(BaseException):
+        await connecting
+    if refused.done():
         raise BusUnavailable(
-            f"cannot reach NATS at {url} ({type(e).__name__}); start one with `chatbus up` "
-            f"or pass --nats nats://HOST:PORT of a running server"
-        ) from e
+            f"NATS at {shown} refused our credentials ({refused.result()}); use the URL `chatbus up` "
+            f"wrote to its state dir, or ask the operator for a credential of the right role"
+        )
+    error = connecting.exception() if connecting in done else TimeoutError()
+    raise BusUnavailable(
+        f"cannot reach NATS at {shown} ({type(error).__name__}); start one with `chatbus up` "
+        f"or pass --nats nats://HOST:PORT of a running server"
+    ) from error
+
+
+def _parse_url(url: str) -> tuple[list[str], dict[str, Any]]:
+    """(server URLs without credentials, nats.connect options) from a chatbus NATS URL."""
+    url, _, query = url.partition("?")
+    opts = dict(parse_qsl(query))
+    unknown = set(opts) - {"ca", "cert", "key", "creds"}
+    if unknown:
+        raise ValueError(f"unknown NATS URL option(s) {', '.join(sorted(unknown))}: use ca, cert, key, creds")
+    user, password = credential_of(url)
+    servers = []
+    for part in (u.strip() for u in url.split(",") if u.strip()):
+        s = urlsplit(part)
+        servers.append(urlunsplit(s._replace(netloc=s.netloc.rpartition("@")[2])))
+    options: dict[str, Any] = {}
+    if user is not None:
+        options.update(user=user, password=password or "", inbox_prefix=subjects.inbox_prefix(user))
+    if "creds" in opts:
+        options["user_credentials"] = opts["creds"]
+    if "ca" in opts or "cert" in opts or any(s.startswith("tls://") for s in servers):
+        tls = ssl.create_default_context(cafile=opts.get("ca"))
+        if "cert" in opts:
+            tls.load_cert_chain(opts["cert"], opts.get("key"))
+        options["tls"] = tls
+    return servers, options
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, disposable: bool = False) -> None:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["default_cache_dir", "default_state_dir", "read_nats_url", "write_nats_url"]
+__all__ = [
+    "default_cache_dir",
+    "default_state_dir",
+    "private_dir",
+    "read_nats_url",
+    "write_nats_url",
+    "write_private",
+]
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 
@@ -20,9 +27,26 @@ def default_cache_dir() -> Path:
     return Path(base) / "chatbus"
 
 
+def private_dir(path: Path) -> Path:
+    """`path`, created if need be, readable by its owner only (it holds secrets, chats, logs)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a secret: the file never exists with wider permissions than 0600, not even briefly."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
+
+
 def write_nats_url(state_dir: Path, url: str) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    (state_dir / "nats.url").write_text(url + "\n")
+    """Record the URL (it may carry a credential: the file is private to the user)."""
+    write_private(private_dir(state_dir) / "nats.url", url + "\n")
 
 
 def clear_nats_url(state_dir: Path) -> None:

@@ -72,6 +72,7 @@ class EmbeddedServer:
     port: int = 4222
     host: str = "127.0.0.1"
     log_file: Path | None = None
+    config: Path | None = None  # a nats-server config file (users and permissions: bus.auth.provision)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -82,6 +83,8 @@ class EmbeddedServer:
         self.port = free_port(self.port, self.host)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [find_binary(), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir)]
+        if self.config is not None:
+            args += ["-c", str(self.config)]
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         try:
             # Its own process group: a Ctrl-C in the terminal reaches our supervisor, which stops
@@ -102,12 +105,13 @@ class EmbeddedServer:
             time.sleep(0.01)
         return self.url
 
-    async def wait_jetstream(self, timeout: float = 10.0) -> None:
-        """Wait until JetStream answers (it is up a little after the port opens)."""
+    async def wait_jetstream(self, timeout: float = 10.0, url: str | None = None) -> None:
+        """Wait until JetStream answers (it is up a little after the port opens); `url` may carry a
+        credential, which a server with a `config` asks for."""
         from bus.connection import connect
 
         deadline = time.monotonic() + timeout
-        nc = await connect(self.url, name="chatbus-probe")
+        nc = await connect(url or self.url, name="chatbus-probe")
         try:
             while True:
                 try:

@@ -121,3 +121,65 @@ def logs_all() -> str:
 # ----------------------------------------------------------------------------- eval triggers
 
 EVAL_TRIGGERS_BUCKET = "cb_eval_triggers"  # KV: trigger id -> judge.schemas.EvalTrigger
+
+
+# ----------------------------------------------------------------------------- permissions (bus/auth.py)
+# Wildcards over our subjects, and the NATS / JetStream system subjects a role needs.
+
+
+def gen_all() -> str:
+    return f"{PREFIX}.gen.>"
+
+
+def ctl_all() -> str:
+    return f"{PREFIX}.ctl.>"
+
+
+def embed_all() -> str:
+    return f"{PREFIX}.embed.>"
+
+
+def count_all() -> str:
+    return f"{PREFIX}.count.>"
+
+
+def job_control_all() -> str:
+    return f"{PREFIX}.jobctl.>"
+
+
+def inbox_prefix(user: str) -> str:
+    """Each credential gets its own reply inboxes, so no role can read another's replies."""
+    return f"_INBOX_{safe_token(user)}"
+
+
+def kv_all(bucket: str) -> str:
+    """Writes to a KV bucket."""
+    return f"$KV.{bucket}.>"
+
+
+def objects_all(bucket: str) -> str:
+    """Writes to an object store bucket."""
+    return f"$O.{bucket}.>"
+
+
+JS_API_ALL = "$JS.API.>"
+JS_ACK_ALL = "$JS.ACK.>"
+JS_FLOW_CONTROL_ALL = "$JS.FC.>"
+
+
+def js_consume(stream: str) -> list[str]:
+    """Every JetStream API call that creates, reads or pulls from a consumer of `stream`."""
+    return [
+        f"$JS.API.CONSUMER.*.{stream}",  # CREATE.<stream>
+        f"$JS.API.CONSUMER.*.{stream}.>",  # CREATE.<stream>.<name>.<filter>, INFO, DELETE
+        f"$JS.API.CONSUMER.*.*.{stream}.>",  # DURABLE.CREATE, MSG.NEXT
+    ]
+
+
+def js_ack(stream: str) -> str:
+    return f"$JS.ACK.{stream}.>"
+
+
+def js_destroy(stream: str) -> list[str]:
+    """Deleting or purging `stream` (a record nobody but an operator may wipe)."""
+    return [f"$JS.API.STREAM.DELETE.{stream}", f"$JS.API.STREAM.PURGE.{stream}"]

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from bus.auth import redact
 from bus.client import BusClient
 from bus.errors import BusError
 from bus.paths import DEFAULT_NATS, default_cache_dir, default_state_dir, read_nats_url
@@ -53,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--no-web", action="store_true")
     up.add_argument(
         "--api-key", action="append", default=[], help="require this key on the gateway (repeatable)"
+    )
+    up.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="embedded server without credentials (default: one per role, see docs/security.md)",
     )
     up.add_argument("--trainer", action="store_true", help="also run a training worker")
     up.add_argument("--judge", action="store_true", help="also run an evaluation worker")
@@ -103,7 +109,7 @@ async def cmd_models(url: str) -> int:
     try:
         nodes = client.nodes()
         if not nodes:
-            print(f"no nodes on {url}. start one with `chatbus up` or `python -m node --nats {url}`")
+            print(f"no nodes on {redact(url)}. start one with `chatbus up` or `python -m node --nats URL`")
             return 1
         print(f"{'MODEL':<28} {'NODE':<36} {'DEVICE':<8} {'DTYPE':<9} {'CTX':>6} {'LOAD':>9} {'TOK/S':>7}")
         for name, entry in sorted(client.models().items()):
@@ -155,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 node_args=args.node_arg,
                 trainer=args.trainer,
                 judge=args.judge,
+                auth=not args.no_auth,
             )
             return asyncio.run(run_up(cfg))
         url = resolve_nats(args.nats, args.state_dir)

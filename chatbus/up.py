@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bus.auth import ROLES, provision, redact, with_credential
 from bus.client import BusClient
 from bus.errors import BusUnavailable
 from bus.paths import clear_nats_url, write_nats_url
@@ -44,6 +46,7 @@ class UpConfig:
     trainer: bool = False
     judge: bool = False
     ready_timeout: float = 300.0
+    auth: bool = True  # the embedded server asks every part for its role's credential
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Child:
     label: str
     argv: list[str]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)  # secrets travel here, never in argv
     process: subprocess.Popen[bytes] | None = None
     node_id: str = ""
     restarts: int = 0
@@ -67,6 +71,7 @@ class Child:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env={**os.environ, **self.env},
             )
 
     def alive(self) -> bool:
@@ -88,39 +93,44 @@ def say(line: str) -> None:
     print(f"chatbus: {line}", flush=True)
 
 
-def _children(cfg: UpConfig, url: str) -> tuple[list[Child], list[Child]]:
-    """(nodes, front ends) to start, each with its log file under the state dir."""
+def _children(cfg: UpConfig, urls: dict[str, str]) -> tuple[list[Child], list[Child]]:
+    """(nodes, front ends) to start, each with its log file under the state dir and the bus URL of
+    its role (`urls`, with that role's credential) in $CHATBUS_NATS."""
     py = sys.executable
     logs = cfg.state_dir / "logs"
+
+    def bus(role: str) -> dict[str, str]:
+        return {"CHATBUS_NATS": urls[role]}
+
     nodes = []
     for i, model in enumerate(cfg.models):
         node_id = f"{new_node_id()}-{i}"
-        argv = [py, "-m", "node", "--model", model, "--nats", url, "--node-id", node_id]
-        argv += ["--cache-dir", str(cfg.cache_dir), *cfg.node_args]
-        nodes.append(Child(f"node {model}", argv, logs / f"node-{i}.log", node_id=node_id))
+        argv = [py, "-m", "node", "--model", model, "--node-id", node_id, "--cache-dir", str(cfg.cache_dir)]
+        child = Child(
+            f"node {model}", [*argv, *cfg.node_args], logs / f"node-{i}.log", bus("node"), node_id=node_id
+        )
+        nodes.append(child)
     fronts: list[Child] = []
-    keys = [a for k in cfg.api_keys for a in ("--api-key", k)]
     if cfg.gateway and importlib.util.find_spec("gateway.__main__"):
-        argv = [
-            py,
-            "-m",
-            "gateway",
-            "--nats",
-            url,
-            "--host",
-            cfg.gateway_host,
-            "--port",
-            str(cfg.gateway_port),
-            *keys,
-        ]
-        fronts.append(Child("gateway", argv, logs / "gateway.log"))
+        argv = [py, "-m", "gateway", "--host", cfg.gateway_host, "--port", str(cfg.gateway_port)]
+        env = {**bus("gateway"), **({"CHATBUS_API_KEYS": ",".join(cfg.api_keys)} if cfg.api_keys else {})}
+        fronts.append(Child("gateway", argv, logs / "gateway.log", env))
     if cfg.web and importlib.util.find_spec("webui.__main__"):
-        argv = [py, "-m", "webui", "--nats", url, "--host", cfg.web_host, "--port", str(cfg.web_port)]
-        fronts.append(Child("web UI", argv, logs / "webui.log"))
+        argv = [py, "-m", "webui", "--host", cfg.web_host, "--port", str(cfg.web_port)]
+        fronts.append(Child("web UI", argv, logs / "webui.log", bus("ui")))
     for package, wanted in (("trainer", cfg.trainer), ("judge", cfg.judge)):
         if wanted and importlib.util.find_spec(f"{package}.__main__"):
-            fronts.append(Child(package, [py, "-m", package, "--nats", url], logs / f"{package}.log"))
+            fronts.append(Child(package, [py, "-m", package], logs / f"{package}.log", bus("worker")))
     return nodes, fronts
+
+
+def _role_urls(cfg: UpConfig, server: EmbeddedServer | None, url: str) -> dict[str, str]:
+    """The URL each role connects with: its own credential on our embedded server; on a server of
+    yours (`--nats`), the URL you gave, for everyone."""
+    if server is None or not cfg.auth:
+        return dict.fromkeys(ROLES, url)
+    passwords = provision(cfg.state_dir).passwords
+    return {role: with_credential(url, role, passwords[role]) for role in ROLES}
 
 
 async def _wait_ready(url: str, nodes: list[Child], timeout: float) -> BusClient:
@@ -160,7 +170,7 @@ def _describe(client: BusClient, url: str, fronts: list[Child], cfg: UpConfig) -
     for node in client.nodes():
         models = ", ".join(m.name for m in node.models)
         say(f"node {node.node_id}: {models} on {node.device} ({node.dtype})")
-    say(f"bus      {url}")
+    say(f"bus      {redact(url)}")
     for child in fronts:
         if child.label == "gateway":
             say(f"gateway  http://{cfg.gateway_host}:{cfg.gateway_port}/v1  (OpenAI-compatible)")
@@ -175,20 +185,28 @@ async def run_up(cfg: UpConfig) -> int:
     server: EmbeddedServer | None = None
     url = cfg.nats
     if url is None:
+        config = provision(cfg.state_dir).config if cfg.auth else None
         server = EmbeddedServer(
-            cfg.state_dir / "jetstream", port=cfg.nats_port, log_file=cfg.state_dir / "nats.log"
+            cfg.state_dir / "jetstream",
+            port=cfg.nats_port,
+            log_file=cfg.state_dir / "nats.log",
+            config=config,
         )
         url = server.start()
-        await server.wait_jetstream()
-    write_nats_url(cfg.state_dir, url)
-    nodes, fronts = _children(cfg, url)
+    urls = _role_urls(cfg, server, url)
+    if server is not None:
+        await server.wait_jetstream(url=urls["admin"])
+    # `chatbus chat`, the terminal app and `chatbus train|eval` find the bus (as a ui) here.
+    write_nats_url(cfg.state_dir, urls["ui"])
+    url = urls["ui"]
+    nodes, fronts = _children(cfg, urls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         say(
-            f"starting {len(nodes)} node(s) on {url}; loading models (first start converts the default model, ~20 s)"
+            f"starting {len(nodes)} node(s) on {redact(url)}; loading models (first start converts the default model, ~20 s)"
         )
         for child in nodes + fronts:
             child.start()

@@ -9,6 +9,7 @@ import logging
 import uvicorn
 
 from bus import BusClient
+from bus.auth import redact
 from gateway.app import build_app
 from gateway.config import GatewayConfig
 
@@ -70,5 +71,5 @@ async def serve(nats_url: str, host: str, port: int, config: GatewayConfig, log_
             )
         )
         auth = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no API key (open)"
-        log.info("gateway on http://%s:%d/v1, bus %s, %s", host, port, nats_url, auth)
+        log.info("gateway on http://%s:%d/v1, bus %s, %s", host, port, redact(nats_url), auth)
         await server.serve()

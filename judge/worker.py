@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from bus.auth import redact
 from bus.client import BusClient
 from bus.jobs import JobContext, Jobs, JobWorker
 from judge.answers import answer_key, answer_turns, generate_answers
@@ -246,7 +247,7 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event) -> None:
         if cfg.triggers:
             watcher = TriggerWatcher(client, await client.jobs(), poll_s=cfg.trigger_poll_s)
             tasks.append(asyncio.create_task(watcher.run(), name="eval-triggers"))
-        log.info("judge worker on %s", cfg.nats)
+        log.info("judge worker on %s", redact(cfg.nats))
         done_first = asyncio.create_task(stop.wait())
         await asyncio.wait([done_first, *tasks], return_when=asyncio.FIRST_COMPLETED)
         worker.stop()

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bus.auth import redact
 from bus.connection import connect
 from bus.errors import BusError
 from node.engine import Engine
@@ -98,7 +99,7 @@ async def serve(cfg: NodeConfig) -> None:
         await service.start()
         card = engine.card
         say(
-            f"{node_id} serving {card.name} on {engine.device} ({engine.dtype}), context {card.context_length}, bus {cfg.nats}"
+            f"{node_id} serving {card.name} on {engine.device} ({engine.dtype}), context {card.context_length}, bus {redact(cfg.nats)}"
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -42,6 +43,25 @@ def _leftovers(marker: str) -> list[str]:
     return [line for line in out.stdout.splitlines() if "pgrep" not in line]
 
 
+def _secrets_stay_private(state: Path, log: Path) -> None:
+    """`up` made a credential per role; none is printed, logged or visible on a command line."""
+    passwords = json.loads((state / "auth" / "passwords.json").read_text()).values()
+    assert stat.S_IMODE((state / "nats.url").stat().st_mode) == 0o600
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    texts = [log.read_text(errors="replace")]
+    texts += [f.read_text(errors="replace") for f in (state / "logs").iterdir()]
+    texts += [f.read_text(errors="replace") for f in Path("/proc").glob("[0-9]*/cmdline") if _readable(f)]
+    assert not [p for p in passwords for t in texts if p in t]
+
+
+def _readable(f: Path) -> bool:
+    try:
+        f.read_bytes()
+    except OSError:
+        return False
+    return True
+
+
 def test_up_then_models_then_chat_then_ctrl_c(tmp_path: Path) -> None:
     state = tmp_path / "state"
     log = tmp_path / "up.log"
@@ -68,7 +88,8 @@ def test_up_then_models_then_chat_then_ctrl_c(tmp_path: Path) -> None:
     try:
         _wait_for_line(log, "ready.", up)
         text = log.read_text()
-        assert "SmolLM2-135M-Instruct" in text and "nats://127.0.0.1:" in text
+        assert "SmolLM2-135M-Instruct" in text and ":***@127.0.0.1:" in text
+        _secrets_stay_private(state, log)
         chatbus = str(Path(sys.executable).parent / "chatbus")
         models = subprocess.run(
             [chatbus, "models", "--state-dir", str(state)], capture_output=True, text=True, timeout=60

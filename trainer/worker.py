@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from bus.auth import redact
 from bus.codec import encode
 from bus.connection import connect
 from bus.jobs import JobCancelled, JobContext, JobWorker
@@ -164,7 +165,7 @@ async def serve(cfg: WorkerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, worker.stop)
-    say(f"waiting for train jobs on {cfg.nats}")
+    say(f"waiting for train jobs on {redact(cfg.nats)}")
     try:
         await worker.run()
     finally:

@@ -15,6 +15,7 @@ from textual.css.query import NoMatches
 from textual.widgets import Footer, Header, Input, Select, Static, TextArea
 from textual.worker import Worker
 
+from bus.auth import redact
 from bus.client import BusClient
 from bus.errors import BusUnavailable
 from bus.nodes import ModelEntry
@@ -140,11 +141,11 @@ class ChatApp(App[int]):
                     url = await self._start_embedded(url)
                 except (RuntimeError, TimeoutError, OSError) as failed:
                     self.notice(f"could not start the embedded defaults: {failed}", "error")
-                    self.set_status(f"no bus at {url}", down=True)
+                    self.set_status(f"no bus at {redact(url)}", down=True)
                     return
             else:
                 self.notice(f"{e}. Retrying every 2 s.", "error")
-                self.set_status(f"bus {url} unreachable — retrying", down=True)
+                self.set_status(f"bus {redact(url)} unreachable — retrying", down=True)
             while self.client is None:
                 try:
                     self.client = await BusClient.connect(url, name="chatbus-tui")
@@ -157,14 +158,14 @@ class ChatApp(App[int]):
 
     async def _start_embedded(self, url: str) -> str:
         self.notice(
-            f"nothing answers at {url}: starting the embedded bus and the default model "
+            f"nothing answers at {redact(url)}: starting the embedded bus and the default model "
             "(`chatbus up --no-web --no-gateway`; the first start converts the model, ~20 s)…"
         )
         self.set_status("starting the embedded bus…")
         self.embedded = EmbeddedDefaults(port_of(url), self.cfg.state_dir)
         self.embedded.start()
         started = await self.embedded.wait_url()
-        self.notice(f"embedded bus at {started}; it stops when you leave. Loading the model…")
+        self.notice(f"embedded bus at {redact(started)}; it stops when you leave. Loading the model…")
         return started
 
     async def _tick(self) -> None:
@@ -181,11 +182,12 @@ class ChatApp(App[int]):
         if client.nc.is_connected != self._connected:
             self._connected = client.nc.is_connected
             if self._connected:
-                self.notice(f"bus is back ({self.url})")
+                self.notice(f"bus is back ({redact(self.url)})")
                 self._fresh_client_wanted = True
             else:
                 self.notice(
-                    f"lost the bus at {self.url}; reconnecting (answers pause until it is back)", "error"
+                    f"lost the bus at {redact(self.url)}; reconnecting (answers pause until it is back)",
+                    "error",
                 )
         if self.embedded is not None and not self.embedded.alive() and self.embedded.process is not None:
             self.notice(f"the embedded `chatbus up` exited:\n{self.embedded.tail()}", "error")
@@ -224,12 +226,12 @@ class ChatApp(App[int]):
         if not served and not self._warned_no_node and self.embedded is None:
             self._warned_no_node = True
             self.notice(
-                f"no node is on the bus yet; start one with `chatbus up` or `python -m node --nats {self.url}`"
+                "no node is on the bus yet; start one with `chatbus up` or `python -m node --nats URL`"
             )
 
     def _show_status(self, client: BusClient) -> None:
         if not client.nc.is_connected:
-            self.set_status(f"bus {self.url} disconnected — reconnecting…", down=True)
+            self.set_status(f"bus {redact(self.url)} disconnected — reconnecting…", down=True)
             return
         entry = client.models().get(self.conv.model)
         if not self.conv.model:
@@ -240,7 +242,7 @@ class ChatApp(App[int]):
             where = f"{self.conv.model} on {len(entry.nodes)} node(s)"
         c = self.conv
         self.set_status(
-            f"bus {self.url} · {where} · temp {c.temperature} top_p {c.top_p} max {c.max_tokens or 'ctx'}"
+            f"bus {redact(self.url)} · {where} · temp {c.temperature} top_p {c.top_p} max {c.max_tokens or 'ctx'}"
         )
 
     def switch_model(self, name: str, quiet: bool = True) -> None:

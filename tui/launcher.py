@@ -10,22 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from bus.paths import default_state_dir, read_nats_url
 from bus.server import stop_process_group
 
 __all__ = ["EmbeddedDefaults", "is_local", "port_of", "reachable"]
 
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", ""}
-_URL_IN_LOG = re.compile(r"\bon (nats://[^\s;]+)")
+_STARTING = "node(s) on nats://"
 
 
 def is_local(url: str) -> bool:
@@ -52,17 +51,14 @@ class EmbeddedDefaults:
 
     def __init__(self, port: int, state_dir: Path | None = None) -> None:
         self.port = port
-        self.state_dir = state_dir
-        folder = (state_dir / "logs") if state_dir else Path(tempfile.mkdtemp(prefix="chatbus-tui-"))
-        self.log_path = folder / "tui-up.log"
+        # Where the child records its URL (with our credential): we read it back from there.
+        self.state_dir = state_dir or default_state_dir()
+        self.log_path = self.state_dir / "logs" / "tui-up.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "chatbus", "up", "--no-web", "--no-gateway"]
-        argv += ["--nats-port", str(self.port)]
-        if self.state_dir is not None:
-            argv += ["--state-dir", str(self.state_dir)]
-        return argv
+        return [*argv, "--nats-port", str(self.port), "--state-dir", str(self.state_dir)]
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,13 +81,15 @@ class EmbeddedDefaults:
         return ""
 
     async def wait_url(self, timeout: float = 30.0) -> str:
-        """The URL the child's server bound (it may have moved off a taken port)."""
+        """The URL the child's server bound (it may have moved off a taken port), with the ui
+        credential it made: it writes that to its state dir before it says it is starting nodes."""
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(OSError):
-                found = _URL_IN_LOG.search(self.log_path.read_text(errors="replace"))
-                if found:
-                    return found.group(1)
+                if _STARTING in self.log_path.read_text(errors="replace"):
+                    url = read_nats_url(self.state_dir)
+                    if url:
+                        return url
             if not self.alive():
                 raise RuntimeError(f"`chatbus up` exited while starting:\n{self.tail()}")
             if time.monotonic() > deadline:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from bus.auth import redact
 from bus.client import BusClient
 from bus.errors import BusError
 from bus.schemas import Chunk, Failed
@@ -35,7 +36,10 @@ async def run_plain(cfg: ChatConfig, question: str) -> int:
     try:
         model = await _pick_model(client, cfg.model)
         if not model:
-            print(f"error: no model is served on {cfg.url}; start one with `chatbus up`", file=sys.stderr)
+            print(
+                f"error: no model is served on {redact(cfg.url)}; start one with `chatbus up`",
+                file=sys.stderr,
+            )
             return 1
         conv = Conversation(model=model, system=cfg.system, temperature=cfg.temperature, top_p=cfg.top_p)
         conv.max_tokens = cfg.max_tokens

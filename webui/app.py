@@ -10,6 +10,7 @@ from typing import Any
 from nicegui import app, ui
 
 from bus import BusError
+from bus.auth import redact
 from webui.config import WebConfig
 from webui.layout import Shell
 from webui.pages.chat import chat_page
@@ -70,7 +71,7 @@ def run(config: WebConfig) -> int:
             log.error("web UI cannot start: %s", e)
             app.shutdown()
             return
-        log.info("web UI on http://%s:%d, bus %s", config.host, config.port, config.nats)
+        log.info("web UI on http://%s:%d, bus %s", config.host, config.port, redact(config.nats))
 
     async def shutdown() -> None:
         services = holder.pop("services", None)
