@@ -23,9 +23,18 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from bus import subjects
-from bus.paths import private_dir, write_private
+from bus.paths import private_dir, read_nats_url, write_private
 
-__all__ = ["ROLES", "Provisioned", "credential_of", "permissions", "provision", "redact", "with_credential"]
+__all__ = [
+    "ROLES",
+    "Provisioned",
+    "credential_of",
+    "local_url",
+    "permissions",
+    "provision",
+    "redact",
+    "with_credential",
+]
 
 ROLES = ("node", "gateway", "ui", "worker", "admin")
 
@@ -113,6 +122,19 @@ def provision(state_dir: Path) -> Provisioned:
     # nats-server reads JSON as its config syntax.
     write_private(config, json.dumps({"authorization": {"users": users}}, indent=1) + "\n")
     return Provisioned(config, passwords)
+
+
+def local_url(state_dir: Path, role: str) -> str | None:
+    """The URL of the bus a `chatbus up` with this state dir runs, with `role`'s credential (for
+    `chatbus node` on the same machine); None if none runs or it has no credentials."""
+    url = read_nats_url(state_dir)
+    try:
+        password = json.loads((state_dir / "auth" / "passwords.json").read_text())[role]
+    except (OSError, ValueError, KeyError):
+        return None
+    if url is None or credential_of(url)[0] is None:
+        return url
+    return with_credential(url, role, password)
 
 
 def with_credential(url: str, user: str, password: str) -> str:

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from bus.auth import redact
+from bus.auth import local_url, redact
 from bus.client import BusClient
 from bus.errors import BusError
 from bus.paths import DEFAULT_NATS, default_cache_dir, default_state_dir, read_nats_url
@@ -136,6 +136,11 @@ def cmd_chat(url: str, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["node"]:  # everything after `node` belongs to the node's own parser
+        if "--nats" not in argv and not os.environ.get("CHATBUS_NATS"):
+            # On the machine of a running `chatbus up`: join its bus with the node credential.
+            url = local_url(default_state_dir(), "node")
+            if url:
+                os.environ["CHATBUS_NATS"] = url  # the node's own parser defaults to it
         from node.__main__ import parse
         from node.main import main as node_main
 

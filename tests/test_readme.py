@@ -43,6 +43,27 @@ def _leftovers(marker: str) -> list[str]:
     return [line for line in out.stdout.splitlines() if "pgrep" not in line]
 
 
+def _second_node_joins(chatbus: str, state: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """The README's `chatbus node`: joins the running bus with the node credential, unprompted."""
+    argv = [chatbus, "node", "--cache-dir", str(MODEL_CACHE), "--name", "second-node"]
+    env = {k: v for k, v in env.items() if k != "CHATBUS_NATS"}
+    with open(tmp_path / "node2.log", "wb") as out:
+        node = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            models = subprocess.run(
+                [chatbus, "models", "--state-dir", str(state)], capture_output=True, text=True, timeout=60
+            )
+            if "second-node" in models.stdout:
+                break
+            assert node.poll() is None, (tmp_path / "node2.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "node2.log").read_text()
+            time.sleep(1)
+    finally:
+        stop(node)
+
+
 def _secrets_stay_private(state: Path, log: Path) -> None:
     """`up` made a credential per role; none is printed, logged or visible on a command line."""
     passwords = json.loads((state / "auth" / "passwords.json").read_text()).values()
@@ -63,7 +84,7 @@ def _readable(f: Path) -> bool:
 
 
 def test_up_then_models_then_chat_then_ctrl_c(tmp_path: Path) -> None:
-    state = tmp_path / "state"
+    state = tmp_path / "chatbus"  # the default state dir under $XDG_DATA_HOME, as `chatbus node` finds it
     log = tmp_path / "up.log"
     gateway_port, web_port = free_port(), free_port()
     argv = [
@@ -80,7 +101,11 @@ def test_up_then_models_then_chat_then_ctrl_c(tmp_path: Path) -> None:
         "--web-port",
         str(web_port),
     ]
-    env = {**os.environ, "CHATBUS_VENV": str(Path(sys.executable).parent.parent)}
+    env = {
+        **os.environ,
+        "CHATBUS_VENV": str(Path(sys.executable).parent.parent),
+        "XDG_DATA_HOME": str(tmp_path),
+    }
     with open(log, "wb") as out:
         up = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
@@ -111,6 +136,7 @@ def test_up_then_models_then_chat_then_ctrl_c(tmp_path: Path) -> None:
         )
         assert chat.returncode == 0, chat.stderr
         assert "Paris" in chat.stdout
+        _second_node_joins(chatbus, state, env, tmp_path)
         # the gateway and the web UI that `up` started answer too
         assert f"http://127.0.0.1:{gateway_port}/v1" in text and f"http://127.0.0.1:{web_port}" in text
         health = json.loads(_get(f"http://127.0.0.1:{gateway_port}/health"))
