@@ -29,7 +29,7 @@ import pytest
 from procs import node_process, stop, wait_until
 
 from bus import BusClient
-from bus.schemas_logs import VoteLog
+from bus.schemas_logs import ChatLog, VoteLog
 from webui.logstore import read_log
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -301,3 +301,39 @@ async def test_votes_survive_a_restart_of_the_web_app(
         await page.wait(
             f"document.querySelector('.cb-stat-votes')?.innerText === '{len(await votes(client))}'"
         )
+
+
+async def test_closing_the_tab_stops_the_answer_on_the_node(
+    page: Page, app_url: str, client: BusClient
+) -> None:
+    prompt = "Write a very long story about a dragon who learns to cook, chapter by chapter."
+    await page.goto(app_url + "/")
+    await page.wait("document.body.innerText.includes('arena-')")
+    # This app runs with --max-tokens 16 (fast tests); this answer must still be running when the tab goes.
+    assert await page.eval(
+        """(() => {
+            const input = [...document.querySelectorAll('input')]
+                .find(e => e.closest('.q-field')?.innerText.includes('Max tokens'));
+            input.value = '512';
+            input.dispatchEvent(new Event('input', {bubbles: true}));
+            input.dispatchEvent(new Event('change', {bubbles: true}));
+            return true;
+        })()"""
+    )
+    await page.type(".cb-input textarea", prompt)
+    await page.click(".cb-send")
+    await page.wait("document.querySelector('.cb-cursor') && document.querySelector('.cb-answer')?.innerText")
+    left = time.monotonic()
+    await page.send("Page.navigate", url="about:blank")  # the tab goes away mid-answer
+    for _ in range(300):
+        logged = [
+            r
+            async for r in read_log(client.js)
+            if isinstance(r, ChatLog) and r.messages[-2].content == prompt and r.finish_reason == "cancelled"
+        ]
+        if logged:
+            break
+        await asyncio.sleep(0.2)
+    assert logged, "the answer was not stopped when its tab closed"
+    assert logged[0].usage.completion_tokens < 512  # cut short, not run to its end
+    print(f"answer stopped {time.monotonic() - left:.1f} s after the tab closed")

@@ -56,6 +56,8 @@ class ChatView:
         for k, v in _defaults(services).items():
             self.state.setdefault(k, v)
         self.answer: Answer | None = None
+        # A closed tab stops its answer on the node (once NiceGUI gives up waiting for a reconnect).
+        ui.context.client.on_delete(self.stop)
         self._build()
 
     # ------------------------------------------------------------------ layout

@@ -48,6 +48,7 @@ class DuelView:
         self.answers: list[Answer] = []
         self.voted = False
         self.battle_id = new_id()
+        ui.context.client.on_delete(self.stop)  # a closed tab stops both answers on the nodes
         self._build()
 
     # ------------------------------------------------------------------ layout
