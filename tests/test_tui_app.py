@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fakes import EchoEngine, echo_node
+from fakes import EchoEngine, echo_node, wait_for
 from test_tui_support import answers, ask, make_app, notices, transcript, type_line, until, users
 from textual.widgets import Input, Select
 
@@ -58,6 +58,20 @@ async def test_stop_mid_generation_keeps_what_was_shown(nats_url: str, tmp_path:
             await until(pilot, lambda: not app.generating)
             assert "stopped" in answers(app)[-1].status_text
             assert app.is_running  # Ctrl-C stopped the answer, not the app
+
+
+async def test_quitting_mid_answer_stops_it_on_the_node(nats_url: str, tmp_path: Path) -> None:
+    engine = EchoEngine("echo-q", step_s=0.05)
+    async with echo_node(nats_url, engine) as node:
+        app = make_app(nats_url, tmp_path)
+        async with app.run_test(size=(110, 40)) as pilot:
+            await until(pilot, lambda: app.conv.model == "echo-q")
+            await type_line(pilot, WORDS)
+            await until(pilot, lambda: app.stream is not None and len(app.stream.text.split()) >= 3)
+            steps = engine.steps
+            await pilot.press("ctrl+q")
+        await wait_for(lambda: not node._jobs, timeout=15)
+        assert engine.steps - steps < 100  # stopped within a few steps, not decoded to its end (150) for nobody
 
 
 async def test_in_chat_commands(nats_url: str, tmp_path: Path) -> None:
