@@ -58,11 +58,13 @@ def permissions(role: str) -> dict[str, Any]:
     no_records = [s for stream in _RECORDS for s in subjects.js_destroy(stream)]
     no_jobs = [*subjects.js_consume(subjects.JOBS_STREAM), subjects.js_ack(subjects.JOBS_STREAM)]
     inbox = f"{subjects.inbox_prefix(role)}.>"
+    # What a gateway keeps to resume streams holds users' prompts: gateways only.
+    resume = [*subjects.js_read(f"KV_{subjects.RESUME_BUCKET}"), subjects.kv_all(subjects.RESUME_BUCKET)]
     nodes_kv = subjects.kv_all(subjects.NODES_BUCKET)
     if role == "node":
         pub = [subjects.tokens_all(), nodes_kv, *js]
         sub = [*_ASK, inbox]
-        deny_pub = [*no_records, *no_jobs, subjects.kv_all(subjects.JOBS_BUCKET)]
+        deny_pub = [*no_records, *no_jobs, subjects.kv_all(subjects.JOBS_BUCKET), *resume]
         # Replies go to the asker's inbox: allowed once per request received, and nowhere else.
         return {
             "publish": {"allow": pub, "deny": deny_pub},
@@ -83,11 +85,12 @@ def permissions(role: str) -> dict[str, Any]:
             subjects.logs_all(),
             "$O.>",
         ]
-        deny = [*deny, *no_jobs]
+        deny = [*deny, *no_jobs, *resume]
         sub = [inbox]
     elif role == "worker":
         pub = [*asks, subjects.job_events_all(), subjects.JS_ACK_ALL, "$O.>"]
         sub = [inbox, subjects.job_control_all()]
+        deny = [*deny, *resume]
     else:  # admin
         return {}
     return {"publish": {"allow": pub, "deny": deny}, "subscribe": {"allow": sub}}

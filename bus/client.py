@@ -12,10 +12,19 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
 
 from bus import subjects
 from bus.codec import decode, encode
-from bus.connection import connect, ensure_nodes_bucket, ensure_tokens_stream
+from bus.connection import (
+    TOKENS_MAX_AGE_S,
+    connect,
+    ensure_bucket,
+    ensure_nodes_bucket,
+    ensure_tokens_stream,
+)
 from bus.errors import ModelNotFound, NodeTimeout, error_for
 from bus.jobs import Jobs
 from bus.nodes import ModelEntry, NodeTable
@@ -32,7 +41,7 @@ from bus.schemas import (
     SamplingParams,
 )
 from bus.schemas_jobs import JobEvent, JobKind
-from bus.stream import ChatStream, new_request_id
+from bus.stream import Attempt, ChatStream, new_request_id
 
 __all__ = ["BusClient"]
 
@@ -54,6 +63,7 @@ class BusClient:
         accept_timeout_s: float = 10.0,
         stall_check_s: float = 2.0,
         keepalive_every_s: float = 5.0,
+        keepalive_s: float = 15.0,
         max_failovers: int = 2,
         owns_connection: bool = False,
     ) -> None:
@@ -62,13 +72,15 @@ class BusClient:
         self.name = name
         self.accept_timeout_s = accept_timeout_s
         self.stall_check_s = stall_check_s
-        self.keepalive_every_s = keepalive_every_s
+        self.keepalive_s = keepalive_s  # a node cancels a request whose client is silent this long
+        self.keepalive_every_s = min(keepalive_every_s, keepalive_s / 3)
         self.max_failovers = max_failovers
         self._owns = owns_connection
         self.table: NodeTable = None  # type: ignore[assignment]  # set in start()
         self._active: dict[str, ChatStream] = {}
         self._keepalive: asyncio.Task[None] | None = None
         self._jobs: Jobs | None = None
+        self._records: KeyValue | None = None
 
     @classmethod
     async def connect(cls, url: str, *, name: str = "chatbus-client", **options: float) -> BusClient:
@@ -155,6 +167,7 @@ class BusClient:
                 params=params or SamplingParams(),
                 continuation=continuation,
                 deadline_s=deadline_s,
+                keepalive_s=self.keepalive_s,
                 client=self.name,
             )
         )
@@ -176,12 +189,46 @@ class BusClient:
                 prompt=prompt,
                 params=params or SamplingParams(),
                 deadline_s=deadline_s,
+                keepalive_s=self.keepalive_s,
                 client=self.name,
             )
         )
 
     def _stream(self, request: GenerateRequest) -> ChatStream:
         return ChatStream(self, request, self.max_failovers)
+
+    def resume(
+        self, request: GenerateRequest, attempts: list[Attempt], *, after: int = 0, prompt_tokens: int = 0
+    ) -> ChatStream:
+        """An answer started earlier, maybe by another process (`request` and `stream.attempts`
+        saved from its stream): events after `after`, replayed from the token record, then live;
+        an answer cut short (its client or node went away) is continued on a node."""
+        return ChatStream.resuming(self, request, self.max_failovers, attempts, after, prompt_tokens)
+
+    async def put_resume_record(self, key: str, data: bytes) -> None:
+        """Keep `data` on the bus as long as token streams are kept (any process may resume)."""
+        try:
+            await (await self._resume_records()).put(key, data)
+        except Exception:  # the bucket may be gone after a server restart
+            self._records = None
+            await (await self._resume_records()).put(key, data)
+
+    async def get_resume_record(self, key: str) -> bytes | None:
+        try:
+            entry = await (await self._resume_records()).get(key)
+        except KeyNotFoundError:
+            return None
+        return entry.value
+
+    async def _resume_records(self) -> KeyValue:
+        if self._records is None:
+            self._records = await ensure_bucket(
+                self.js,
+                KeyValueConfig(
+                    bucket=subjects.RESUME_BUCKET, ttl=TOKENS_MAX_AGE_S, storage=StorageType.FILE, history=1
+                ),
+            )
+        return self._records
 
     async def cancel(self, request_id: str) -> None:
         stream = self._active.get(request_id)

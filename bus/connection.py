@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, BucketNotFoundError, ServerError
 from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
 
 from bus import subjects
 from bus.auth import credential_of, redact
@@ -22,15 +25,21 @@ from bus.errors import BusUnavailable
 
 __all__ = [
     "HEARTBEAT_S",
+    "MAX_REPLICAS",
     "NODE_TTL_S",
+    "cluster_size",
     "connect",
     "ensure_bucket",
     "ensure_nodes_bucket",
+    "ensure_object_store",
     "ensure_stream",
     "ensure_tokens_stream",
+    "replicas_for",
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 NODE_TTL_S = 6.0  # a node that stops heartbeating is gone from `models()` after this long
 HEARTBEAT_S = 2.0
@@ -123,20 +132,92 @@ def _parse_url(url: str) -> tuple[list[str], dict[str, Any]]:
     return servers, options
 
 
-async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, disposable: bool = False) -> None:
-    try:
-        await js.add_stream(config)
-    except BadRequestError:
-        # Exists with another config (an older version of ours): bring it to this one.
+MAX_REPLICAS = 3  # more copies than this buy write latency, not safety
+_NOT_CLUSTERED = 10074  # "replicas > 1 not supported in non-clustered mode"
+_INSUFFICIENT_RESOURCES = 10023  # fewer JetStream servers up than the replicas asked for
+
+
+def cluster_size(nc: NATS) -> int:
+    """How many servers the cluster we are connected to has; 1 for a single server or a leafnode.
+
+    The server's INFO names its cluster and lists the client URLs of every member routed to it
+    (`connect_urls`, itself included). A cluster that does not advertise them (`no_advertise`)
+    counts by the seed URLs we were given. Read at connect time: a member down then counts as gone.
+    """
+    info: dict[str, Any] = getattr(nc, "_server_info", None) or {}  # nats-py keeps INFO privately
+    if not info.get("cluster"):
+        return 1
+    members = set(info.get("connect_urls") or [])
+    if not members:
+        discovered = {u.netloc for u in nc.discovered_servers}
+        members = {u.netloc for u in nc.servers} - discovered
+    return max(1, len(members))
+
+
+def replicas_for(js: JetStreamContext) -> int:
+    """The replica count of every stream, bucket and object store: one per server, at most 3."""
+    return min(MAX_REPLICAS, cluster_size(js._nc))  # nats-py keeps the context's connection private
+
+
+async def _replicated(name: str, replicas: int, floor: int, call: Callable[[int], Awaitable[T]]) -> T:
+    """`call(replicas)`, with fewer replicas (not below `floor`) while the servers up cannot hold them."""
+    while True:
         try:
-            await js.update_stream(config)
-        except BadRequestError:
-            if not disposable:
+            return await call(replicas)
+        except ServerError as e:
+            if replicas <= max(floor, 1) or e.err_code not in (_NOT_CLUSTERED, _INSUFFICIENT_RESOURCES):
                 raise
-            # e.g. the storage type changed, which the server cannot update: the data is
-            # short-lived (token streams), so start the stream afresh.
-            await js.delete_stream(config.name or "")
-            await js.add_stream(config)
+            replicas = max(floor, 1) if e.err_code == _NOT_CLUSTERED else replicas - 1
+            log.warning("%s: %s; trying %d replica(s)", name, e.description, replicas)
+
+
+async def _raise_replicas(js: JetStreamContext, stream: str, replicas: int) -> None:
+    """Give an existing stream `replicas` copies if it has fewer (the cluster has grown). Best
+    effort: a bucket that works with fewer copies beats none, and the next start tries again."""
+    if replicas <= 1:
+        return
+    try:
+        info = await js.stream_info(stream)
+        current = info.config.num_replicas or 1
+        if current >= replicas:
+            return
+        log.info("stream %s: raising replicas %d -> %d", stream, current, replicas)
+        await _replicated(
+            stream,
+            replicas,
+            current + 1,
+            lambda r: js.update_stream(dataclasses.replace(info.config, num_replicas=r)),
+        )
+    except Exception as e:  # a member is down, or the cluster elects a leader right now
+        log.warning("stream %s: cannot raise its replicas to %d yet (%r)", stream, replicas, e)
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, disposable: bool = False) -> None:
+    """Create the stream `config.name`, or bring it to `config`; replicated over the cluster, and
+    never shrunk (a client that sees part of the cluster keeps the replicas the stream has)."""
+    name = config.name or ""
+    try:
+        await _replicated(
+            name, replicas_for(js), 1, lambda r: js.add_stream(dataclasses.replace(config, num_replicas=r))
+        )
+        return
+    except BadRequestError:
+        pass  # exists with another config: an older version of ours, or other replicas
+    current = (await js.stream_info(name)).config.num_replicas or 1
+    wanted = max(current, replicas_for(js))
+    try:
+        await _replicated(
+            name, wanted, current, lambda r: js.update_stream(dataclasses.replace(config, num_replicas=r))
+        )
+    except BadRequestError:
+        if not disposable:
+            raise
+        # e.g. the storage type changed, which the server cannot update: the data is
+        # short-lived (token streams), so start the stream afresh.
+        await js.delete_stream(name)
+        await _replicated(
+            name, wanted, 1, lambda r: js.add_stream(dataclasses.replace(config, num_replicas=r))
+        )
 
 
 async def ensure_tokens_stream(js: JetStreamContext) -> None:
@@ -156,14 +237,39 @@ async def ensure_tokens_stream(js: JetStreamContext) -> None:
 
 
 async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
-    """The KV bucket `config.bucket`, created with `config` if it does not exist yet."""
+    """The KV bucket `config.bucket`, created with `config` if it does not exist yet; replicated
+    over the cluster (an existing bucket gets more replicas when the cluster has grown)."""
+    bucket = config.bucket or ""
     try:
-        return await js.key_value(config.bucket or "")
-    except Exception:
-        return await js.create_key_value(config)
+        kv = await js.key_value(bucket)
+    except BucketNotFoundError:
+        return await _replicated(
+            bucket,
+            replicas_for(js),
+            1,
+            lambda r: js.create_key_value(dataclasses.replace(config, replicas=r)),
+        )
+    await _raise_replicas(js, f"KV_{bucket}", replicas_for(js))
+    return kv
 
 
 async def ensure_nodes_bucket(js: JetStreamContext) -> KeyValue:
     return await ensure_bucket(
         js, KeyValueConfig(bucket=subjects.NODES_BUCKET, ttl=NODE_TTL_S, storage=StorageType.FILE, history=1)
     )
+
+
+async def ensure_object_store(js: JetStreamContext, config: ObjectStoreConfig) -> ObjectStore:
+    """The object store `config.bucket`, as `ensure_bucket` does for KV."""
+    bucket = config.bucket or ""
+    try:
+        store = await js.object_store(bucket)
+    except BucketNotFoundError:
+        return await _replicated(
+            bucket,
+            replicas_for(js),
+            1,
+            lambda r: js.create_object_store(bucket, dataclasses.replace(config, replicas=r)),
+        )
+    await _raise_replicas(js, f"OBJ_{bucket}", replicas_for(js))
+    return store

@@ -17,11 +17,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -34,13 +35,13 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from bus import subjects
 from bus.codec import decode, encode
-from bus.connection import ensure_bucket, ensure_stream
+from bus.connection import ensure_bucket, ensure_object_store, ensure_stream
 from bus.errors import BadRequest
 from bus.schemas_jobs import TERMINAL_STATES, JobEvent, JobKind, JobRecord, JobState, JobSubmit
 
@@ -50,11 +51,27 @@ log = logging.getLogger(__name__)
 
 ACK_WAIT_S = 30.0  # a dead worker's job is redelivered after this long
 MAX_ATTEMPTS = 10  # deliveries of one job (crashes and hand-backs) before it is marked failed
+BUS_RETRY_S = 30.0  # how long job bookkeeping retries a write the bus refuses
+T = TypeVar("T")
 
 
 def _key(job_id: str) -> str:
     """The job's key in JOBS_BUCKET (KV keys allow fewer characters than subjects)."""
     return subjects.safe_token(job_id).replace("%", "_")
+
+
+async def _through_elections(call: Callable[[], Awaitable[T]]) -> T:
+    """A bus write of job bookkeeping, retried for a while: in a cluster a stream has no leader for
+    a few seconds after its server dies, and a job must not fail for that."""
+    deadline = time.monotonic() + BUS_RETRY_S
+    while True:
+        try:
+            return await call()
+        except (NoStreamResponseError, NoRespondersError, NatsTimeout, ServiceUnavailableError) as e:
+            if time.monotonic() > deadline:
+                raise
+            log.info("job bookkeeping: %r; retrying", e)
+            await asyncio.sleep(0.5)
 
 
 class JobCancelled(Exception):
@@ -96,12 +113,9 @@ class Jobs:
         self._kv = await ensure_bucket(
             self.js, KeyValueConfig(bucket=subjects.JOBS_BUCKET, storage=StorageType.FILE, history=1)
         )
-        try:
-            self._obs = await self.js.object_store(subjects.ARTIFACTS_BUCKET)
-        except Exception:
-            self._obs = await self.js.create_object_store(
-                subjects.ARTIFACTS_BUCKET, ObjectStoreConfig(storage=StorageType.FILE)
-            )
+        self._obs = await ensure_object_store(
+            self.js, ObjectStoreConfig(bucket=subjects.ARTIFACTS_BUCKET, storage=StorageType.FILE)
+        )
         return self
 
     # ------------------------------------------------------------------ submit / follow
@@ -117,7 +131,14 @@ class Jobs:
         )
         await self.publish_event(JobEvent(job_id=job_id, state="queued", event="queued", at=now))
         submit = JobSubmit(job_id=job_id, kind=kind, spec=raw, submitted_at=now, submitted_by=by)
-        await self.js.publish(subjects.job(kind, job_id), encode(submit), stream=subjects.JOBS_STREAM)
+        await _through_elections(
+            lambda: self.js.publish(
+                subjects.job(kind, job_id),
+                encode(submit),
+                stream=subjects.JOBS_STREAM,
+                headers={"Nats-Msg-Id": f"{job_id}@{now}"},  # a retry after a lost ack queues it once
+            )
+        )
         return job_id
 
     async def events(
@@ -186,11 +207,14 @@ class Jobs:
 
     async def put_record(self, record: JobRecord) -> None:
         assert self._kv is not None
-        await self._kv.put(_key(record.job_id), encode(record))
+        kv = self._kv
+        await _through_elections(lambda: kv.put(_key(record.job_id), encode(record)))
 
     async def publish_event(self, event: JobEvent) -> None:
-        await self.js.publish(
-            subjects.job_events(event.job_id), encode(event), stream=subjects.JOB_EVENTS_STREAM
+        await _through_elections(
+            lambda: self.js.publish(
+                subjects.job_events(event.job_id), encode(event), stream=subjects.JOB_EVENTS_STREAM
+            )
         )
 
     # ------------------------------------------------------------------ artifacts

@@ -18,13 +18,17 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.kv import KeyValue
 
 from bus.codec import decode
-from bus.connection import NODE_TTL_S
+from bus.connection import HEARTBEAT_S, NODE_TTL_S
 from bus.errors import BadMessage
 from bus.schemas import NodeInfo
 
 __all__ = ["ModelEntry", "NodeTable"]
 
 log = logging.getLogger(__name__)
+
+_WATCH_SILENCE_S = 2 * HEARTBEAT_S  # under NODE_TTL_S, so live nodes do not time out meanwhile
+_STALL_GRACE_S = 30.0  # how long a bucket that cannot be watched (no leader: a cluster member died) is
+# not taken for the death of every node
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class NodeTable:
         self._seen: dict[str, tuple[NodeInfo, float]] = {}
         self._inflight: dict[str, int] = {}  # requests this client sent since the node's last heartbeat
         self._synced = asyncio.Event()
+        self._stalled_since: float | None = None  # the watch is being re-established since
         self._task: asyncio.Task[None] | None = None
         self.on_change: Callable[[], None] | None = None
 
@@ -61,17 +66,29 @@ class NodeTable:
 
     async def _watch(self) -> None:
         """Watch the bucket; start over whenever the connection was re-established (the server may
-        have restarted and forgotten our consumer) or the watch broke."""
+        have restarted and forgotten our consumer), the watch broke, or it fell silent: nodes beat
+        every HEARTBEAT_S, so silence means the consumer died with its server (in a cluster).
+
+        Until a new watch works, the bucket, not the nodes, is what went quiet: `nodes()` holds
+        their clocks from the last thing heard (for up to _STALL_GRACE_S).
+        """
+        heard = time.monotonic()
         while True:
             watcher = None
             reconnects = self._reconnects()
             try:
                 watcher = await self._kv.watchall()
+                heard = time.monotonic()
                 while self._reconnects() == reconnects:
                     try:
                         entry = await watcher.updates(timeout=1.0)
                     except NatsTimeout:
+                        if time.monotonic() - heard > _WATCH_SILENCE_S:
+                            self._stalled_since = heard
+                            break
                         continue
+                    heard = time.monotonic()
+                    self._stalled_since = None
                     if entry is None:  # initial values delivered
                         self._synced.set()
                     elif isinstance(entry, KeyValue.Entry):
@@ -80,6 +97,8 @@ class NodeTable:
                 raise
             except Exception as e:
                 log.debug("node watch restarting after %r", e)
+                if self._stalled_since is None:
+                    self._stalled_since = heard
                 await asyncio.sleep(0.5)
             finally:
                 if watcher is not None:
@@ -105,7 +124,10 @@ class NodeTable:
 
     def nodes(self) -> list[NodeInfo]:
         """Live nodes, freshest heartbeat first."""
-        horizon = time.monotonic() - self._ttl_s
+        now = time.monotonic()
+        if self._stalled_since is not None:
+            now = max(self._stalled_since, now - _STALL_GRACE_S)
+        horizon = now - self._ttl_s
         live = [(info, t) for info, t in self._seen.values() if t >= horizon]
         return [info for info, _ in sorted(live, key=lambda p: -p[1])]
 

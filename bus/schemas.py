@@ -11,6 +11,7 @@ from typing import Literal
 import msgspec
 
 __all__ = [
+    "MAX_STOP_STRINGS",
     "Accepted",
     "Cancel",
     "ChatMessage",
@@ -49,6 +50,9 @@ class _Tagged(_Wire, frozen=True, kw_only=True, tag_field="type"):
 class ChatMessage(_Wire, frozen=True, kw_only=True):
     role: Literal["system", "user", "assistant", "tool"]
     content: str
+
+
+MAX_STOP_STRINGS = 32  # a node rejects more (each one is searched for after every decode step)
 
 
 class SamplingParams(_Wire, frozen=True, kw_only=True):

@@ -1,8 +1,14 @@
-"""One generation as the caller sees it: dispatch, token stream, cancel, failover.
+"""One generation as the caller sees it: dispatch, token stream, cancel, failover, resume.
 
 The caller gets one continuous stream of `Chunk` events ending in exactly one `Done` or `Failed`,
 even when the node that started the answer dies: the text so far is re-dispatched to another node
 as a `continuation` (bounded attempts) and the new node's chunks are renumbered to follow on.
+
+Every dispatch is an `Attempt` with its own token stream in CB_TOKENS. The list of attempts (with
+how many events of each the caller consumed) is all it takes to rebuild the caller's view from the
+token record later, in any process: `BusClient.resume` replays it up to a sequence number and then
+follows on, continuing the answer on a node if it was cut short (cancelled because its client went
+away, or its node died meanwhile).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,10 +29,14 @@ from nats.js.api import DeliverPolicy
 
 from bus import subjects
 from bus.codec import decode, encode
+from bus.connection import HEARTBEAT_S, TOKENS_MAX_AGE_S
 from bus.errors import (
+    BadMessage,
+    BadRequest,
     BusError,
     BusUnavailable,
     Code,
+    GenerationFailed,
     ModelNotFound,
     NodeBusy,
     NodeTimeout,
@@ -40,22 +51,39 @@ from bus.schemas import (
     Failed,
     GenerateReply,
     GenerateRequest,
+    KeepAlive,
     Rejected,
     StreamEvent,
     Usage,
 )
 
 if TYPE_CHECKING:
+    from nats.aio.msg import Msg
     from nats.js.client import JetStreamContext
 
     from bus.client import BusClient
 
-__all__ = ["ChatStream"]
+__all__ = ["Attempt", "ChatStream", "new_request_id"]
 
 log = logging.getLogger(__name__)
 
 # Failures after which the answer may continue on another node.
 _FAILOVER_CODES = {Code.NODE_LOST.value, Code.SHUTTING_DOWN.value, Code.STREAM_GAP.value}
+# After these the node itself is fine and may take the continuation too.
+_SAME_NODE_OK = {Code.STREAM_GAP.value, Code.CANCELLED.value}
+_REPLAY_WAIT_S = 3.0  # recorded events arrive at once; silence this long means the record expired
+# Silent this long with the node alive: re-subscribe, in case our consumer died or stalled when a
+# cluster member went down (the new one is made by the stream's current leader).
+_RESUBSCRIBE_S = 3.0
+
+
+class Attempt(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One dispatch of an answer: its token stream, its node, and how many of its events the caller
+    consumed before the answer moved on to the next attempt (0 for the current one)."""
+
+    request_id: str
+    node_id: str = ""
+    last_seq: int = 0
 
 
 class ChatStream(AsyncIterator[StreamEvent]):
@@ -69,17 +97,42 @@ class ChatStream(AsyncIterator[StreamEvent]):
         self.node_id = ""
         self.prompt_tokens = 0
         self.nodes_used: list[str] = []
+        self.result: Done | Failed | None = None  # the last event, once there is one
         self._max_failovers = max_failovers
+        self._failovers = 0
         self._sub: JetStreamContext.PushSubscription | None = None
         self._started = False
         self._finished = False
         self._attempt_rid = request.request_id
+        self._past: list[Attempt] = []  # attempts the answer moved on from
+        self._inherited: set[str] = set()  # attempts dispatched before this object (resume)
+        self._cancelled: set[str] = set()  # attempts this object asked to cancel
+        self._resume: tuple[list[Attempt], int] | None = None
         self._last_seq = 0  # within the current attempt
         self._out_seq = 0  # as the caller sees it
         self._text: list[str] = []
         self._completion_tokens = 0
         self._last_event_at = 0.0
         self._reconnects = 0
+        self._subscribed_at = 0.0
+
+    @classmethod
+    def resuming(
+        cls,
+        client: BusClient,
+        request: GenerateRequest,
+        max_failovers: int,
+        attempts: list[Attempt],
+        after: int,
+        prompt_tokens: int = 0,
+    ) -> ChatStream:
+        """The stream of an answer already under way: `start()` replays its record up to event
+        `after`, iteration yields what follows (recorded first, then live)."""
+        stream = cls(client, request, max_failovers)
+        stream.prompt_tokens = prompt_tokens
+        stream._resume = (list(attempts), after)
+        stream._inherited = {a.request_id for a in attempts}
+        return stream
 
     @property
     def text(self) -> str:
@@ -89,6 +142,17 @@ class ChatStream(AsyncIterator[StreamEvent]):
     def finished(self) -> bool:
         return self._finished
 
+    @property
+    def attempts(self) -> list[Attempt]:
+        """Every dispatch of this answer so far, in order; enough to resume it anywhere."""
+        if not self.node_id:
+            return list(self._past)
+        return [*self._past, Attempt(request_id=self._attempt_rid, node_id=self.node_id)]
+
+    @property
+    def attempt_request_id(self) -> str:
+        return self._attempt_rid
+
     # ------------------------------------------------------------------ dispatch
 
     async def start(self) -> None:
@@ -96,39 +160,64 @@ class ChatStream(AsyncIterator[StreamEvent]):
             return
         self._started = True
         try:
-            await self._dispatch(self.request, exclude=set())
+            if self._resume is None:
+                await self._dispatch(self.request, exclude=set())
+            else:
+                await self._replay(*self._resume)
         except BaseException:
-            self._finished = True
+            await self._finish()
             raise
 
-    async def _dispatch(self, request: GenerateRequest, exclude: set[str]) -> None:
-        """Find a node that accepts `request` and subscribe to its token stream."""
+    async def _dispatch(self, request: GenerateRequest, exclude: set[str], *, failover: bool = False) -> None:
+        """Find a node that accepts `request` and subscribe to its token stream.
+
+        `failover=True` skips the queue group (any node, even one we no longer hear from: a failover
+        must not land on the hung node it is fleeing, which still holds its subscriptions), and a
+        node that does not answer within a few heartbeats (hung too, not yet expired from the node
+        table) is passed over instead of ending the answer.
+        """
         table = self._client.table
         if not self._client.connected:
             raise BusUnavailable(
                 "the NATS server is unreachable right now; chatbus reconnects by itself, retry shortly"
             )
         payload = encode(request)
+        if len(payload) > self._client.max_payload:
+            raise BadRequest(
+                f"the request encodes to {len(payload)} bytes, over the {self._client.max_payload} bytes "
+                f"one NATS message may carry (server max_payload); shorten the prompt"
+            )
         busy: NodeBusy | None = None
+        silent: NodeTimeout | None = None
+        timeout = (
+            min(self._client.accept_timeout_s, 2 * HEARTBEAT_S) if failover else self._client.accept_timeout_s
+        )
         targets = [
             (n.node_id, subjects.gen_node(request.model, n.node_id))
             for n in table.candidates(request.model, exclude)
         ]
-        # Last, the queue group: any node we have not heard of yet.
-        targets.append(("", subjects.gen(request.model)))
+        if not failover:  # last, the queue group: any node we have not heard of yet
+            targets.append(("", subjects.gen(request.model)))
         for node_id, subject in targets:
             table.note_dispatch(node_id, +1)  # before the request, so a concurrent burst spreads out
             try:
-                msg = await self._client.nc.request(subject, payload, timeout=self._client.accept_timeout_s)
+                msg = await self._request(subject, payload, timeout)
             except NoRespondersError:
                 table.note_dispatch(node_id, -1)
                 continue
             except NatsTimeout:
                 table.note_dispatch(node_id, -1)
-                raise NodeTimeout(
-                    f"no node answered for model {request.model!r} within {self._client.accept_timeout_s:.0f}s"
+                silent = NodeTimeout(f"no node answered for model {request.model!r} within {timeout:.0f}s")
+                if failover:
+                    continue
+                raise silent from None
+            try:
+                reply: Accepted | Rejected = decode(msg.data, GenerateReply)
+            except BadMessage as e:
+                table.note_dispatch(node_id, -1)
+                raise GenerationFailed(
+                    Code.INTERNAL.value, f"a node answered {subject} with an unreadable reply: {e}"
                 ) from None
-            reply: Accepted | Rejected = decode(msg.data, GenerateReply)
             if isinstance(reply, Rejected):
                 table.note_dispatch(node_id, -1)
                 if reply.code == Code.BUSY.value:
@@ -138,21 +227,43 @@ class ChatStream(AsyncIterator[StreamEvent]):
                 raise error_for(reply.code, reply.message)
             await self._accepted(request, reply)
             return
-        if busy is not None:
-            raise busy
+        error = busy or silent
+        if error is not None:
+            raise error
         served = list(table.models())
-        if request.model in served:
+        if request.model in served or failover:
             raise NoNodeAvailable(
                 f"every node serving {request.model!r} is gone or draining; try again shortly"
             )
         raise ModelNotFound(request.model, served)
+
+    async def _request(self, subject: str, payload: bytes, timeout: float) -> Msg:
+        """One core request, sent again at once if the connection is re-established meanwhile (what
+        was in flight is lost then; a node takes a repeated request id as the same request)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reconnects = self._client.reconnects()
+            left = max(0.01, deadline - time.monotonic())
+            request = asyncio.ensure_future(self._client.nc.request(subject, payload, timeout=left))
+            while not request.done() and self._client.reconnects() == reconnects:
+                await asyncio.wait({request}, timeout=0.2)
+            if request.done():
+                return request.result()
+            request.cancel()
+            with contextlib.suppress(BaseException):
+                await request
+            log.info("connection re-established during a request to %s: sending it again", subject)
 
     async def _accepted(self, request: GenerateRequest, reply: Accepted) -> None:
         self.node_id = reply.node_id
         self.nodes_used.append(reply.node_id)
         if not self.prompt_tokens:
             self.prompt_tokens = reply.prompt_tokens
-        self._attempt_rid = request.request_id
+        await self._follow(request.request_id)
+
+    async def _follow(self, attempt_rid: str) -> None:
+        """Make `attempt_rid` (on `self.node_id`) the current attempt, from its first event."""
+        self._attempt_rid = attempt_rid
         self._last_seq = 0
         self._last_event_at = time.monotonic()
         await self._subscribe()
@@ -164,12 +275,73 @@ class ChatStream(AsyncIterator[StreamEvent]):
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
         self._reconnects = self._client.reconnects()
+        self._subscribed_at = time.monotonic()
         self._sub = await self._client.js.subscribe(
             subjects.token(self._attempt_rid),
             stream=subjects.TOKENS_STREAM,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.ALL,
+            # nats-py re-creates the consumer after two missed beats: 2 s, not 10, when it died with
+            # its server (in a cluster), well before the node looks lost.
+            idle_heartbeat=1.0,
         )
+
+    # ------------------------------------------------------------------ resume
+
+    async def _replay(self, attempts: list[Attempt], after: int) -> None:
+        """Rebuild text, token count and sequence from the record, up to event `after`."""
+        if not attempts:
+            raise BadRequest("nothing to resume: the record names no attempt")
+        *past, last = attempts
+        for attempt in past:
+            self.node_id = attempt.node_id
+            self.nodes_used.append(attempt.node_id)
+            self._attempt_rid, self._last_seq = attempt.request_id, 0
+            if attempt.last_seq:
+                await self._subscribe()
+                while self._last_seq < attempt.last_seq:
+                    event = await self._recorded_event()
+                    if isinstance(event, Chunk):
+                        self._take(event)
+            self._past.append(attempt)
+        self.node_id = last.node_id
+        self.nodes_used.append(last.node_id)
+        await self._follow(last.request_id)
+        with contextlib.suppress(Exception):  # still generating? then it has a listener again, now
+            await self._client.nc.publish(
+                subjects.ctl(last.node_id), encode(KeepAlive(request_ids=[last.request_id]))
+            )
+        while self._out_seq < after:
+            if await self._advance() is None:
+                raise BadRequest(
+                    f"cannot resume after event {after}: the record of {self.request_id} ends at event "
+                    f"{self._out_seq}"
+                )
+
+    async def _recorded_event(self) -> StreamEvent:
+        """The next stored event of a past attempt (they are all in the stream already)."""
+        assert self._sub is not None
+        while True:
+            try:
+                msg = await self._sub.next_msg(timeout=_REPLAY_WAIT_S)
+            except NatsTimeout:
+                raise BadRequest(
+                    f"the token record of {self._attempt_rid} is gone (token streams are kept "
+                    f"{TOKENS_MAX_AGE_S / 60:.0f} minutes); send the request again"
+                ) from None
+            event: StreamEvent = decode(msg.data, StreamEvent)
+            if event.seq > self._last_seq:
+                self._last_seq = event.seq
+                return event
+
+    def _cut_short(self, event: StreamEvent) -> bool:
+        """A recorded answer stopped by a cancel nobody here asked for: its client went away
+        (cancel on disconnect) or its gateway died (no keep-alive). A resume continues it."""
+        if self._attempt_rid not in self._inherited or self._attempt_rid in self._cancelled:
+            return False
+        if isinstance(event, Done):
+            return event.finish_reason == "cancelled"
+        return isinstance(event, Failed) and event.code == Code.CANCELLED.value
 
     # ------------------------------------------------------------------ iteration
 
@@ -179,24 +351,39 @@ class ChatStream(AsyncIterator[StreamEvent]):
     async def __anext__(self) -> StreamEvent:
         if not self._started:
             await self.start()
+        event = await self._advance()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+    async def _advance(self) -> StreamEvent | None:
+        """The next event as the caller sees it (renumbered), following failovers; None at the end."""
         while not self._finished:
             event = await self._next_event()
             if isinstance(event, Chunk):
-                self._text.append(event.text)
-                self._completion_tokens += event.tokens
-                self._out_seq += 1
-                return msgspec.structs.replace(event, seq=self._out_seq)
-            if isinstance(event, Done):
-                await self._finish()
-                self._out_seq += 1
-                usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self._completion_tokens)
-                return msgspec.structs.replace(event, seq=self._out_seq, usage=usage)
-            if event.code in _FAILOVER_CODES and await self._failover(event.message, event.code):
+                return self._take(event)
+            if self._cut_short(event) and await self._failover(
+                "the answer was cut short", Code.CANCELLED.value
+            ):
                 continue
+            if isinstance(event, Failed) and event.code in _FAILOVER_CODES:
+                if await self._failover(event.message, event.code):
+                    continue
             await self._finish()
             self._out_seq += 1
-            return msgspec.structs.replace(event, seq=self._out_seq)
-        raise StopAsyncIteration
+            if isinstance(event, Done):
+                usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self._completion_tokens)
+                self.result = msgspec.structs.replace(event, seq=self._out_seq, usage=usage)
+            else:
+                self.result = msgspec.structs.replace(event, seq=self._out_seq)
+            return self.result
+        return None
+
+    def _take(self, chunk: Chunk) -> Chunk:
+        self._text.append(chunk.text)
+        self._completion_tokens += chunk.tokens
+        self._out_seq += 1
+        return msgspec.structs.replace(chunk, seq=self._out_seq)
 
     async def _next_event(self) -> StreamEvent:
         """The next event of this attempt; a silent, vanished node becomes Failed(node_lost)."""
@@ -205,20 +392,31 @@ class ChatStream(AsyncIterator[StreamEvent]):
             try:
                 msg = await self._sub.next_msg(timeout=self._client.stall_check_s)
             except NatsTimeout:
-                if self._client.reconnects() != self._reconnects:
+                quiet = time.monotonic() - max(self._last_event_at, self._subscribed_at)
+                if self._client.reconnects() != self._reconnects or quiet > _RESUBSCRIBE_S:
                     with contextlib.suppress(Exception):  # the server restarted: resume from the record
                         await self._subscribe()
                     continue
                 if self._client.table.is_alive(self.node_id):
                     continue
                 silent = time.monotonic() - self._last_event_at
+                await self.cancel()  # a hung node that wakes up must not go on for nobody
                 return Failed(
                     seq=self._last_seq + 1,
                     code=Code.NODE_LOST.value,
                     message=f"node {self.node_id} stopped heartbeating ({silent:.1f}s without tokens)",
                     node_id=self.node_id,
                 )
-            event: StreamEvent = decode(msg.data, StreamEvent)
+            try:
+                event: StreamEvent = decode(msg.data, StreamEvent)
+            except BadMessage as e:
+                await self.cancel()
+                return Failed(
+                    seq=self._last_seq + 1,
+                    code=Code.INTERNAL.value,
+                    message=f"node {self.node_id} sent an unreadable token event (another chatbus version?): {e}",
+                    node_id=self.node_id,
+                )
             if event.seq <= self._last_seq:
                 continue  # a redelivery after a consumer reset
             if event.seq > self._last_seq + 1:  # tokens were lost (a server restart): continue elsewhere
@@ -234,11 +432,15 @@ class ChatStream(AsyncIterator[StreamEvent]):
             return event
 
     async def _failover(self, reason: str, code: str) -> bool:
-        """Re-dispatch prompt + text so far to another node; False when we may not or cannot."""
-        attempts = len(self.nodes_used) - 1
-        if attempts >= self._max_failovers:
-            return False
-        old = self._attempt_rid
+        """Re-dispatch prompt + text so far to a node; False when we may not or cannot.
+
+        A continuation after a cut-short record is not a failure and does not count as one.
+        """
+        if code != Code.CANCELLED.value:
+            if self._failovers >= self._max_failovers:
+                return False
+            self._failovers += 1
+        old = Attempt(request_id=self._attempt_rid, node_id=self.node_id, last_seq=self._last_seq)
         await self._drop_subscription()
         params = self.request.params
         if params.max_tokens is not None:
@@ -246,20 +448,24 @@ class ChatStream(AsyncIterator[StreamEvent]):
             if left <= 0:
                 return False
             params = msgspec.structs.replace(params, max_tokens=left)
+        # A fresh id per attempt: two gateways resuming one answer never share a token stream.
+        attempt_rid = f"{self.request.request_id}-{len(self._past) + 1}-{secrets.token_hex(2)}"
         retry = msgspec.structs.replace(
             self.request,
-            request_id=f"{self.request.request_id}-{attempts + 1}",
+            request_id=attempt_rid,
             continuation=self.request.continuation + self.text,
             params=params,
+            keepalive_s=self._client.keepalive_s,  # ours: the request may come from another client
         )
-        log.warning("request %s: %s; continuing on another node", old, reason)
+        log.warning("request %s: %s; continuing as %s", old.request_id, reason, attempt_rid)
         try:
-            # After a gap the node itself is fine: it may take the continuation too.
-            exclude = set() if code == Code.STREAM_GAP.value else set(self.nodes_used)
-            await self._dispatch(retry, exclude=exclude)
+            # A lost node has left the node table already; this keeps a draining one out too.
+            exclude = set() if code in _SAME_NODE_OK else {old.node_id}
+            await self._dispatch(retry, exclude=exclude, failover=True)
         except BusError as e:
-            log.warning("request %s: failover impossible: %s", old, e)
+            log.warning("request %s: cannot continue it: %s", old.request_id, e)
             return False
+        self._past.append(old)
         return True
 
     # ------------------------------------------------------------------ ending
@@ -278,19 +484,17 @@ class ChatStream(AsyncIterator[StreamEvent]):
     async def cancel(self) -> None:
         """Ask the node to stop; the stream then ends with Done(finish_reason='cancelled')."""
         if self.node_id and not self._finished:
-            await self._client.nc.publish(
-                subjects.ctl(self.node_id), encode(Cancel(request_id=self._attempt_rid))
-            )
+            self._cancelled.add(self._attempt_rid)
+            with contextlib.suppress(Exception):  # best effort: a lost client is also noticed by keep-alive
+                await self._client.nc.publish(
+                    subjects.ctl(self.node_id), encode(Cancel(request_id=self._attempt_rid))
+                )
 
     async def aclose(self) -> None:
         if not self._finished:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.cancel())
             await self._finish()
-
-    @property
-    def attempt_request_id(self) -> str:
-        return self._attempt_rid
 
 
 def new_request_id() -> str:

@@ -7,6 +7,7 @@ import re
 __all__ = [
     "NODES_BUCKET",
     "NODE_QUEUE",
+    "RESUME_BUCKET",
     "TOKENS_STREAM",
     "count",
     "ctl",
@@ -21,6 +22,7 @@ __all__ = [
 PREFIX = "cb"
 TOKENS_STREAM = "CB_TOKENS"
 NODES_BUCKET = "cb_nodes"
+RESUME_BUCKET = "cb_resume"  # KV: what a gateway needs to resume a stream (request, attempts), TTL as tokens
 NODE_QUEUE = "cb-nodes"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
@@ -173,6 +175,16 @@ def js_consume(stream: str) -> list[str]:
         f"$JS.API.CONSUMER.*.{stream}",  # CREATE.<stream>
         f"$JS.API.CONSUMER.*.{stream}.>",  # CREATE.<stream>.<name>.<filter>, INFO, DELETE
         f"$JS.API.CONSUMER.*.*.{stream}.>",  # DURABLE.CREATE, MSG.NEXT
+    ]
+
+
+def js_read(stream: str) -> list[str]:
+    """Every JetStream API call that reads messages of `stream` (consumers and direct gets)."""
+    return [
+        *js_consume(stream),
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
     ]
 
 

@@ -15,3 +15,4 @@ class GatewayConfig:
     max_n: int = 8  # the most choices one request may ask for
     deadline_s: float = 600.0  # wall-clock budget of one generation on its node
     sse_ping_s: float = 15.0  # SSE comment pings keep proxies from closing idle streams
+    keepalive_s: float = 15.0  # a node stops generating this long after this gateway's keep-alives stop

@@ -43,6 +43,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=GatewayConfig.max_body_bytes)
     p.add_argument("--max-n", type=int, default=GatewayConfig.max_n, help="most choices per request")
     p.add_argument("--deadline", type=float, default=GatewayConfig.deadline_s, help="seconds per generation")
+    p.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=GatewayConfig.keepalive_s,
+        help="seconds a node goes on generating for this gateway after its keep-alives stop (it died)",
+    )
     p.add_argument("--log-level", default="info")
 
 
@@ -56,13 +62,16 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> GatewayCon
         max_body_bytes=args.max_body_bytes,
         max_n=args.max_n,
         deadline_s=args.deadline,
+        keepalive_s=args.keepalive_timeout,
     )
 
 
 async def serve(nats_url: str, host: str, port: int, config: GatewayConfig, log_level: str = "info") -> None:
     """Own a BusClient and a uvicorn server for as long as the server runs."""
     async with contextlib.AsyncExitStack() as stack:
-        client = await BusClient.connect(nats_url, name=f"chatbus-gateway {host}:{port}")
+        client = await BusClient.connect(
+            nats_url, name=f"chatbus-gateway {host}:{port}", keepalive_s=config.keepalive_s
+        )
         stack.push_async_callback(client.close)
         app = build_app(client, config)
         server = uvicorn.Server(

@@ -21,6 +21,7 @@ class Choice:
     finish_reason: str | None = None
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    seq: int = 0  # the last bus event folded in (the SSE event id says it)
 
 
 def usage_json(prompt: int, completion: int) -> dict[str, int]:

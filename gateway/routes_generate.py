@@ -1,11 +1,11 @@
-"""POST /v1/chat/completions and /v1/completions: n concurrent bus streams → OpenAI JSON or SSE."""
+"""POST /v1/chat/completions and /v1/completions: n concurrent bus streams → OpenAI JSON or SSE;
+GET .../{id}/stream resumes a stream (see gateway/resume.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -14,13 +14,14 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bus import BusClient, ChatStream, Chunk, Done, SamplingParams
-from bus.errors import BusError, Cancelled, ContextLengthExceeded, error_for
-from bus.schemas import GenerateRequest, StreamEvent
+from bus import BusClient, ChatStream, SamplingParams
+from bus.errors import BusError
+from bus.schemas import GenerateRequest
 from gateway.config import GatewayConfig
-from gateway.errors import ApiError, error_reply
+from gateway.errors import ApiError
 from gateway.http import check_bus, check_payload, json_response, read_body, unless_disconnected
-from gateway.openai_format import Choice, Shape, chat_shape, completion_shape, usage_json
+from gateway.openai_format import Choice, Shape, chat_shape, completion_shape
+from gateway.resume import ChoiceRecord, Recorder, ResumeRecord, key_of, load, resume_point
 from gateway.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -30,8 +31,9 @@ from gateway.schemas import (
     completion_sampling,
     parse,
 )
+from gateway.streaming import apply, close_all, sse_body, start_all, usage_of
 
-__all__ = ["chat_completions", "completions"]
+__all__ = ["chat_completions", "completions", "resume_chat", "resume_completion"]
 
 Plan = list[tuple[Choice, Callable[[], ChatStream]]]
 
@@ -43,6 +45,19 @@ def _state(request: Request) -> tuple[BusClient, GatewayConfig]:
 def _check_n(n: int, config: GatewayConfig) -> None:
     if n > config.max_n:
         raise ApiError(400, f"n must be <= {config.max_n} on this gateway, got {n}", param="n")
+
+
+def _check_max_tokens(client: BusClient, model: str, params: SamplingParams) -> None:
+    """A max_tokens no node of the model could ever honour is the caller's mistake: say so here."""
+    entry = client.models().get(model)
+    if entry is not None and params.max_tokens is not None and params.max_tokens > entry.context_length:
+        raise ApiError(
+            400,
+            f"max_tokens {params.max_tokens} is over the context length of {model!r} "
+            f"({entry.context_length} tokens, prompt included)",
+            code="context_length_exceeded",
+            param="max_tokens",
+        )
 
 
 def _nth(params: SamplingParams, i: int) -> SamplingParams:
@@ -59,6 +74,7 @@ async def chat_completions(request: Request) -> Response:
     messages = chat_messages(req.messages)
     _check_n(req.n, config)
     check_bus(client)
+    _check_max_tokens(client, req.model, params)
     probe = GenerateRequest(request_id="0" * 32, model=req.model, messages=messages, params=params)
     check_payload(client, probe, "messages")
 
@@ -76,6 +92,7 @@ async def completions(request: Request) -> Response:
     prompts = completion_prompts(req)
     _check_n(req.n * len(prompts), config)
     check_bus(client)
+    _check_max_tokens(client, req.model, params)
     for prompt in prompts:
         probe = GenerateRequest(request_id="0" * 32, model=req.model, prompt=prompt, params=params)
         check_payload(client, probe, "prompt")
@@ -98,68 +115,44 @@ async def _serve(
     shape_of: Callable[[str, str, int, bool], Shape],
     param: str,
 ) -> Response:
+    client, config = _state(request)
     choices = [c for c, _ in plan]
     streams = [make() for _, make in plan]
-    await _start_all(streams, param)
+    await start_all(streams, param)
     # Usage counts each prompt once, as OpenAI does for n > 1.
     for choice, stream in zip(choices, streams, strict=True):
         choice.prompt_tokens = stream.prompt_tokens if choice.index % req.n == 0 else 0
     logprobs = bool(req.logprobs) if isinstance(req, ChatRequest) else req.logprobs is not None
     shape = shape_of(streams[0].request_id, req.model, int(time.time()), logprobs)
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        _, config = _state(request)
-        return EventSourceResponse(
-            _sse(shape, choices, streams, include_usage), sep="\n", ping=config.sse_ping_s
-        )
-    body = await unless_disconnected(request, _collect(shape, choices, streams))
-    if body is None:  # the client hung up; the streams were cancelled on their nodes
-        return Response(status_code=499)
-    return json_response(body)
-
-
-async def _start_all(streams: list[ChatStream], param: str) -> None:
-    """Dispatch every stream; if one fails, cancel the others and raise its error."""
-    results = await asyncio.gather(*(s.start() for s in streams), return_exceptions=True)
-    errors = [r for r in results if isinstance(r, BaseException)]
-    if errors:
-        await _close_all(streams)
-        if isinstance(errors[0], ContextLengthExceeded):  # name the field that is too long
-            err = error_reply(errors[0], param=param).body["error"]
-            raise ApiError(400, err["message"], code=err["code"], param=param)
-        raise errors[0]
-
-
-async def _close_all(streams: list[ChatStream]) -> None:
-    for stream in streams:
-        with contextlib.suppress(Exception):
-            await stream.aclose()
-
-
-def _apply(choice: Choice, event: StreamEvent) -> BusError | None:
-    """Fold one bus event into its choice; the error to report when the stream failed."""
-    if isinstance(event, Chunk):
-        choice.text.append(event.text)
-        if event.logprobs:
-            choice.logprobs.extend(event.logprobs)
-        return None
-    if isinstance(event, Done):
-        if event.finish_reason == "cancelled":
-            return Cancelled("the generation was cancelled on its node before it finished; retry")
-        choice.finish_reason = event.finish_reason
-        choice.completion_tokens = event.usage.completion_tokens
-        return None
-    return error_for(event.code, f"generation failed on node {event.node_id or '?'}: {event.message}")
-
-
-def _usage(choices: list[Choice]) -> dict[str, int]:
-    return usage_json(sum(c.prompt_tokens for c in choices), sum(c.completion_tokens for c in choices))
+    if not req.stream:
+        body = await unless_disconnected(request, _collect(shape, choices, streams))
+        if body is None:  # the client hung up; the streams were cancelled on their nodes
+            return Response(status_code=499)
+        return json_response(body)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    record = ResumeRecord(
+        chat=shape.chat,
+        model=req.model,
+        created=shape.created,
+        choices=[
+            ChoiceRecord(request=s.request, attempts=[], prefix=c.prefix, prompt_tokens=c.prompt_tokens)
+            for c, s in zip(choices, streams, strict=True)
+        ],
+        logprobs=logprobs,
+        include_usage=include_usage,
+        key=key_of(request),
+    )
+    recorder = Recorder(client, streams[0].request_id, record, streams)
+    await recorder.save()
+    return EventSourceResponse(
+        sse_body(shape, choices, streams, include_usage, recorder), sep="\n", ping=config.sse_ping_s
+    )
 
 
 async def _collect(shape: Shape, choices: list[Choice], streams: list[ChatStream]) -> dict[str, Any]:
     async def one(choice: Choice, stream: ChatStream) -> None:
         async for event in stream:
-            error = _apply(choice, event)
+            error = apply(choice, event)
             if error is not None:
                 raise error
 
@@ -172,63 +165,45 @@ async def _collect(shape: Shape, choices: list[Choice], streams: list[ChatStream
             task.cancel()
         with anyio.CancelScope(shield=True):
             await asyncio.gather(*tasks, return_exceptions=True)
-            await _close_all(streams)
-    return shape.whole(choices, _usage(choices))
+            await close_all(streams)
+    return shape.whole(choices, usage_of(choices))
 
 
-def _frame(body: dict[str, Any]) -> bytes:
-    return b"data: " + msgspec.json.encode(body) + b"\n\n"
+# ----------------------------------------------------------------------------- resume
 
 
-async def _pump(choice: Choice, stream: ChatStream, queue: asyncio.Queue[Any]) -> None:
-    try:
-        async for event in stream:
-            await queue.put((choice, event))
-    except Exception as e:
-        await queue.put((choice, e))
+async def resume_chat(request: Request) -> Response:
+    return await _resume(request, chat=True)
 
 
-async def _sse(
-    shape: Shape, choices: list[Choice], streams: list[ChatStream], include_usage: bool
-) -> AsyncIterator[bytes]:
-    """The SSE body: role/echo chunks, deltas, a finish chunk per choice, usage, [DONE].
+async def resume_completion(request: Request) -> Response:
+    return await _resume(request, chat=False)
 
-    A failure after the first byte becomes one `data: {"error": ...}` event, then the stream ends.
-    Closing this generator (client gone) cancels every stream on its node.
-    """
-    queue: asyncio.Queue[tuple[Choice, StreamEvent | Exception]] = asyncio.Queue()
-    tasks = [asyncio.create_task(_pump(c, s, queue)) for c, s in zip(choices, streams, strict=True)]
 
-    def chunk(parts: list[dict[str, Any]]) -> bytes:
-        body = shape.chunk(parts)
-        if include_usage:
-            body["usage"] = None
-        return _frame(body)
-
-    try:
-        for choice in choices:
-            opening = shape.opening(choice)
-            if opening is not None:
-                yield chunk([opening])
-        left = len(choices)
-        while left:
-            choice, event = await queue.get()
-            error = event if isinstance(event, Exception) else _apply(choice, event)
-            if error is not None:
-                yield _frame(error_reply(error).body)
-                return
-            if isinstance(event, Chunk):
-                if event.text or event.logprobs:
-                    yield chunk([shape.delta(choice, event.text, event.logprobs)])
-            elif isinstance(event, Done):
-                left -= 1
-                yield chunk([shape.closing(choice)])
-        if include_usage:
-            yield _frame(shape.chunk([], _usage(choices)))
-        yield b"data: [DONE]\n\n"
-    finally:
-        for task in tasks:
-            task.cancel()
-        with anyio.move_on_after(10, shield=True):
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await _close_all(streams)
+async def _resume(request: Request, chat: bool) -> Response:
+    """The rest of a stream after the client's Last-Event-ID, served by this (or any) gateway."""
+    client, config = _state(request)
+    check_bus(client)
+    completion_id = request.path_params["completion_id"]
+    prefix = "chatcmpl-" if chat else "cmpl-"  # as chat_shape / completion_shape name them
+    record = await load(client, completion_id, prefix, key_of(request))
+    after = resume_point(request, completion_id, len(record.choices))
+    streams = [
+        client.resume(c.request, c.attempts, after=after[i] if after else 0, prompt_tokens=c.prompt_tokens)
+        for i, c in enumerate(record.choices)
+    ]
+    await start_all(streams, "Last-Event-ID")
+    choices = []
+    for i, (saved, stream) in enumerate(zip(record.choices, streams, strict=True)):
+        choice = Choice(index=i, prefix=saved.prefix, prompt_tokens=saved.prompt_tokens)
+        choice.text.append(stream.text)  # what the client has: completion logprob offsets count it
+        choice.seq = after[i] if after else 0
+        if stream.result is not None:  # the client has seen this choice end
+            error = apply(choice, stream.result)
+            if isinstance(error, BusError):
+                raise error
+        choices.append(choice)
+    shape = Shape(chat, completion_id, record.model, record.created, record.logprobs)
+    recorder = Recorder(client, completion_id.removeprefix(prefix), record, streams)
+    body = sse_body(shape, choices, streams, record.include_usage, recorder, openings=after is None)
+    return EventSourceResponse(body, sep="\n", ping=config.sse_ping_s)

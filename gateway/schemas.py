@@ -11,7 +11,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from bus.schemas import ChatMessage, SamplingParams
+from bus.schemas import MAX_STOP_STRINGS, ChatMessage, SamplingParams
 from gateway.errors import ApiError
 
 __all__ = [
@@ -157,6 +157,12 @@ def parse(body: bytes, type_: type[T]) -> T:
         ) from None
     except msgspec.DecodeError as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except UnicodeDecodeError as e:
+        raise ApiError(
+            400, f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})", code="invalid_json"
+        ) from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
 
 
 def _bad(param: str, message: str, code: str = "invalid_value") -> ApiError:
@@ -224,6 +230,10 @@ def _sampling(
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stop):
         raise _bad("stop", "stop strings must not be empty")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise _bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    if req.seed is not None and not -(2**63) <= req.seed < 2**63:
+        raise _bad("seed", f"seed must be a 64-bit integer, got {req.seed}")
     return SamplingParams(
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
@@ -269,7 +279,8 @@ def _text_of(i: int, m: Message) -> str:
         return m.content
     texts = []
     for j, part in enumerate(m.content):
-        if part.type != "text" or part.text is None:
+        extra = part.image_url is not None or part.input_audio is not None or part.file is not None
+        if part.type != "text" or part.text is None or extra:
             raise _unsupported(f"messages[{i}].content[{j}]", f"content part {part.type!r}: text only")
         texts.append(part.text)
     return "".join(texts)

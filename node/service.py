@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -26,8 +27,10 @@ from nats.js.kv import KeyValue
 from bus import subjects
 from bus.codec import decode, encode
 from bus.connection import HEARTBEAT_S, ensure_nodes_bucket, ensure_tokens_stream
-from bus.errors import BadRequest, BusError, Code
+from bus.errors import BadMessage, BadRequest, BusError, Code
+from bus.publisher import RecordPublisher
 from bus.schemas import (
+    MAX_STOP_STRINGS,
     Accepted,
     Cancel,
     Chunk,
@@ -68,9 +71,45 @@ class _Job:
     end_code: Code | None = None  # why we cancelled it, if we did
 
 
+WIRE_VERSION = 1  # the schema version this node speaks
+_MAX_ID = 200  # request ids become subject tokens
+
+
+class _Envelope(msgspec.Struct):
+    """Just enough of any message to say what it is, when it does not decode as what we expect."""
+
+    type: str = "?"
+    v: int = WIRE_VERSION
+
+
+def read(data: bytes, type_: Any) -> Any:
+    """Decode a message a node receives; a newer schema version gets its own clear error."""
+    try:
+        message = decode(data, type_)
+    except BadMessage:
+        try:
+            envelope = msgspec.json.decode(data, type=_Envelope)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            envelope = _Envelope()
+        if envelope.v <= WIRE_VERSION:
+            raise
+        message = envelope
+    if message.v > WIRE_VERSION:
+        raise BadMessage(
+            f"unsupported message version {message.v} ({getattr(message, 'type', type(message).__name__)!r}): "
+            f"this node speaks chatbus wire version {WIRE_VERSION}; upgrade the node or send version "
+            f"{WIRE_VERSION}"
+        )
+    return message
+
+
 def validate(req: GenerateRequest) -> None:
     """Reject what no engine could honour, with a message that names the field."""
     p = req.params
+    if not req.request_id or len(req.request_id) > _MAX_ID:
+        raise BadRequest(f"request_id must be 1 to {_MAX_ID} characters, got {len(req.request_id)}")
+    if not (req.deadline_s > 0 and req.keepalive_s > 0):
+        raise BadRequest(f"deadline_s and keepalive_s must be > 0, got {req.deadline_s}, {req.keepalive_s}")
     if req.messages is None and req.prompt is None:
         raise BadRequest("either messages or prompt is required")
     if req.messages is not None and not req.messages:
@@ -87,6 +126,13 @@ def validate(req: GenerateRequest) -> None:
         raise BadRequest(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
     if not 0 <= p.top_logprobs <= 20:
         raise BadRequest(f"top_logprobs must be between 0 and 20, got {p.top_logprobs}")
+    if len(p.stop) > MAX_STOP_STRINGS:
+        raise BadRequest(f"at most {MAX_STOP_STRINGS} stop strings, got {len(p.stop)}")
+    if p.seed is not None and not -(2**63) <= p.seed < 2**64:
+        raise BadRequest(f"seed must fit in 64 bits, got {p.seed}")
+    for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        if not math.isfinite(getattr(p, name)):
+            raise BadRequest(f"{name} must be a finite number")
 
 
 class NodeService:
@@ -105,6 +151,7 @@ class NodeService:
         self._accepting = False
         self._kv: KeyValue | None = None
         self._repair: asyncio.Task[None] | None = None
+        self._records = RecordPublisher(self.js, on_failure=self._on_bus_failure)
 
     @property
     def model(self) -> str:
@@ -162,21 +209,33 @@ class NodeService:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.js.publish_async_completed(), 5)
+        await self._records.flush(5)
+        await self._records.close()
 
     # ------------------------------------------------------------------ requests
 
     async def _on_generate(self, msg: Msg) -> None:
-        try:
-            req = decode(msg.data, GenerateRequest)
-        except BusError as e:
-            await msg.respond(
-                encode(Rejected(request_id="", node_id=self.node_id, code=e.code.value, message=str(e)))
+        """Answer Accepted or Rejected; whatever arrives, never let it take the node down."""
+        if not msg.reply:
+            log.warning(
+                "ignoring a message on %s without a reply subject (%d bytes)", msg.subject, len(msg.data)
             )
             return
-        reply = self._admit(req)
-        await msg.respond(encode(reply))
+        try:
+            reply = self._admit(read(msg.data, GenerateRequest))
+        except BusError as e:
+            log.warning("rejecting a bad message on %s: %s", msg.subject, e)
+            reply = Rejected(request_id="", node_id=self.node_id, code=e.code.value, message=e.message)
+        except Exception as e:
+            log.exception("generate request on %s failed", msg.subject)
+            reply = Rejected(request_id="", node_id=self.node_id, code=Code.INTERNAL.value, message=str(e))
+        await self._respond(msg, encode(reply))
+
+    async def _respond(self, msg: Msg, data: bytes) -> None:
+        try:
+            await msg.respond(data)
+        except Exception as e:  # the asker is gone, or the bus is: nothing more to do
+            log.warning("could not answer on %s: %r", msg.reply, e)
 
     def _admit(self, req: GenerateRequest) -> Accepted | Rejected:
         def reject(code: Code, message: str, retry_after_s: float = 0.0) -> Rejected:
@@ -230,8 +289,12 @@ class NodeService:
             job = self._jobs.get(delta.request_id)
             if job is None:
                 continue
-            for event in self._events(job, delta):
-                await self._publish(subjects.token(job.request_id), encode(event))
+            try:
+                for event in self._events(job, delta):
+                    rid = job.request_id  # the message id makes a publish retried after a lost ack idempotent
+                    await self._records.publish(subjects.token(rid), encode(event), f"{rid}.{event.seq}")
+            except Exception:  # one broken request must not stop every other stream
+                log.exception("request %s: could not publish its tokens", job.request_id)
             if delta.finish_reason is not None:
                 self._jobs.pop(delta.request_id, None)
 
@@ -268,19 +331,9 @@ class NodeService:
             )
         return events
 
-    async def _publish(self, subject: str, data: bytes) -> None:
-        try:
-            ack = await self.js.publish_async(subject, data, wait_stall=5.0)
-        except Exception as e:
-            log.warning("could not publish to %s: %r", subject, e)
-            return
-        ack.add_done_callback(self._on_ack)
-
-    def _on_ack(self, ack: asyncio.Future[Any]) -> None:
-        """A lost token leaves a gap the client sees (it fails over); here we repair the stream."""
-        if ack.cancelled() or ack.exception() is None:
-            return
-        log.warning("token publish failed: %r", ack.exception())
+    def _on_bus_failure(self, error: BaseException) -> None:
+        """A publish failed (the publisher sends it again): re-create the stream and bucket in the
+        background, in case the server lost them."""
         if self._repair is None or self._repair.done():
             self._repair = asyncio.create_task(self._ensure_bus_objects())
 
@@ -288,9 +341,9 @@ class NodeService:
 
     async def _on_control(self, msg: Msg) -> None:
         try:
-            ctl: Cancel | KeepAlive = decode(msg.data, ControlMessage)
+            ctl: Cancel | KeepAlive = read(msg.data, ControlMessage)
         except BusError as e:
-            log.warning("bad control message: %s", e)
+            log.warning("ignoring a bad control message on %s: %s", msg.subject, e)
             return
         if isinstance(ctl, KeepAlive):
             now = time.monotonic()
@@ -338,13 +391,16 @@ class NodeService:
             updated_at=time.time(),
         )
 
-    async def _heartbeat(self) -> None:
+    async def _heartbeat(self) -> bool:
         assert self._kv is not None
         try:
-            await self._kv.put(self.node_id, encode(self.info()))
-        except Exception as e:  # the bucket may be gone after a server restart: re-create it
-            log.warning("heartbeat failed (%r); re-creating the bucket", e)
-            await self._ensure_bus_objects()
+            # Bounded: a put stuck on a dead connection must not hold up the beats that keep us listed.
+            await asyncio.wait_for(self._kv.put(self.node_id, encode(self.info())), HEARTBEAT_S)
+            return True
+        except Exception as e:  # no leader for a moment (a cluster), or the bucket is gone (a restart)
+            log.warning("heartbeat failed (%r); retrying", e)
+            self._on_bus_failure(e)
+            return False
 
     async def _ensure_bus_objects(self) -> None:
         try:
@@ -354,10 +410,12 @@ class NodeService:
             log.warning("cannot re-create streams yet (%r)", e)
 
     async def _heartbeat_loop(self) -> None:
+        beat = True
         while True:
-            await asyncio.sleep(HEARTBEAT_S)
+            # Soon again after a miss: clients drop a node silent for NODE_TTL_S.
+            await asyncio.sleep(HEARTBEAT_S if beat else 0.5)
             if self._accepting:
-                await self._heartbeat()
+                beat = await self._heartbeat()
 
     # ------------------------------------------------------------------ count / embed
 
@@ -368,6 +426,8 @@ class NodeService:
         await self._answer(msg, EmbedRequest, self._embed)
 
     async def _count(self, req: CountRequest) -> CountReply:
+        if (req.messages is None) == (req.prompt is None):
+            raise BadRequest("a count request needs exactly one of messages or prompt")
         n = await asyncio.to_thread(self.engine.count_tokens, req.messages, req.prompt)
         return CountReply(tokens=n, context_length=self.engine.card.context_length)
 
@@ -380,11 +440,17 @@ class NodeService:
     async def _answer(
         self, msg: Msg, type_: type, handler: Callable[[Any], Awaitable[msgspec.Struct]]
     ) -> None:
+        if not msg.reply:
+            log.warning(
+                "ignoring a message on %s without a reply subject (%d bytes)", msg.subject, len(msg.data)
+            )
+            return
         try:
-            reply = await handler(decode(msg.data, type_))
+            reply = await handler(read(msg.data, type_))
         except BusError as e:
+            log.warning("rejecting a bad message on %s: %s", msg.subject, e)
             reply = Rejected(request_id="", node_id=self.node_id, code=e.code.value, message=e.message)
         except Exception as e:
             log.exception("%s failed", type_.__name__)
             reply = Rejected(request_id="", node_id=self.node_id, code=Code.INTERNAL.value, message=str(e))
-        await msg.respond(encode(reply))
+        await self._respond(msg, encode(reply))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 from fakes import EchoEngine, user, wait_for
@@ -12,6 +13,10 @@ from bus import BusClient, Chunk, Done, Failed
 from bus.connection import connect
 from bus.server import EmbeddedServer
 from node.service import NodeService
+
+
+def measured(what: str, seconds: float) -> None:
+    print(f"\n[recovery] {what}: {seconds:.1f} s")  # for docs/reliability.md; never asserted
 
 
 @pytest.fixture
@@ -31,6 +36,7 @@ async def test_everything_reconnects_after_server_restart(own_server: EmbeddedSe
         await wait_for(lambda: "echo-r" in client.models(), 15)
         own_server.kill()
         own_server.start()  # same port, same data dir
+        back = time.monotonic()
         await wait_for(lambda: nc.is_connected and client.nc.is_connected, 20)
         for _ in range(100):  # the first tries may race the node's re-registration
             try:
@@ -40,6 +46,7 @@ async def test_everything_reconnects_after_server_restart(own_server: EmbeddedSe
                 await asyncio.sleep(0.2)
         assert isinstance(events[-1], Done)
         assert "".join(e.text for e in events if isinstance(e, Chunk)) == "still here after restart"
+        measured("NATS server restarted -> a whole answer again", time.monotonic() - back)
     finally:
         await client.close()
         await service.drain(1)
@@ -63,7 +70,9 @@ async def test_client_that_vanishes_stops_generation(own_server: EmbeddedServer)
         await stream.start()
         await anext(stream)
         await client.nc.close()  # the client process is gone: no cancel, no keep-alive
+        gone = time.monotonic()
         await wait_for(lambda: not service._jobs, 10)
+        measured("client gone (keep-alive timeout 1 s) -> node stops", time.monotonic() - gone)
         await wait_for(lambda: "lost-1" not in engine.running_ids, 5)
     finally:
         with contextlib.suppress(Exception):
@@ -85,8 +94,44 @@ async def test_lost_node_without_failover_fails_clearly(own_server: EmbeddedServ
         service.engine.stop()
         for task in service._tasks:
             task.cancel()
+        frozen = time.monotonic()
         events = [e async for e in stream]
+        measured("node frozen, no other node -> Failed(node_lost)", time.monotonic() - frozen)
         assert isinstance(events[-1], Failed) and events[-1].code == "node_lost"
     finally:
         await client.close()
+        await nc.close()
+
+
+async def test_an_answer_resumes_in_another_client(own_server: EmbeddedServer) -> None:
+    """A client dies mid-answer; another one, given its request and attempts, replays what was said
+    and continues: live when the node is still generating, by continuation once the node cancelled."""
+    nc = await connect(own_server.url, name="node")
+    service = NodeService(nc, EchoEngine("echo-s", step_s=0.05), max_queued=0)
+    await service.start()
+    heir = await BusClient.connect(own_server.url, name="heir")
+    words = [f"w{i}" for i in range(40)]
+    try:
+        for wait_for_the_cancel in (False, True):
+            # keep-alive timeout: what the heir's keep-alives satisfy / short, not to wait for it
+            keepalive_s = 1.0 if wait_for_the_cancel else 15.0
+            doomed = await BusClient.connect(own_server.url, name="doomed", keepalive_s=keepalive_s)
+            await wait_for(lambda d=doomed: "echo-s" in d.models() and "echo-s" in heir.models(), 15)
+            stream = doomed.chat("echo-s", user(" ".join(words)))
+            seen = [await anext(stream) for _ in range(5)]
+            request, attempts = stream.request, stream.attempts
+            await doomed.nc.close()  # gone: no cancel, no keep-alive
+            if wait_for_the_cancel:
+                await wait_for(lambda: not service._jobs, 10)
+            resumed = heir.resume(request, attempts, after=5)
+            rest = [e async for e in resumed]
+            assert isinstance(rest[-1], Done) and rest[-1].usage.completion_tokens == 40, rest[-1]
+            assert "".join(e.text for e in [*seen, *rest] if isinstance(e, Chunk)) == " ".join(words)
+            assert [e.seq for e in rest] == list(range(6, 6 + len(rest)))
+            assert len(resumed.attempts) == 1 + wait_for_the_cancel  # a continuation only when cut short
+            with contextlib.suppress(Exception):
+                await doomed.close()
+    finally:
+        await heir.close()
+        await service.drain(1)
         await nc.close()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import re
 import struct
 import time
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -387,8 +390,8 @@ async def test_client_disconnect_cancels_on_the_node(gw: Gateway, nats_url: str,
     async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
         async with http.stream("POST", "/v1/chat/completions", json=body) as r:
             lines = r.aiter_lines()
-            first = json.loads((await anext(lines))[len("data: ") :])
-            await anext(lines)
+            first = json.loads(await _next_data(lines))
+            await _next_data(lines)
     request_id = first["id"].removeprefix("chatcmpl-")
     # the node stops decoding: it publishes Done(cancelled) long before the 400 words (20 s) are out
     nc = await connect(nats_url, name="test-observer")
@@ -438,3 +441,250 @@ async def test_bus_down_is_503(thread: LoopThread, tmp_path) -> None:
 
 async def _status(http: httpx.AsyncClient, path: str, status: int) -> bool:
     return (await http.get(path)).status_code == status
+
+
+# ----------------------------------------------------------------------------- resume (Last-Event-ID)
+
+
+@pytest.fixture(scope="module")
+def gw2(thread, nats_url, nodes):
+    """A second gateway on the same bus: a stream started on `gw` resumes here too."""
+    with gateway(thread, nats_url) as g:
+        _wait_models(g, {"echo", "slow"})
+        yield g
+
+
+async def _next_data(lines) -> str:  # type: ignore[no-untyped-def]
+    async for line in lines:
+        if line.startswith("data: "):
+            return line[len("data: ") :]
+    raise AssertionError("the stream ended")
+
+
+async def _events(r: httpx.Response):  # type: ignore[no-untyped-def]
+    """(id, data) of each SSE event as it arrives; id None when the event has none."""
+    ident = None
+    async for line in r.aiter_lines():
+        if line.startswith("id: "):
+            ident = line[len("id: ") :]
+        elif line.startswith("data: "):
+            yield ident, line[len("data: ") :]
+            ident = None
+
+
+def _content(chunk: dict, index: int = 0) -> str:
+    return "".join(c["delta"].get("content") or "" for c in chunk["choices"] if c["index"] == index)
+
+
+async def _resume(http: httpx.AsyncClient, path: str, last_id: str | None) -> list[tuple[str | None, str]]:
+    headers = {"Last-Event-ID": last_id} if last_id else {}
+    async with http.stream("GET", path, headers=headers) as r:
+        assert r.status_code == 200, await r.aread()
+        return [e async for e in _events(r)]
+
+
+async def test_resume_after_a_disconnect_gets_the_rest(gw: Gateway, engines) -> None:
+    words = [f"r{i}" for i in range(30)]
+    body = {"model": "slow", "messages": user(" ".join(words)), "stream": True}
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+        got, ids = [], []
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            async for ident, data in _events(r):
+                ids.append(ident)
+                got.append(_content(json.loads(data)))
+                if len(got) == 6:  # the role chunk and five words, then the client is gone
+                    break
+        completion_id, _, seq = ids[-1].partition(":")
+        assert [int(i.partition(":")[2]) for i in ids] == list(range(6))
+        # the gateway cancelled it on the node at once (no one is listening)
+        await eventually(lambda: not engines["slow"].running_ids, timeout=10)
+        rest = await _resume(http, f"/v1/chat/completions/{completion_id}/stream", ids[-1])
+    assert rest[-1] == (None, "[DONE]")
+    chunks = [json.loads(d) for _, d in rest[:-1]]
+    assert {c["id"] for c in chunks} == {completion_id}
+    assert "".join(got) + "".join(_content(c) for c in chunks) == " ".join(words)  # one whole answer
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    seqs = [int(i.partition(":")[2]) for i, _ in rest[:-1]]
+    assert seqs == sorted(set(seqs)) and seqs[0] > int(seq)
+
+
+async def test_resume_on_another_gateway_with_n_choices_and_usage(gw: Gateway, gw2: Gateway) -> None:
+    words = [f"m{i}" for i in range(20)]
+    body = {
+        "model": "slow",
+        "messages": user(" ".join(words)),
+        "n": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    texts = ["", ""]
+    async with httpx.AsyncClient(timeout=30) as http:
+        async with http.stream("POST", f"{gw.url}/v1/chat/completions", json=body) as r:
+            async for ident, data in _events(r):
+                last = ident
+                chunk = json.loads(data)
+                for i in (0, 1):
+                    texts[i] += _content(chunk, i)
+                if min(len(t.split()) for t in texts) >= 3:
+                    break
+        completion_id = last.partition(":")[0]
+        assert len(last.partition(":")[2].split(",")) == 2  # one position per choice
+        rest = await _resume(http, f"{gw2.url}/v1/chat/completions/{completion_id}/stream", last)
+    assert rest[-1] == (None, "[DONE]")
+    chunks = [json.loads(d) for _, d in rest[:-1]]
+    for i in (0, 1):
+        texts[i] += "".join(_content(c, i) for c in chunks)
+    assert texts == [" ".join(words)] * 2
+    finish = [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]]
+    assert finish == ["stop", "stop"]
+    assert chunks[-1]["usage"] == {"prompt_tokens": 20, "completion_tokens": 40, "total_tokens": 60}
+
+
+async def test_resume_of_a_finished_stream_replays_it_exactly(gw: Gateway, gw2: Gateway) -> None:
+    body = {"model": "echo", "prompt": "a b c d e f", "echo": True, "stream": True, "max_tokens": 50}
+    async with httpx.AsyncClient(timeout=30) as http:
+        async with http.stream("POST", f"{gw.url}/v1/completions", json=body) as r:
+            original = [e async for e in _events(r)]
+        completion_id = original[0][0].partition(":")[0]
+        assert completion_id.startswith("cmpl-")
+        path = f"{gw2.url}/v1/completions/{completion_id}/stream"
+        assert await _resume(http, path, original[3][0]) == original[4:]
+        assert await _resume(http, path, None) == original  # no Last-Event-ID: from the start
+        assert await _resume(http, path, original[-2][0]) == original[-1:]  # had it all but [DONE]
+
+
+async def test_resume_errors_are_clear(gw: Gateway, strict: Gateway) -> None:
+    async with httpx.AsyncClient(timeout=30) as http:
+        body = {"model": "echo", "messages": user("x y"), "stream": True}
+        async with http.stream("POST", f"{gw.url}/v1/chat/completions", json=body) as r:
+            events = [e async for e in _events(r)]
+        cid = events[0][0].partition(":")[0]
+        ok = f"{gw.url}/v1/chat/completions/{cid}/stream"
+        error_of(
+            await http.get(f"{gw.url}/v1/chat/completions/chatcmpl-nope/stream"), 404, "resume_not_found"
+        )
+        error_of(await http.get(f"{gw.url}/v1/completions/{cid}/stream"), 404, "resume_not_found")
+        for bad in ("garbage", f"{cid}:x", f"{cid}:1,2", "chatcmpl-other:1"):
+            r = await http.get(ok, headers={"Last-Event-ID": bad})
+            assert error_of(r, 400, "invalid_last_event_id")["param"] == "Last-Event-ID"
+        r = await http.get(ok, headers={"Last-Event-ID": f"{cid}:999"})
+        assert "ends at event" in error_of(r, 400)["message"]
+        # with API keys, only the key that started a stream may resume it
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with http.stream("POST", f"{strict.url}/v1/chat/completions", json=body, headers=headers) as r:
+            cid = (await anext(_events(r)))[0].partition(":")[0]
+        path = f"{strict.url}/v1/chat/completions/{cid}/stream"
+        error_of(await http.get(path, headers={"Authorization": "Bearer sk-other"}), 404, "resume_not_found")
+        assert (await http.get(path, headers=headers)).status_code == 200
+
+
+# ----------------------------------------------------------------------------- bad input, one case each
+
+_HI = user("hi")
+_DEEP = "[" * 100_000 + "]" * 100_000
+_NESTED_PART = {"type": "text", "text": "a", "image_url": json.loads("[" * 200 + "]" * 200)}
+BAD_INPUT: dict[str, tuple[object, int, str | None, str | None]] = {
+    "wrong type of model": ({"model": 5, "messages": _HI}, 400, "invalid_type", "model"),
+    "wrong type of messages": ({"model": "echo", "messages": "hi"}, 400, "invalid_type", "messages"),
+    "wrong type of content": (
+        {"model": "echo", "messages": [{"role": "user", "content": 7}]},
+        400,
+        "invalid_type",
+        "messages[0].content",
+    ),
+    "huge max_tokens": (
+        {"model": "echo", "messages": _HI, "max_tokens": 10**30},
+        400,
+        "context_length_exceeded",
+        "max_tokens",
+    ),
+    "huge seed": ({"model": "echo", "messages": _HI, "seed": 2**70}, 400, "invalid_value", "seed"),
+    "huge n": ({"model": "echo", "messages": _HI, "n": 2**63}, 400, None, "n"),
+    "huge float": (
+        b'{"model": "echo", "messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}',
+        400,
+        "invalid_type",
+        "temperature",
+    ),
+    "negative max_tokens": (
+        {"model": "echo", "messages": _HI, "max_tokens": -5},
+        400,
+        "invalid_value",
+        "max_tokens",
+    ),
+    "unknown role": (
+        {"model": "echo", "messages": [{"role": "wizard", "content": "hi"}]},
+        400,
+        "unsupported_parameter",
+        "messages[0].role",
+    ),
+    "invalid UTF-8": (
+        b'{"model": "echo", "messages": [{"role": "user", "content": "h\xff\xfei"}]}',
+        400,
+        "invalid_json",
+        None,
+    ),
+    "thousands of stop strings": (
+        {"model": "echo", "messages": _HI, "stop": [f"s{i}" for i in range(5000)]},
+        400,
+        "invalid_value",
+        "stop",
+    ),
+    "deeply nested JSON": (
+        f'{{"model": "echo", "messages": [{{"role": "user", "content": [{{"type": "text", "image_url": {_DEEP}}}]}}]}}'.encode(),
+        400,
+        "invalid_json",
+        None,
+    ),
+    "nested content parts": (
+        {"model": "echo", "messages": [{"role": "user", "content": [_NESTED_PART]}]},
+        400,
+        "unsupported_parameter",
+        "messages[0].content[0]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+async def test_bad_input_is_a_clear_error_and_serving_goes_on(gw: Gateway, case: str) -> None:
+    body, status, code, param = BAD_INPUT[case]
+    err = error_of(await post(gw, "/v1/chat/completions", body), status, code)
+    assert err["param"] == param, err
+    r = await post(gw, "/v1/chat/completions", {"model": "echo", "messages": user("still serving")})
+    assert r.json()["choices"][0]["message"]["content"] == "still serving"
+
+
+async def _raw_post(port: int, headers: str, chunks: Iterator[bytes]) -> tuple[int, dict]:
+    """POST through a bare socket, sending `chunks` until the server answers; (status, JSON body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def send() -> None:
+        with contextlib.suppress(ConnectionError):
+            for chunk in chunks:
+                writer.write(chunk)
+                await writer.drain()
+
+    sender = asyncio.create_task(send())
+    try:
+        writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        body = await asyncio.wait_for(reader.readexactly(length), 30)
+        return int(head.split()[1]), json.loads(body)
+    finally:
+        sender.cancel()
+        writer.close()
+
+
+async def test_a_100_mb_body_is_413_and_serving_goes_on(gw: Gateway) -> None:
+    size = 100 * 1024 * 1024
+    megabytes = (b"x" * (1024 * 1024) for _ in range(100))
+    declared = f"Content-Type: application/json\r\nContent-Length: {size}\r\n"
+    status, body = await _raw_post(gw.port, declared, megabytes)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    # no Content-Length: the gateway stops reading at its limit
+    framed = (b"100000\r\n" + b"x" * 0x100000 + b"\r\n" for _ in range(100))
+    status, body = await _raw_post(gw.port, "Transfer-Encoding: chunked\r\n", framed)
+    assert status == 413 and "limit" in body["error"]["message"]
+    r = await post(gw, "/v1/chat/completions", {"model": "echo", "messages": user("still serving")})
+    assert r.json()["choices"][0]["message"]["content"] == "still serving"

@@ -193,7 +193,7 @@ async def test_disconnect_stops_decoding_on_the_real_node(url: str, nats_url: st
         base_url=url, timeout=60, headers={"Authorization": f"Bearer {KEY}"}
     ) as http:
         async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-            lines = r.aiter_lines()
+            lines = (line async for line in r.aiter_lines() if line.startswith("data: "))  # not `id:`
             first = json.loads((await anext(lines))[len("data: ") :])
             for _ in range(3):
                 await anext(lines)

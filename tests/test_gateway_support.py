@@ -144,9 +144,13 @@ async def eventually(predicate: Callable[[], bool | Awaitable[bool]], timeout: f
 
 
 def sse_payloads(raw: str) -> list[str]:
-    """The data of every SSE event in a raw body, checking the exact `data: ...\\n\\n` framing."""
+    """The data of every SSE event in a raw body, checking the exact `[id: ...\\n]data: ...\\n\\n` framing."""
     assert raw.endswith("\n\n"), repr(raw[-40:])
     events = [e for e in raw.split("\n\n") if e and not e.startswith(":")]  # ':' lines are pings
+    payloads = []
     for event in events:
-        assert event.startswith("data: ") and "\n" not in event, repr(event)
-    return [e[len("data: ") :] for e in events]
+        *head, data = event.split("\n")
+        assert data.startswith("data: ") and len(head) <= 1, repr(event)
+        assert all(line.startswith("id: ") for line in head), repr(event)
+        payloads.append(data[len("data: ") :])
+    return payloads

@@ -113,6 +113,10 @@ FORBIDDEN = [
     ("ui", "pub", "$KV.cb_nodes.fake-node", "advertise a fake node"),
     ("ui", "pub", "$JS.API.CONSUMER.CREATE.CB_JOBS", "consume jobs"),
     ("ui", "pub", "$JS.API.STREAM.DELETE.CB_LOGS", "wipe the chat and vote log"),
+    ("ui", "pub", "$JS.API.DIRECT.GET.KV_cb_resume.$KV.cb_resume.x", "read prompts kept for resume"),
+    ("ui", "pub", "$JS.API.CONSUMER.CREATE.KV_cb_resume", "watch prompts kept for resume"),
+    ("worker", "pub", "$KV.cb_resume.x", "rewrite a resume record"),
+    ("node", "pub", "$JS.API.STREAM.MSG.GET.KV_cb_resume", "read prompts kept for resume"),
     ("gateway", "pub", "cb.tok.x", "forge tokens"),
     ("gateway", "pub", "cb.job.train.x", "submit jobs"),
     ("gateway", "sub", "cb.gen.>", "take requests"),
@@ -138,7 +142,13 @@ async def test_the_server_refuses_what_a_role_may_not_do(
 
 @pytest.mark.parametrize(
     ("role", "action", "subject"),
-    [("node", "pub", "cb.tok.x"), ("ui", "pub", "cb.log.chat"), ("worker", "sub", "cb.jobctl.x")],
+    [
+        ("node", "pub", "cb.tok.x"),
+        ("ui", "pub", "cb.log.chat"),
+        ("worker", "sub", "cb.jobctl.x"),
+        ("gateway", "pub", "$KV.cb_resume.x"),
+        ("ui", "pub", "$JS.API.DIRECT.GET.KV_cb_nodes.$KV.cb_nodes.x"),
+    ],
 )
 async def test_what_a_role_needs_is_not_refused(
     ready: None, urls: dict[str, str], role: str, action: str, subject: str

@@ -71,7 +71,9 @@ async def test_quitting_mid_answer_stops_it_on_the_node(nats_url: str, tmp_path:
             steps = engine.steps
             await pilot.press("ctrl+q")
         await wait_for(lambda: not node._jobs, timeout=15)
-        assert engine.steps - steps < 100  # stopped within a few steps, not decoded to its end (150) for nobody
+        assert (
+            engine.steps - steps < 100
+        )  # stopped within a few steps, not decoded to its end (150) for nobody
 
 
 async def test_in_chat_commands(nats_url: str, tmp_path: Path) -> None:
