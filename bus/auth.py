@@ -90,7 +90,9 @@ def permissions(role: str) -> dict[str, Any]:
     elif role == "worker":
         pub = [*asks, subjects.job_events_all(), subjects.JS_ACK_ALL, "$O.>"]
         sub = [inbox, subjects.job_control_all()]
-        deny = [*deny, *resume]
+        # A worker drops its checkpoints from the artifacts (an object delete purges their chunks).
+        own = subjects.js_destroy(f"OBJ_{subjects.ARTIFACTS_BUCKET}")[1]
+        deny = [d for d in deny if d != own] + resume
     else:  # admin
         return {}
     return {"publish": {"allow": pub, "deny": deny}, "subscribe": {"allow": sub}}

@@ -239,6 +239,12 @@ class Jobs:
         await self._obs.put(name, data)
         return name
 
+    async def delete_artifact(self, name: str) -> None:
+        """Drop a named artifact (a checkpoint once its job is done); gone already is fine."""
+        assert self._obs is not None
+        with contextlib.suppress(NotFoundError):
+            await self._obs.delete(name)
+
     async def get_artifact(self, name: str) -> bytes:
         assert self._obs is not None
         try:
@@ -335,6 +341,8 @@ class JobWorker:
             filter_subject=subjects.jobs_of(self.kind),
             max_ack_pending=1000,
         )
+        # Create or update: a worker started with another --ack-wait changes the shared durable.
+        await self.jobs.js.add_consumer(subjects.JOBS_STREAM, config)
         sub = await self.jobs.js.pull_subscribe(
             subjects.jobs_of(self.kind), durable=durable, stream=subjects.JOBS_STREAM, config=config
         )

@@ -116,6 +116,7 @@ async def test_killed_worker_job_resumes_from_checkpoint(
     assert first_step > 1 and first_step >= checkpoint + 1  # not from step 0
     result = msgspec.convert(events[-1].result, TrainResult)
     assert result.resumed_from >= checkpoint and result.steps == 4
+    assert not await jobs.has_artifact(f"ckpt/{job_id}")  # done: the checkpoint is dropped
 
 
 async def test_lora_job_from_the_cli_teaches_a_fact(

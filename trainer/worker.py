@@ -113,6 +113,7 @@ async def handle(ctx: JobContext, cfg: WorkerConfig) -> msgspec.Raw:
         say(
             f"{ctx.job_id}: trained {outcome.steps} steps in {outcome.seconds:.1f} s, stored in {time.perf_counter() - t_store:.1f} s"
         )
+    await ctx.jobs.delete_artifact(ckpt_name)  # the model is stored: its checkpoint is dead weight
     config = await ctx.jobs.put_named(
         f"train/{ctx.job_id}/config.json",
         json.dumps({"spec": msgspec.to_builtins(spec), "data": msgspec.to_builtins(outcome.report)}).encode(),
