@@ -5,14 +5,18 @@ Run: python bench/engine_bench.py [--model DIR] [--dtype auto] [--tokens 128] [-
 Every request is greedy and EOS is disabled (engine: empty eos set; generate: min_new_tokens), so each
 row produces exactly --tokens tokens and the batch stays full. Each configuration runs once to warm
 up (new batch shapes are slow the first time), then is timed. tok/s = generated tokens / wall time,
-prefill included.
+prefill included. HFEngine's TTFT p50 is over the burst of `batch` requests submitted at once (submit →
+first delta). "others' CPU" is the share of the machine that other processes used during the timed
+runs of the row (Linux /proc; "-" elsewhere), so a contended row shows.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import statistics
 import sys
 import threading
 import time
@@ -35,14 +39,27 @@ QUESTIONS = [
 ]
 
 
-def engine_run(engine: HFEngine, batch: int, tokens: int) -> float:
-    """Submit `batch` requests at once; return generated tokens per second until all finish."""
+def busy_seconds() -> tuple[float, float]:
+    """CPU seconds (whole machine busy, this process) since boot; nan where /proc is missing."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError):
+        return math.nan, math.nan
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - ticks[3] - ticks[4]) / hz, (int(mine[11]) + int(mine[12])) / hz
+
+
+def engine_run(engine: HFEngine, batch: int, tokens: int) -> tuple[float, float]:
+    """Submit `batch` requests at once; tokens per second until all finish, and TTFT p50 in ms."""
     done = threading.Event()
     left = [batch]
     produced = [0]
+    firsts: dict[str, float] = {}
     lock = threading.Lock()
 
     def sink(delta: Delta) -> None:
+        firsts.setdefault(delta.request_id, time.perf_counter())
         if delta.finish_reason:
             with lock:
                 produced[0] += delta.completion_tokens
@@ -59,7 +76,8 @@ def engine_run(engine: HFEngine, batch: int, tokens: int) -> float:
             EngineRequest(request_id=f"b{batch}-{i}-{started}", messages=messages, params=params), sink
         )
     done.wait()
-    return produced[0] / (time.perf_counter() - started)
+    ttft = statistics.median(first - started for first in firsts.values())
+    return produced[0] / (time.perf_counter() - started), 1000 * ttft
 
 
 def generate_run(loaded: LoadedModel, batch: int, tokens: int) -> float:
@@ -104,15 +122,22 @@ def main() -> None:
         f"# {loaded.name} on {loaded.device} {loaded.dtype}, torch threads {torch.get_num_threads()}, "
         f"{os.cpu_count()} cpus, {args.tokens} new tokens per request"
     )
-    print("| batch | HFEngine tok/s | model.generate tok/s |")
-    print("|---|---|---|")
+    print("| batch | HFEngine tok/s | HFEngine TTFT p50 ms | model.generate tok/s | others' CPU |")
+    print("|---|---|---|---|---|")
+    cores = os.cpu_count() or 1
     try:
         for batch in batches:
             engine_run(engine, batch, 8)  # warm up this batch shape
-            ours = engine_run(engine, batch, args.tokens)
             generate_run(loaded, batch, 8)
+            machine, mine = busy_seconds()
+            wall = time.perf_counter()
+            ours, ttft = engine_run(engine, batch, args.tokens)
             theirs = generate_run(loaded, batch, args.tokens)
-            print(f"| {batch} | {ours:.1f} | {theirs:.1f} |", flush=True)
+            wall = time.perf_counter() - wall
+            machine_after, mine_after = busy_seconds()
+            others = ((machine_after - machine) - (mine_after - mine)) / (wall * cores)
+            shown = "-" if math.isnan(others) else f"{max(others, 0):.0%}"
+            print(f"| {batch} | {ours:.1f} | {ttft:.0f} | {theirs:.1f} | {shown} |", flush=True)
     finally:
         engine.stop()
 

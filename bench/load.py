@@ -10,7 +10,9 @@ workload runs on HFEngine in-process, so gateway + bus overhead is a measured ra
 
 Reported per level: TTFT (request sent → first content), ITL (mean inter-token latency of each request:
 (last − first content) / (tokens − 1)), E2E latency, each p50/p90/p99 over requests, and aggregate output
-tokens/s (all completion tokens / wall time of the level).
+tokens/s (all completion tokens / wall time of the level). A second table (Linux only) gives the CPU time
+each process spent per request during the level — node (or the in-process engine), gateway, nats-server,
+this load client — and "other": CPU the rest of the machine used meanwhile, so a contended run shows.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import os
 import socket
 import subprocess
 import sys
@@ -70,6 +74,46 @@ async def level(run: Run, concurrency: int, requests: int) -> tuple[list[Sample]
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return samples, time.perf_counter() - started
+
+
+# ----------------------------------------------------------------------------- CPU accounting (Linux /proc)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads; nan where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine spent not idle since boot; nan where /proc is missing."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+    return {"machine": machine_busy_seconds()} | {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
+def cpu_row(mode: str, c: int, requests: int, before: dict[str, float], after: dict[str, float]) -> str:
+    """CPU ms per request for each process, and for everything else on the machine ("other")."""
+    used = {name: (after[name] - before[name]) * 1000 / requests for name in before}
+    ours = sum(v for name, v in used.items() if name != "machine")
+    cells = [used.get(name, math.nan) for name in CPU_COLUMNS] + [used["machine"] - ours]
+    return f"| {mode} | {c} | " + " | ".join("-" if math.isnan(v) else f"{v:.0f}" for v in cells) + " |"
+
+
+CPU_COLUMNS = ["node", "gateway", "nats-server", "client"]
+CPU_HEADER = (
+    "| mode | conc | CPU ms/req: node | gateway | nats-server | load client | other |\n"
+    "|---|---|---|---|---|---|---|"
+)
 
 
 # ----------------------------------------------------------------------------- through the gateway
@@ -205,14 +249,18 @@ HEADER = (
 )
 
 
-async def measure(run: Run, mode: str, levels: list[int], requests: int | None) -> list[str]:
+async def measure(
+    run: Run, mode: str, levels: list[int], requests: int | None, pids: dict[str, int]
+) -> list[str]:
+    """Run each level, print its latency row; return the CPU rows (printed after the table)."""
     await level(run, max(levels), max(levels))  # warm-up: new batch shapes are slow the first time
-    rows = []
+    cpu_rows = []
     for c in levels:
+        before = cpu_snapshot(pids)
         samples, wall = await level(run, c, requests or max(4, 2 * c))
-        rows.append(row(mode, c, samples, wall))
-        print(rows[-1], flush=True)
-    return rows
+        cpu_rows.append(cpu_row(mode, c, len(samples), before, cpu_snapshot(pids)))
+        print(row(mode, c, samples, wall), flush=True)
+    return cpu_rows
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -221,6 +269,7 @@ async def main(args: argparse.Namespace) -> None:
     procs: list[subprocess.Popen[bytes]] = []
     server = None
     url = args.gateway
+    pids = {"client": os.getpid()}
     try:
         if url is None:
             from bus.server import EmbeddedServer
@@ -230,21 +279,27 @@ async def main(args: argparse.Namespace) -> None:
             node = [sys.executable, "-m", "node", "--nats", server.url, "--max-running", str(max(levels))]
             node += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
             procs.append(spawn([*node, "--model", args.engine_model], work / "node.log"))
+            pids["node"] = procs[-1].pid
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             gw = [sys.executable, "-m", "gateway", "--nats", server.url, "--port", str(port)]
             procs.append(spawn([*gw, "--max-n", "64"], work / "gateway.log"))
+            pids["gateway"] = procs[-1].pid
+            if server.process is not None:
+                pids["nats-server"] = server.process.pid
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         limits = httpx.Limits(max_connections=max(levels) * 2)
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as http:
             model = await wait_ready(http, args.model, procs)
             print(f"gateway {url}, model {model}, max_tokens {args.max_tokens}, logs in {work}\n")
             print(HEADER, flush=True)
-            await measure(gateway_runner(http, model, args.max_tokens), "gateway", levels, args.requests)
+            runner = gateway_runner(http, model, args.max_tokens)
+            cpu_rows = await measure(runner, "gateway", levels, args.requests, pids)
         for proc in procs:
             stop(proc)
         if not args.no_engine:
-            await engine_part(args, levels)
+            cpu_rows += await engine_part(args, levels)
+        print(f"\n{CPU_HEADER}", *cpu_rows, sep="\n", flush=True)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -253,13 +308,13 @@ async def main(args: argparse.Namespace) -> None:
             server.stop()
 
 
-async def engine_part(args: argparse.Namespace, levels: list[int]) -> None:
+async def engine_part(args: argparse.Namespace, levels: list[int]) -> list[str]:
     try:
         from node.hf import HFEngine
         from node.loader import load_model
     except ImportError as e:
         print(f"\n(engine comparison skipped: {e})")
-        return
+        return []
     from bus.paths import default_cache_dir
 
     cache = args.cache_dir or default_cache_dir() / "models"
@@ -267,8 +322,10 @@ async def engine_part(args: argparse.Namespace, levels: list[int]) -> None:
     loaded = await asyncio.to_thread(load_model, spec, cache_dir=cache, progress=lambda _: None)
     engine = HFEngine(loaded, max_running=max(levels))
     engine.start()
-    try:
-        await measure(engine_runner(engine, args.max_tokens), "engine", levels, args.requests)
+    try:  # the engine runs in this process: its CPU is the "node" column
+        return await measure(
+            engine_runner(engine, args.max_tokens), "engine", levels, args.requests, {"node": os.getpid()}
+        )
     finally:
         engine.stop()
 

@@ -1,10 +1,29 @@
 """HFEngine: a transformers model served with our own continuous-batching decode loop.
 
 Why our own loop: on CPU, transformers' continuous batching is ~3× slower than one padded batch and
-TextIteratorStreamer costs ~15 ms a token (FACTS.md). One worker thread owns the model: each
-iteration applies cancels, prefills queued prompts (at most `prefill_chunk` tokens, so a long prompt
-never stalls running streams for long), merges finished prefills into the running batch, and runs one
-decode step for every running sequence. Sinks are called from that thread.
+TextIteratorStreamer costs ~15 ms a token (FACTS.md). One worker thread owns the model; each
+iteration applies cancels, runs one prefill forward, merges what it finished into the running batch
+(node/scheduler.py), then runs one decode step for every running sequence. Sinks are called from
+that thread.
+
+Prefill: waiting requests are taken first come first served and prefilled together in one
+left-padded forward while rows × longest prompt (padding included) fits `prefill_chunk` tokens; a
+longer prompt is prefilled alone, `prefill_chunk` tokens per iteration. Either way running streams
+wait at most one such forward between two decode steps. From transformers we use what `generate`
+uses for a padded batch — a 2D attention mask and explicit position ids over a DynamicCache, and
+`logits_to_keep=1` so the 49k-word LM head runs for each row's last token only — but not `generate`
+itself, which cannot add rows to a batch that is already decoding.
+
+Why group prefills: on the 2-core CPU a forward costs ~50 ms whatever its size (bf16 weight reads at
+small batch) plus ~1 ms per prompt token, so 16 chat prompts of ~40 tokens cost ~1.4 s one by one
+and ~0.7 s together. Why 128 tokens by default: such a forward (~170 ms, three chat prompts) already
+pays the fixed cost off, costs about two decode steps of a full batch, and every row of a group waits
+for the whole group — bigger groups delay the first rows and make requests finish in bigger
+lockstep cohorts (docs/benchmarks.md). Why decode steps are not folded into the prefill forward (as
+vLLM does): in a padded DynamicCache each decode row would gain a padding column per prefill token,
+to save one ~50 ms fixed cost per prefill; batching alone met the engine's TTFT target.
+A group's rows equal running alone up to numerical ties (padding changes the matmul shapes;
+tests/test_engine.py checks that in float32).
 """
 
 from __future__ import annotations
@@ -98,7 +117,7 @@ class _Seq:
     max_new: int
     chooser: TokenChooser
     stream: TextStream
-    kv: KVBatch | None = None  # its own cache while prefilling, merged into the batch afterwards
+    kv: KVBatch | None = None  # its own cache while a long prompt is prefilled chunk by chunk
     prefilled: int = 0
     next_token: int = -1
     completion: int = 0
@@ -116,7 +135,7 @@ class HFEngine:
         *,
         max_running: int = 16,
         max_queued: int = 64,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = 128,
     ) -> None:
         self._m = loaded
         self._max_running = max_running
@@ -130,7 +149,7 @@ class HFEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         # Owned by the worker thread only:
-        self._prefilling: _Seq | None = None
+        self._prefilling: list[_Seq] = []  # out of the queue, not yet running (see _prefill_some)
         self._running: list[_Seq] = []
         self._batch = KVBatch(loaded.device)
         self._steps: deque[tuple[float, int]] = deque()
@@ -206,8 +225,8 @@ class HFEngine:
     def stats(self) -> EngineStats:
         with self._cond:
             queued = len(self._queue)
-        active = [*self._running, self._prefilling]  # a finished row may not be dropped yet
-        running = sum(1 for s in active if s is not None and not s.finished)
+        active = [*self._running, *self._prefilling]  # a finished row may not be dropped yet
+        running = sum(1 for s in active if not s.finished)
         return EngineStats(running=running, queued=queued, tokens_per_s=self._rate())
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
@@ -256,42 +275,83 @@ class HFEngine:
         return not stopping
 
     def _cancel_active(self, ids: set[str]) -> None:
-        if self._prefilling is not None and self._prefilling.request.request_id in ids:
-            self._finish(self._prefilling, "cancelled")
-            self._prefilling = None
+        if any(seq.request.request_id in ids for seq in self._prefilling):
+            for seq in self._prefilling:  # only a chunked prompt spans iterations: a group of one
+                self._finish(seq, "cancelled")
+                seq.kv = None
+            self._prefilling = []
         for seq in self._running:
             if seq.request.request_id in ids:
                 self._finish(seq, "cancelled")
         self._drop_finished()
 
-    def _next_prefill(self, joining: int) -> _Seq | None:
-        if self._prefilling is None and len(self._running) + joining < self._max_running:
-            with self._cond:
-                if self._queue:
-                    self._prefilling = self._queue.popleft()
-                    self._prefilling.kv = KVBatch(self._m.device)
-        return self._prefilling
-
     def _prefill_some(self) -> None:
-        """Prefill up to `prefill_chunk` prompt tokens (one request at a time, batch 1, no padding)."""
-        budget, joined = self._prefill_chunk, list[_Seq]()
-        while budget > 0 and (seq := self._next_prefill(len(joined))) is not None:
-            assert seq.kv is not None
-            take = min(budget, len(seq.prompt) - seq.prefilled)
-            chunk = torch.tensor([seq.prompt[seq.prefilled : seq.prefilled + take]], device=self._m.device)
-            logits = seq.kv.forward(self._m.model, chunk)
-            seq.prefilled += take
-            budget -= take
-            if seq.prefilled == len(seq.prompt):
-                self._prefilling = None
-                self._accept(seq, choose_tokens(logits, [seq.chooser])[0])
-                if not seq.finished:
-                    joined.append(seq)
-        for seq in joined:
-            assert seq.kv is not None
-            self._batch.merge(seq.kv)
-            seq.kv = None
-            self._running.append(seq)
+        """One prefill forward: a group of whole prompts, or the next chunk of a long one."""
+        if not self._prefilling:
+            self._prefilling = self._take_group()
+            if len(self._prefilling) == 1 and len(self._prefilling[0].prompt) > self._prefill_chunk:
+                self._prefilling[0].kv = KVBatch(self._m.device)
+        if not self._prefilling:
+            return
+        if self._prefilling[0].kv is not None:
+            self._prefill_chunk_of(self._prefilling[0])
+        else:
+            self._prefill_group(self._prefilling)
+
+    def _take_group(self) -> list[_Seq]:
+        """Queued requests, first come first served, while their padded prompts fit `prefill_chunk`."""
+        group: list[_Seq] = []
+        longest = 0
+        with self._cond:
+            while self._queue and len(self._running) + len(group) < self._max_running:
+                size = len(self._queue[0].prompt)
+                if group and (len(group) + 1) * max(longest, size) > self._prefill_chunk:
+                    break  # a prompt longer than the budget is taken alone, and chunked
+                group.append(self._queue.popleft())
+                longest = max(longest, size)
+        return group
+
+    def _prefill_group(self, group: list[_Seq]) -> None:
+        """Whole prompts in one left-padded forward (the batch `generate` would build for them)."""
+        longest = max(len(seq.prompt) for seq in group)
+        ids = torch.zeros(len(group), longest, dtype=torch.long)  # pad id 0: masked, never attended
+        mask = torch.zeros(len(group), longest, dtype=torch.long)
+        for row, seq in enumerate(group):
+            ids[row, longest - len(seq.prompt) :] = torch.tensor(seq.prompt)
+            mask[row, longest - len(seq.prompt) :] = 1
+        kv = KVBatch(self._m.device)
+        started = time.perf_counter()
+        logits = kv.forward(self._m.model, ids.to(self._m.device), mask)
+        log.debug(
+            "prefill: %d rows × %d columns in %.1f ms",
+            len(group),
+            longest,
+            1000 * (time.perf_counter() - started),
+        )
+        self._join(group, kv, logits)
+
+    def _prefill_chunk_of(self, seq: _Seq) -> None:
+        """The next `prefill_chunk` tokens of a long prompt, alone: running streams wait one chunk."""
+        assert seq.kv is not None
+        take = min(self._prefill_chunk, len(seq.prompt) - seq.prefilled)
+        chunk = torch.tensor([seq.prompt[seq.prefilled : seq.prefilled + take]], device=self._m.device)
+        logits = seq.kv.forward(self._m.model, chunk)
+        seq.prefilled += take
+        log.debug("prefill: 1 row, chunk of %d tokens (%d/%d)", take, seq.prefilled, len(seq.prompt))
+        if seq.prefilled == len(seq.prompt):
+            kv, seq.kv = seq.kv, None
+            self._join([seq], kv, logits)
+
+    def _join(self, seqs: list[_Seq], kv: KVBatch, logits: torch.Tensor) -> None:
+        """First tokens from the prefill logits; the rows that go on join the running batch."""
+        for seq, choice in zip(seqs, choose_tokens(logits, [s.chooser for s in seqs]), strict=True):
+            seq.prefilled = len(seq.prompt)
+            self._accept(seq, choice)
+        keep = [row for row, seq in enumerate(seqs) if not seq.finished]
+        kv.keep(keep)
+        self._batch.merge(kv)
+        self._running.extend(seqs[row] for row in keep)
+        self._prefilling = []
 
     def _decode_step(self) -> None:
         if not self._running:
@@ -371,17 +431,19 @@ class HFEngine:
         return TokenLogprob(token=decode([choice.token]), logprob=choice.logprob or 0.0, top=top)
 
     def _fail_active(self, error: str) -> None:
-        for seq in [*self._running, *([self._prefilling] if self._prefilling else [])]:
+        for seq in [*self._running, *self._prefilling]:
             self._finish(seq, "error", error=error)
-        self._running, self._prefilling = [], None
+            seq.kv = None
+        self._running, self._prefilling = [], []
         self._batch = KVBatch(self._m.device)
 
     def _finish_everything(self, reason: FinishReason) -> None:
         with self._cond:
             queued, self._queue = list(self._queue), deque()
-        for seq in [*self._running, *([self._prefilling] if self._prefilling else []), *queued]:
+        for seq in [*self._running, *self._prefilling, *queued]:
             self._finish(seq, reason)
-        self._running, self._prefilling = [], None
+            seq.kv = None
+        self._running, self._prefilling = [], []
         self._batch = KVBatch(self._m.device)
 
     def _rate(self) -> float:

@@ -1,9 +1,12 @@
 """KV-cache bookkeeping for continuous batching: one left-padded batch that rows join and leave.
 
-Each new sequence is prefilled alone (batch 1, chunk by chunk), so its prompt never sees padding and
-its prefill is bit-identical to running it alone. A finished prefill is then merged into the running
-batch by left-padding the shorter cache with zeros along the sequence dim; the attention mask hides
-those columns, and no query ever sits on a pad position (so no fully-masked softmax rows, no NaNs).
+New sequences are prefilled in a group of their own (one left-padded forward, see node/hf.py) and the
+group is then merged into the running batch by left-padding the shorter cache with zeros along the
+sequence dim. The attention mask hides pad columns and position ids are counted from the mask, so
+padding never shifts rotary positions. Decode steps never put a query on a pad position; a prefill
+group does (a short row's left pads). Those fully masked query rows stay finite with torch's SDPA (no
+NaN reaches the cache, checked with torch 2.13 on CPU; transformers' own left-padded `generate` relies
+on the same, its `allow_torch_fix` mask workaround is now a no-op) and their outputs are never read.
 Rows leave by index_select on the batch dim; columns that became padding for every row are trimmed.
 """
 
@@ -38,13 +41,21 @@ class KVBatch:
     def cols(self) -> int:
         return int(self.mask.shape[1])
 
-    def forward(self, model: Any, input_ids: torch.Tensor) -> torch.Tensor:
-        """Feed `input_ids` [rows, T] (all real tokens) and return float32 logits of the last one."""
+    def forward(
+        self, model: Any, input_ids: torch.Tensor, new_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Feed `input_ids` [rows, T] and return float32 logits of each row's last column.
+
+        `new_mask` [rows, T] marks real tokens (1) and left padding (0); without it all are real.
+        The last column must be a real token in every row.
+        """
         rows, new = input_ids.shape
         if self.rows == 0:
             self.mask = torch.zeros(rows, 0, dtype=torch.long, device=self.device)
-        full = torch.cat([self.mask, torch.ones(rows, new, dtype=torch.long, device=self.device)], dim=1)
-        positions = (full.cumsum(-1) - 1)[:, -new:]
+        if new_mask is None:
+            new_mask = torch.ones(rows, new, dtype=torch.long, device=self.device)
+        full = torch.cat([self.mask, new_mask.to(self.device, torch.long)], dim=1)
+        positions = (full.cumsum(-1) - 1).clamp(min=0)[:, -new:]  # a pad's position is never used
         out = model(
             input_ids=input_ids.to(self.device),
             attention_mask=full,
@@ -59,6 +70,8 @@ class KVBatch:
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (in this order) and drop columns no remaining row uses."""
+        if rows == list(range(self.rows)):
+            return
         if not rows:
             self.cache = DynamicCache()
             self.mask = self.mask[:0, :0]

@@ -7,8 +7,10 @@ shows whether the batching itself is exact).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +29,11 @@ CACHE = Path(os.environ.get("CHATBUS_TEST_CACHE", Path.home() / ".cache" / "chat
 FRANCE = "What is the capital of France?"
 STORY = "Write a long story about a dragon who learns to bake bread."
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
+COLOURS = "Name three colours of the rainbow and describe each in one sentence."
+LONG = (
+    "The old lighthouse stood at the edge of the cliff, its lamp turning slowly through the fog "
+    "while the keeper wrote in his logbook. "
+) * 6 + "Summarise this."  # ~200 tokens
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +216,7 @@ def reference_greedy(loaded: LoadedModel, text: str, steps: int) -> tuple[list[i
 
 
 def test_greedy_batch_equals_alone(loaded32: LoadedModel, engine32: HFEngine) -> None:
-    prompts = [FRANCE, "Hi", STORY, "Name three colours of the rainbow and describe each in one sentence."]
+    prompts = [FRANCE, "Hi", STORY, COLOURS]
     out = run(engine32, *(chat(f"p{i}", p) for i, p in enumerate(prompts)))
     decode = loaded32.tokenizer.decode
     for i, prompt in enumerate(prompts):
@@ -219,6 +226,70 @@ def test_greedy_batch_equals_alone(loaded32: LoadedModel, engine32: HFEngine) ->
         if got != expected:  # allowed only where the reference itself had a numerical tie
             first = next(k for k in range(len(tokens)) if not got.startswith(decode(tokens[: k + 1])))
             assert gaps[first] < 1e-4, f"prompt {i} diverged at token {first}: {got!r} vs {expected!r}"
+
+
+def tokens_and_gaps(out: Collector, request_id: str) -> tuple[list[str], list[float]]:
+    """Each generated token and its top-2 logit gap (a logprob gap is the same logit gap)."""
+    logprobs = [lp for d in out.deltas[request_id] for lp in d.logprobs or []]
+    return [lp.token for lp in logprobs], [lp.top[0].logprob - lp.top[1].logprob for lp in logprobs]
+
+
+def test_prefilled_together_equals_alone(
+    loaded32: LoadedModel, engine32: HFEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    shorts = ["Hi", FRANCE, STORY, COLOURS]  # 31 to 43 tokens once templated
+    widest = max(engine32.count_tokens([ChatMessage(role="user", content=p)], None) for p in shorts)
+    params = SamplingParams(temperature=0, max_tokens=24, logprobs=True, top_logprobs=2)
+    prompts = [*shorts, LONG]
+    eng = HFEngine(loaded32, max_running=8, prefill_chunk=4 * widest)  # LONG is longer: chunked alone
+    together = Collector()
+    with caplog.at_level(logging.DEBUG, logger="node.hf"):
+        together.submit(eng, *(chat(f"t{i}", p, params) for i, p in enumerate(prompts)))
+        eng.start()  # after submitting: the worker finds all five waiting
+        try:
+            together.wait()
+            alone = [run(eng, chat(f"a{i}", p, params)) for i, p in enumerate(prompts)]
+        finally:
+            eng.stop()
+    prefills = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prefill:")]
+    assert prefills[0].startswith(f"prefill: 4 rows × {widest} columns"), prefills  # one left-padded forward
+    assert prefills[1].startswith("prefill: 1 row, chunk of"), prefills  # then LONG, while the four decode
+    for i in range(len(prompts)):
+        got, gaps = tokens_and_gaps(together, f"t{i}")
+        want, _ = tokens_and_gaps(alone[i], f"a{i}")
+        if got == want:
+            assert together.text(f"t{i}") == alone[i].text(f"a{i}")
+            continue
+        # Allowed only where the batched run itself met a numerical tie at the first divergence.
+        first = next(k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
+        assert gaps[first] < 1e-4, (
+            f"prompt {i} diverged at token {first} (gap {gaps[first]}): {got} vs {want}"
+        )
+
+
+def test_cancel_while_queued_or_mid_prefill_frees_everything(loaded32: LoadedModel) -> None:
+    eng = HFEngine(loaded32, max_running=8, prefill_chunk=16)  # LONG * 3: ~35 chunks, seconds of prefill
+    out = Collector()
+    out.submit(eng, chat("queued", STORY), chat("long", LONG * 3), chat("after", FRANCE))
+    eng.cancel("queued")
+    eng.start()
+    try:
+        deadline = time.monotonic() + 60
+        while eng.stats().running == 0:  # "long" left the queue: it is being prefilled
+            assert time.monotonic() < deadline, "prefill never started"
+            time.sleep(0.005)
+        eng.cancel("long")
+        out.wait()
+        assert [out.last(r).finish_reason for r in ("queued", "long")] == ["cancelled", "cancelled"]
+        assert [out.last(r).completion_tokens for r in ("queued", "long")] == [0, 0]  # never got a token
+        assert "Paris" in out.text("after")
+        stats = eng.stats()
+        assert (stats.running, stats.queued) == (0, 0)
+        while eng._prefilling or eng._batch.rows:  # the last delta goes out just before rows are dropped
+            assert time.monotonic() < deadline, "KV cache rows left behind"
+            time.sleep(0.005)
+    finally:
+        eng.stop()
 
 
 def test_embeddings_normalised_and_batch_equals_single(engine32: HFEngine) -> None:
