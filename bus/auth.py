@@ -49,20 +49,57 @@ _RECORDS = (  # streams that are somebody's record: jobs, their events and resul
 
 _ASK = [subjects.gen_all(), subjects.ctl_all(), subjects.embed_all(), subjects.count_all()]
 
+# The streams each asking role works with (beside the token stream): all it may do in JetStream.
+_NODES_KV = f"KV_{subjects.NODES_BUCKET}"
+_RESUME_KV = f"KV_{subjects.RESUME_BUCKET}"
+_JOB_STREAMS = (
+    subjects.JOBS_STREAM,
+    subjects.JOB_EVENTS_STREAM,
+    f"KV_{subjects.JOBS_BUCKET}",
+    f"OBJ_{subjects.ARTIFACTS_BUCKET}",
+    f"KV_{subjects.EVAL_TRIGGERS_BUCKET}",
+)
+_STREAMS = {
+    "gateway": (_NODES_KV, _RESUME_KV),
+    "ui": (_NODES_KV, *_JOB_STREAMS, subjects.LOGS_STREAM),
+    "worker": (_NODES_KV, *_JOB_STREAMS),
+}
+
+
+def _jetstream(role: str) -> list[str]:
+    """The JetStream API calls an asking role may make: create, inspect and read its own streams
+    (never update, delete or purge one, which could source or republish another stream into it),
+    and on the token stream only consumers filtered on its own `cb.tok.<role>.>`."""
+    allowed = [
+        "$JS.API.INFO",
+        "$JS.API.STREAM.NAMES",
+        "$JS.API.STREAM.LIST",
+        subjects.JS_FLOW_CONTROL_ALL,
+        f"$JS.API.STREAM.INFO.{subjects.TOKENS_STREAM}",
+        *subjects.js_consume_own(subjects.TOKENS_STREAM, subjects.tokens_of(role)),
+    ]
+    for stream in _STREAMS[role]:
+        allowed += [
+            f"$JS.API.STREAM.INFO.{stream}",
+            f"$JS.API.STREAM.CREATE.{stream}",
+            *subjects.js_read(stream),
+        ]
+    return allowed
+
 
 def permissions(role: str) -> dict[str, Any]:
     """The nats-server `permissions` block of `role` (None for admin: everything)."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
-    js = [subjects.JS_API_ALL, subjects.JS_FLOW_CONTROL_ALL]
     no_records = [s for stream in _RECORDS for s in subjects.js_destroy(stream)]
     no_jobs = [*subjects.js_consume(subjects.JOBS_STREAM), subjects.js_ack(subjects.JOBS_STREAM)]
     inbox = f"{subjects.inbox_prefix(role)}.>"
     # What a gateway keeps to resume streams holds users' prompts: gateways only.
-    resume = [*subjects.js_read(f"KV_{subjects.RESUME_BUCKET}"), subjects.kv_all(subjects.RESUME_BUCKET)]
+    resume = [*subjects.js_read(_RESUME_KV), subjects.kv_all(subjects.RESUME_BUCKET)]
     nodes_kv = subjects.kv_all(subjects.NODES_BUCKET)
     if role == "node":
-        pub = [subjects.tokens_all(), nodes_kv, *js]
+        # Nodes see every prompt they serve and write every token: they keep the whole JetStream API.
+        pub = [subjects.tokens_all(), nodes_kv, subjects.JS_API_ALL, subjects.JS_FLOW_CONTROL_ALL]
         sub = [*_ASK, inbox]
         deny_pub = [*no_records, *no_jobs, subjects.kv_all(subjects.JOBS_BUCKET), *resume]
         # Replies go to the asker's inbox: allowed once per request received, and nowhere else.
@@ -71,7 +108,9 @@ def permissions(role: str) -> dict[str, Any]:
             "subscribe": {"allow": sub},
             "allow_responses": True,
         }
-    asks = [*_ASK, *js, "$KV.>"]
+    if role == "admin":
+        return {}
+    asks = [*_ASK, *_jetstream(role), "$KV.>"]
     deny = [subjects.tokens_all(), nodes_kv, *no_records]  # nobody but a node forges tokens or nodes
     if role == "gateway":
         pub, deny = asks, [*deny, *no_jobs, subjects.kv_all(subjects.JOBS_BUCKET)]
@@ -87,14 +126,12 @@ def permissions(role: str) -> dict[str, Any]:
         ]
         deny = [*deny, *no_jobs, *resume]
         sub = [inbox]
-    elif role == "worker":
-        pub = [*asks, subjects.job_events_all(), subjects.JS_ACK_ALL, "$O.>"]
-        sub = [inbox, subjects.job_control_all()]
+    else:  # worker
         # A worker drops its checkpoints from the artifacts (an object delete purges their chunks).
         own = subjects.js_destroy(f"OBJ_{subjects.ARTIFACTS_BUCKET}")[1]
+        pub = [*asks, subjects.job_events_all(), subjects.JS_ACK_ALL, "$O.>", own]
+        sub = [inbox, subjects.job_control_all()]
         deny = [d for d in deny if d != own] + resume
-    else:  # admin
-        return {}
     return {"publish": {"allow": pub, "deny": deny}, "subscribe": {"allow": sub}}
 
 

@@ -12,18 +12,15 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from bus import subjects
 from bus.codec import decode, encode
 from bus.connection import (
-    TOKENS_MAX_AGE_S,
     connect,
-    ensure_bucket,
     ensure_nodes_bucket,
-    ensure_tokens_stream,
+    ensure_resume_bucket,
 )
 from bus.errors import ModelNotFound, NodeTimeout, error_for
 from bus.jobs import Jobs
@@ -75,6 +72,8 @@ class BusClient:
         self.keepalive_s = keepalive_s  # a node cancels a request whose client is silent this long
         self.keepalive_every_s = min(keepalive_every_s, keepalive_s / 3)
         self.max_failovers = max_failovers
+        # Our NATS user: nodes publish our tokens under it, and the server lets us read only those.
+        self.owner = str(nc.options.get("user") or "")
         self._owns = owns_connection
         self.table: NodeTable = None  # type: ignore[assignment]  # set in start()
         self._active: dict[str, ChatStream] = {}
@@ -94,7 +93,7 @@ class BusClient:
         return client
 
     async def start(self) -> None:
-        await ensure_tokens_stream(self.js)
+        # The token stream is the nodes' to create: no asker may shape it (say, republish it to itself).
         self.table = NodeTable(await ensure_nodes_bucket(self.js), self.reconnects)
         await self.table.start()
         self._keepalive = asyncio.create_task(self._keepalive_loop(), name="chatbus-keepalive")
@@ -169,6 +168,7 @@ class BusClient:
                 deadline_s=deadline_s,
                 keepalive_s=self.keepalive_s,
                 client=self.name,
+                owner=self.owner,
             )
         )
 
@@ -191,6 +191,7 @@ class BusClient:
                 deadline_s=deadline_s,
                 keepalive_s=self.keepalive_s,
                 client=self.name,
+                owner=self.owner,
             )
         )
 
@@ -222,12 +223,7 @@ class BusClient:
 
     async def _resume_records(self) -> KeyValue:
         if self._records is None:
-            self._records = await ensure_bucket(
-                self.js,
-                KeyValueConfig(
-                    bucket=subjects.RESUME_BUCKET, ttl=TOKENS_MAX_AGE_S, storage=StorageType.FILE, history=1
-                ),
-            )
+            self._records = await ensure_resume_bucket(self.js)
         return self._records
 
     async def cancel(self, request_id: str) -> None:

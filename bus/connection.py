@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, ObjectStoreConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, BucketNotFoundError, ServerError
@@ -30,10 +31,13 @@ __all__ = [
     "cluster_size",
     "connect",
     "ensure_bucket",
+    "ensure_logs_stream",
     "ensure_nodes_bucket",
     "ensure_object_store",
+    "ensure_resume_bucket",
     "ensure_stream",
     "ensure_tokens_stream",
+    "ensure_triggers_bucket",
     "replicas_for",
 ]
 
@@ -209,6 +213,9 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, disposabl
         await _replicated(
             name, wanted, current, lambda r: js.update_stream(dataclasses.replace(config, num_replicas=r))
         )
+    except NatsTimeout:
+        # Asking roles may not update streams (bus/auth.py): the server refuses, and we hear nothing.
+        log.warning("stream %s differs from ours and we may not update it; an admin can", name)
     except BadRequestError:
         if not disposable:
             raise
@@ -256,6 +263,36 @@ async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValu
 async def ensure_nodes_bucket(js: JetStreamContext) -> KeyValue:
     return await ensure_bucket(
         js, KeyValueConfig(bucket=subjects.NODES_BUCKET, ttl=NODE_TTL_S, storage=StorageType.FILE, history=1)
+    )
+
+
+async def ensure_resume_bucket(js: JetStreamContext) -> KeyValue:
+    """What a gateway needs to resume a stream, kept as long as the token streams."""
+    return await ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=subjects.RESUME_BUCKET, ttl=TOKENS_MAX_AGE_S, storage=StorageType.FILE, history=1
+        ),
+    )
+
+
+async def ensure_triggers_bucket(js: JetStreamContext) -> KeyValue:
+    return await ensure_bucket(
+        js, KeyValueConfig(bucket=subjects.EVAL_TRIGGERS_BUCKET, storage=StorageType.FILE, history=1)
+    )
+
+
+async def ensure_logs_stream(js: JetStreamContext) -> None:
+    """Every chat and vote of the web app: the record the leaderboard is computed from."""
+    await ensure_stream(
+        js,
+        StreamConfig(
+            name=subjects.LOGS_STREAM,
+            subjects=[subjects.logs_all()],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            duplicate_window=120.0,
+        ),
     )
 
 

@@ -87,6 +87,7 @@ class GenerateRequest(_Tagged, frozen=True, kw_only=True, tag="gen.request"):
     deadline_s: float = 600.0  # wall-clock budget on the node, from acceptance
     keepalive_s: float = 30.0  # node cancels if the client is silent this long
     client: str = ""
+    owner: str = ""  # the asker's NATS user: tokens go to cb.tok.<owner>.<request_id> ("" = anonymous)
 
 
 class Accepted(_Tagged, frozen=True, kw_only=True, tag="gen.accepted"):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import msgspec
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from bus import subjects
 from bus.codec import decode, encode
@@ -277,8 +277,11 @@ class ChatStream(AsyncIterator[StreamEvent]):
         self._reconnects = self._client.reconnects()
         self._subscribed_at = time.monotonic()
         self._sub = await self._client.js.subscribe(
-            subjects.token(self._attempt_rid),
+            subjects.token(self.request.owner, self._attempt_rid),
             stream=subjects.TOKENS_STREAM,
+            # A named consumer: its create request carries the filter in its subject, which is how
+            # the server checks that we read only our own user's token streams (bus/auth.py).
+            config=ConsumerConfig(name=f"tok-{secrets.token_hex(8)}"),
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.ALL,
             # nats-py re-creates the consumer after two missed beats: 2 s, not 10, when it died with

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 __all__ = [
+    "ANONYMOUS",
     "NODES_BUCKET",
     "NODE_QUEUE",
     "RESUME_BUCKET",
@@ -17,6 +18,7 @@ __all__ = [
     "safe_token",
     "token",
     "tokens_all",
+    "tokens_of",
 ]
 
 PREFIX = "cb"
@@ -45,9 +47,17 @@ def gen_node(model: str, node_id: str) -> str:
     return f"{PREFIX}.gen.{safe_token(model)}.{safe_token(node_id)}"
 
 
-def token(request_id: str) -> str:
-    """The token stream of one request (in TOKENS_STREAM)."""
-    return f"{PREFIX}.tok.{safe_token(request_id)}"
+ANONYMOUS = "_"  # the owner of requests from a connection without a user name
+
+
+def token(owner: str, request_id: str) -> str:
+    """The token stream of one request (in TOKENS_STREAM), under its asker's NATS user name: the
+    server lets each credential create consumers on its own `cb.tok.<user>.>` only (bus/auth.py)."""
+    return f"{PREFIX}.tok.{safe_token(owner or ANONYMOUS)}.{safe_token(request_id)}"
+
+
+def tokens_of(owner: str) -> str:
+    return f"{PREFIX}.tok.{safe_token(owner or ANONYMOUS)}.>"
 
 
 def tokens_all() -> str:
@@ -175,6 +185,17 @@ def js_consume(stream: str) -> list[str]:
         f"$JS.API.CONSUMER.*.{stream}",  # CREATE.<stream>
         f"$JS.API.CONSUMER.*.{stream}.>",  # CREATE.<stream>.<name>.<filter>, INFO, DELETE
         f"$JS.API.CONSUMER.*.*.{stream}.>",  # DURABLE.CREATE, MSG.NEXT
+    ]
+
+
+def js_consume_own(stream: str, filter_subject: str) -> list[str]:
+    """Consumers of `stream` filtered within `filter_subject`, and only those: a named create
+    carries its filter in the subject (and the server checks it against the config), unnamed and
+    durable creates do not, so those are left out."""
+    return [
+        f"$JS.API.CONSUMER.CREATE.{stream}.*.{filter_subject}",
+        f"$JS.API.CONSUMER.INFO.{stream}.*",
+        f"$JS.API.CONSUMER.DELETE.{stream}.*",
     ]
 
 

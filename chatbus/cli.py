@@ -9,10 +9,14 @@ import os
 import sys
 from pathlib import Path
 
+from nats.errors import TimeoutError as NatsTimeout
+
 from bus.auth import local_url, redact
 from bus.client import BusClient
+from bus.connection import connect
 from bus.errors import BusError
 from bus.paths import DEFAULT_NATS, default_cache_dir, default_state_dir, read_nats_url
+from bus.setup import prepare_bus
 
 __all__ = ["main"]
 
@@ -82,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=512)
     chat.add_argument("--plain", action="store_true", help="no terminal app: read stdin, print the answer")
 
+    setup = sub.add_parser(
+        "setup-bus",
+        help="create every chatbus stream and bucket on a server of yours (once, with the admin credential)",
+    )
+    _common(setup)
+
     node = sub.add_parser("node", help="run a node (same options as `python -m node`)", add_help=False)
     node.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -122,6 +132,23 @@ async def cmd_models(url: str) -> int:
         return 0
     finally:
         await client.close()
+
+
+async def cmd_setup_bus(url: str) -> int:
+    """What `chatbus up` does on its own server before anything else starts (docs/security.md)."""
+    nc = await connect(url, name="chatbus-setup-bus")
+    try:
+        await prepare_bus(nc)
+    except NatsTimeout:  # the server refuses a forbidden request and we hear nothing back
+        print(
+            f"{redact(url)} did not let us create chatbus's streams: use the admin credential",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        await nc.close()
+    print(f"streams and buckets ready on {redact(url)}")
+    return 0
 
 
 def cmd_chat(url: str, args: argparse.Namespace) -> int:
@@ -174,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args, url))
         if args.command == "models":
             return asyncio.run(cmd_models(url))
+        if args.command == "setup-bus":
+            return asyncio.run(cmd_setup_bus(url))
         if args.command == "chat":
             interactive = (
                 args.prompt is None and not args.plain and sys.stdin.isatty() and sys.stdout.isatty()

@@ -20,9 +20,11 @@ from pathlib import Path
 
 from bus.auth import ROLES, provision, redact, with_credential
 from bus.client import BusClient
+from bus.connection import connect
 from bus.errors import BusUnavailable
 from bus.paths import clear_nats_url, write_nats_url
 from bus.server import EmbeddedServer, stop_process_group
+from bus.setup import prepare_bus
 from node.service import new_node_id
 
 __all__ = ["Child", "UpConfig", "run_up"]
@@ -196,6 +198,11 @@ async def run_up(cfg: UpConfig) -> int:
     urls = _role_urls(cfg, server, url)
     if server is not None:
         await server.wait_jetstream(url=urls["admin"])
+        nc = await connect(urls["admin"], name="chatbus-up-setup")
+        try:
+            await prepare_bus(nc)
+        finally:
+            await nc.close()
     # `chatbus chat`, the terminal app and `chatbus train|eval` find the bus (as a ui) here.
     write_nats_url(cfg.state_dir, urls["ui"])
     url = urls["ui"]

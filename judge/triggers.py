@@ -10,12 +10,10 @@ import time
 import uuid
 
 import msgspec
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from bus import subjects
 from bus.client import BusClient
-from bus.connection import ensure_bucket
+from bus.connection import ensure_triggers_bucket
 from bus.jobs import Jobs
 from judge.schemas import EvalSpec, EvalTrigger
 
@@ -34,8 +32,7 @@ class TriggerStore:
 
     async def kv(self) -> KeyValue:
         if self._kv is None:
-            config = KeyValueConfig(bucket=subjects.EVAL_TRIGGERS_BUCKET, storage=StorageType.FILE, history=1)
-            self._kv = await ensure_bucket(self.client.js, config)
+            self._kv = await ensure_triggers_bucket(self.client.js)
         return self._kv
 
     async def add(self, spec: EvalSpec, match: str = "*", include_current: bool = False) -> EvalTrigger:

@@ -12,12 +12,24 @@ Rows leave by index_select on the batch dim; columns that became padding for eve
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 __all__ = ["KVBatch"]
+
+
+@functools.cache
+def _cache_argument_of(forward: Any) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _cache_argument(model: Any) -> str:
+    """transformers 5.23+ names the KV cache `cache` (`past_key_values` warns, and goes in 5.40)."""
+    return _cache_argument_of(type(model).forward)
 
 
 class KVBatch:
@@ -60,11 +72,11 @@ class KVBatch:
             input_ids=input_ids.to(self.device),
             attention_mask=full,
             position_ids=positions,
-            past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            **{_cache_argument(model): self.cache},
         )
-        self.cache = out.past_key_values
+        self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         self.mask = full
         return out.logits[:, -1, :].float()
 

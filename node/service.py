@@ -65,6 +65,7 @@ class _Job:
     request_id: str
     deadline: float
     keepalive_s: float
+    subject: str  # its token stream
     last_seen: float = field(default_factory=time.monotonic)
     seq: int = 0
     prompt_tokens: int = 0
@@ -108,6 +109,8 @@ def validate(req: GenerateRequest) -> None:
     p = req.params
     if not req.request_id or len(req.request_id) > _MAX_ID:
         raise BadRequest(f"request_id must be 1 to {_MAX_ID} characters, got {len(req.request_id)}")
+    if len(req.owner) > _MAX_ID:
+        raise BadRequest(f"owner must be at most {_MAX_ID} characters, got {len(req.owner)}")
     if not (req.deadline_s > 0 and req.keepalive_s > 0):
         raise BadRequest(f"deadline_s and keepalive_s must be > 0, got {req.deadline_s}, {req.keepalive_s}")
     if req.messages is None and req.prompt is None:
@@ -259,7 +262,12 @@ class NodeService:
             return reject(Code.BUSY, f"node {self.node_id} is at capacity ({len(self._jobs)} requests)", 1.0)
         try:
             validate(req)
-            job = _Job(req.request_id, time.monotonic() + req.deadline_s, req.keepalive_s)
+            job = _Job(
+                req.request_id,
+                time.monotonic() + req.deadline_s,
+                req.keepalive_s,
+                subjects.token(req.owner, req.request_id),
+            )
             self._jobs[req.request_id] = job
             engine_req = EngineRequest(
                 request_id=req.request_id,
@@ -292,7 +300,7 @@ class NodeService:
             try:
                 for event in self._events(job, delta):
                     rid = job.request_id  # the message id makes a publish retried after a lost ack idempotent
-                    await self._records.publish(subjects.token(rid), encode(event), f"{rid}.{event.seq}")
+                    await self._records.publish(job.subject, encode(event), f"{rid}.{event.seq}")
             except Exception:  # one broken request must not stop every other stream
                 log.exception("request %s: could not publish its tokens", job.request_id)
             if delta.finish_reason is not None:

@@ -23,6 +23,7 @@ from bus.cluster import LocalCluster, ServerProcess
 from bus.connection import cluster_size, connect, ensure_stream, replicas_for
 from bus.jobs import JobContext, Jobs, JobWorker
 from bus.schemas_jobs import JobEvent
+from bus.setup import prepare_bus
 
 CHATBUS_STREAMS = [
     subjects.TOKENS_STREAM,
@@ -105,10 +106,7 @@ async def test_streams_and_buckets_get_a_replica_per_server(
         await js.add_stream(old)
         await js.create_key_value(KeyValueConfig(bucket=subjects.JOBS_BUCKET, history=1, replicas=1))
         await ensure_stream(js, StreamConfig(name="CB_OLD", subjects=["cbold.>"]))
-        client = BusClient(nc, name="sizer")
-        await client.start()
-        await client.jobs()
-        await client.close()
+        await prepare_bus(nc)  # every stream and bucket, as `chatbus up` makes them
         for stream in [*CHATBUS_STREAMS, "CB_OLD"]:
             for _ in range(50):  # a raised stream gets its new peers a moment later
                 replicas, peers, _ = await replica_sets(cluster.urls, stream)

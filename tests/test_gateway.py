@@ -396,7 +396,9 @@ async def test_client_disconnect_cancels_on_the_node(gw: Gateway, nats_url: str,
     # the node stops decoding: it publishes Done(cancelled) long before the 400 words (20 s) are out
     nc = await connect(nats_url, name="test-observer")
     try:
-        sub = await nc.jetstream().subscribe(subjects.token(request_id), ordered_consumer=True)
+        sub = await nc.jetstream().subscribe(
+            subjects.token(subjects.ANONYMOUS, request_id), ordered_consumer=True
+        )
 
         async def cancelled() -> bool:
             while True:

@@ -200,7 +200,9 @@ async def test_disconnect_stops_decoding_on_the_real_node(url: str, nats_url: st
     request_id = first["id"].removeprefix("chatcmpl-")
     nc = await connect(nats_url, name="test-observer")
     try:
-        sub = await nc.jetstream().subscribe(subjects.token(request_id), ordered_consumer=True)
+        sub = await nc.jetstream().subscribe(
+            subjects.token(subjects.ANONYMOUS, request_id), ordered_consumer=True
+        )
         ends: list[Done] = []
 
         async def ended() -> bool:

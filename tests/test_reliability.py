@@ -132,7 +132,9 @@ async def last_event(nats_url: str, request_id: str, timeout: float = 60) -> Str
     """The event that ends `request_id`'s token stream, as the record on the bus has it."""
     nc = await connect(nats_url, name="test-observer")
     try:
-        sub = await nc.jetstream().subscribe(subjects.token(request_id), ordered_consumer=True)
+        sub = await nc.jetstream().subscribe(
+            subjects.token(subjects.ANONYMOUS, request_id), ordered_consumer=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:

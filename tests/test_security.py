@@ -14,6 +14,7 @@ import msgspec
 import nats
 import pytest
 from fakes import EchoEngine, echo_node, user
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from bus import BusClient, subjects
 from bus.auth import ROLES, Provisioned, provision, redact, with_credential
@@ -21,6 +22,7 @@ from bus.connection import connect
 from bus.errors import BusUnavailable
 from bus.jobs import JobContext, Jobs, JobWorker
 from bus.server import EmbeddedServer
+from chatbus.cli import cmd_setup_bus
 
 
 class Nothing(msgspec.Struct):
@@ -128,6 +130,21 @@ FORBIDDEN = [
     ("worker", "pub", "cb.tok.x", "forge tokens"),
     ("worker", "sub", "cb.gen.>", "take requests"),
     ("worker", "pub", "$JS.API.STREAM.PURGE.CB_JOBS", "wipe the job queue"),
+    # Token streams: each asking role reads its own `cb.tok.<role>.>` only, through named consumers.
+    ("ui", "pub", "$JS.API.CONSUMER.CREATE.CB_TOKENS", "read every token stream (unnamed consumer)"),
+    ("ui", "pub", "$JS.API.CONSUMER.CREATE.CB_TOKENS.c", "read every token stream (named, no filter)"),
+    ("ui", "pub", "$JS.API.CONSUMER.DURABLE.CREATE.CB_TOKENS.c", "read every token stream (durable)"),
+    ("ui", "pub", "$JS.API.CONSUMER.CREATE.CB_TOKENS.c.cb.tok.gateway.x", "read a gateway's answer"),
+    ("gateway", "pub", "$JS.API.CONSUMER.CREATE.CB_TOKENS.c.cb.tok.ui.x", "read a UI's answer"),
+    ("worker", "pub", "$JS.API.CONSUMER.CREATE.CB_TOKENS.c.cb.tok.ui.x", "read a UI's answer"),
+    ("ui", "pub", "$JS.API.DIRECT.GET.CB_TOKENS", "read answers by sequence number"),
+    ("ui", "pub", "$JS.API.STREAM.MSG.GET.CB_TOKENS", "read answers by sequence number"),
+    ("ui", "pub", "$JS.API.CONSUMER.NAMES.CB_TOKENS", "list others' token consumers"),
+    ("gateway", "pub", "$JS.API.STREAM.CREATE.CB_TOKENS", "shape the token stream (republish it)"),
+    ("ui", "pub", "$JS.API.STREAM.UPDATE.CB_LOGS", "source other streams into one it may read"),
+    ("worker", "pub", "$JS.API.STREAM.UPDATE.KV_cb_jobs", "source other streams into one it may read"),
+    ("ui", "pub", "$JS.API.STREAM.CREATE.MINE", "create a stream that sources others"),
+    ("gateway", "pub", "$JS.API.STREAM.DELETE.KV_cb_nodes", "delete the node table"),
 ]
 
 
@@ -148,6 +165,8 @@ async def test_the_server_refuses_what_a_role_may_not_do(
         ("worker", "sub", "cb.jobctl.x"),
         ("gateway", "pub", "$KV.cb_resume.x"),
         ("ui", "pub", "$JS.API.DIRECT.GET.KV_cb_nodes.$KV.cb_nodes.x"),
+        ("ui", "pub", "$JS.API.CONSUMER.CREATE.CB_TOKENS.c.cb.tok.ui.x"),
+        ("gateway", "pub", "$JS.API.CONSUMER.CREATE.CB_TOKENS.c.cb.tok.gateway.x"),
     ],
 )
 async def test_what_a_role_needs_is_not_refused(
@@ -164,6 +183,56 @@ async def test_every_asking_role_chats_with_a_node(ready: None, urls: dict[str, 
         assert "hello there" in "".join(getattr(c, "text", "") for c in chunks)
     finally:
         await client.close()
+
+
+async def test_a_consumer_filter_other_than_its_subject_says_is_refused(
+    ready: None, urls: dict[str, str]
+) -> None:
+    """The named create subject is what permissions see; the server holds the config to it, so a ui
+    cannot ask for its own subject and filter on a gateway's stream."""
+    ui = await connect(urls["ui"], name="test-ui-sneaky")
+    try:
+        body = {
+            "stream_name": subjects.TOKENS_STREAM,
+            "config": {
+                "name": "c",
+                "filter_subject": "cb.tok.gateway.x",
+                "deliver_subject": f"{subjects.inbox_prefix('ui')}.x",
+                "ack_policy": "none",
+            },
+        }
+        subject = f"$JS.API.CONSUMER.CREATE.{subjects.TOKENS_STREAM}.c.cb.tok.ui.x"
+        reply = json.loads((await ui.request(subject, json.dumps(body).encode(), timeout=5)).data)
+        assert reply.get("error", {}).get("code") == 400, reply
+    finally:
+        await ui.close()
+
+
+async def test_an_asker_reads_its_own_answer_but_not_another_roles(ready: None, urls: dict[str, str]) -> None:
+    gateway = await BusClient.connect(urls["gateway"], name="test-gateway-owner")
+    ui = await BusClient.connect(urls["ui"], name="test-ui-owner")
+    try:
+        stream = gateway.chat("echo", user("for the gateway only"))
+        assert "for the gateway only" in "".join([getattr(c, "text", "") async for c in stream])
+        own = subjects.token("gateway", stream.attempt_request_id)
+        assert stream.request.owner == "gateway"
+        # The same subscription a BusClient makes, from the ui: the server refuses to create it.
+        with pytest.raises(nats.errors.TimeoutError):  # nats-py hears nothing back from a refused request
+            await ui.js.subscribe(
+                own,
+                stream=subjects.TOKENS_STREAM,
+                config=ConsumerConfig(name="peek"),
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+            )
+        sub = await gateway.js.subscribe(
+            own, stream=subjects.TOKENS_STREAM, config=ConsumerConfig(name="mine"), ordered_consumer=True
+        )
+        assert (await sub.next_msg(timeout=5)).data
+        await sub.unsubscribe()
+    finally:
+        await gateway.close()
+        await ui.close()
 
 
 async def test_ui_submits_a_job_that_only_a_worker_runs(ready: None, urls: dict[str, str]) -> None:
@@ -184,6 +253,28 @@ async def test_ui_submits_a_job_that_only_a_worker_runs(ready: None, urls: dict[
         worker.stop()
         await running
         await ui.close()
+        await nc.close()
+
+
+async def test_setup_bus_needs_the_admin_credential(
+    ready: None, urls: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await cmd_setup_bus(urls["ui"]) == 1
+    assert "use the admin credential" in capsys.readouterr().err
+    assert await cmd_setup_bus(urls["admin"]) == 0
+    nc = await connect(urls["admin"], name="test-setup-bus")
+    try:
+        for stream in [
+            subjects.TOKENS_STREAM,
+            subjects.LOGS_STREAM,
+            subjects.JOBS_STREAM,
+            subjects.JOB_EVENTS_STREAM,
+            *(f"KV_{b}" for b in (subjects.NODES_BUCKET, subjects.RESUME_BUCKET, subjects.JOBS_BUCKET)),
+            f"KV_{subjects.EVAL_TRIGGERS_BUCKET}",
+            f"OBJ_{subjects.ARTIFACTS_BUCKET}",
+        ]:
+            assert (await nc.jetstream().stream_info(stream)).config.name == stream
+    finally:
         await nc.close()
 
 

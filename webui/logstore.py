@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator, Callable
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from bus import subjects
 from bus.codec import decode, encode
-from bus.connection import ensure_stream
+from bus.connection import ensure_logs_stream
 from bus.errors import BadMessage
 from bus.ratings import Battle, battle_from_vote
 from bus.schemas_logs import BATTLE_VOTES, ChatLog, LogRecord, VoteLog
@@ -28,17 +28,6 @@ from bus.schemas_logs import BATTLE_VOTES, ChatLog, LogRecord, VoteLog
 __all__ = ["LogStore", "ensure_logs_stream", "read_log"]
 
 log = logging.getLogger(__name__)
-
-
-async def ensure_logs_stream(js: JetStreamContext) -> None:
-    config = StreamConfig(
-        name=subjects.LOGS_STREAM,
-        subjects=[subjects.logs_all()],
-        storage=StorageType.FILE,
-        retention=RetentionPolicy.LIMITS,
-        duplicate_window=120.0,
-    )
-    await ensure_stream(js, config)
 
 
 async def read_log(js: JetStreamContext, subject: str | None = None) -> AsyncIterator[LogRecord]:
