@@ -13,6 +13,8 @@ Reported per level: TTFT (request sent → first content), ITL (mean inter-token
 tokens/s (all completion tokens / wall time of the level). A second table (Linux only) gives the CPU time
 each process spent per request during the level — node (or the in-process engine), gateway, nats-server,
 this load client — and "other": CPU the rest of the machine used meanwhile, so a contended run shows.
+A third (own system only) counts the token-stream messages the node stored per request and per output
+token: token coalescing at work (at most one message per request per decode step, plus its Done).
 """
 
 from __future__ import annotations
@@ -249,18 +251,57 @@ HEADER = (
 )
 
 
+Count = Callable[[], Awaitable[int]]
+
+
 async def measure(
-    run: Run, mode: str, levels: list[int], requests: int | None, pids: dict[str, int]
+    run: Run,
+    mode: str,
+    levels: list[int],
+    requests: int | None,
+    pids: dict[str, int],
+    messages: Count | None = None,
 ) -> list[str]:
-    """Run each level, print its latency row; return the CPU rows (printed after the table)."""
+    """Run each level, print its latency row; return the CPU rows (printed after the table), and
+    with `messages` (token-stream messages stored so far) one coalescing row per level."""
     await level(run, max(levels), max(levels))  # warm-up: new batch shapes are slow the first time
-    cpu_rows = []
+    cpu_rows, bus_rows = [], []
     for c in levels:
         before = cpu_snapshot(pids)
+        stored = await messages() if messages else 0
         samples, wall = await level(run, c, requests or max(4, 2 * c))
         cpu_rows.append(cpu_row(mode, c, len(samples), before, cpu_snapshot(pids)))
         print(row(mode, c, samples, wall), flush=True)
+        if messages:
+            sent, tokens = await messages() - stored, sum(s.tokens for s in samples)
+            bus_rows.append(
+                f"| {c} | {sent / len(samples):.1f} | {tokens / len(samples):.1f} | {sent / max(1, tokens):.3f} |"
+            )
+    if bus_rows:
+        print(f"\n{BUS_HEADER}", *bus_rows, sep="\n", flush=True)
     return cpu_rows
+
+
+BUS_HEADER = (
+    "| conc | token-stream messages / request | output tokens / request | messages / token |\n"
+    "|---|---|---|---|"
+)
+
+
+def stored_messages(nats_url: str) -> Count:
+    """Messages in the token stream so far: how many a node published (one per request per decode
+    step at most, plus the final Done)."""
+    from bus import subjects
+    from bus.connection import connect
+
+    async def count() -> int:
+        nc = await connect(nats_url, name="load-counter")
+        try:
+            return int((await nc.jetstream().stream_info(subjects.TOKENS_STREAM)).state.messages)
+        finally:
+            await nc.close()
+
+    return count
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -294,7 +335,8 @@ async def main(args: argparse.Namespace) -> None:
             print(f"gateway {url}, model {model}, max_tokens {args.max_tokens}, logs in {work}\n")
             print(HEADER, flush=True)
             runner = gateway_runner(http, model, args.max_tokens)
-            cpu_rows = await measure(runner, "gateway", levels, args.requests, pids)
+            counter = stored_messages(server.url) if server is not None else None
+            cpu_rows = await measure(runner, "gateway", levels, args.requests, pids, counter)
         for proc in procs:
             stop(proc)
         if not args.no_engine:

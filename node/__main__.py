@@ -33,6 +33,13 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
     )
     p.add_argument("--max-running", type=int, default=16, help="sequences decoded together")
     p.add_argument("--max-queued", type=int, default=64, help="requests waiting beyond that before rejecting")
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=128,
+        help="prompt tokens per prefill forward (a group of prompts, padding included, or a chunk of a "
+        "long one): running streams wait at most one such forward between two tokens",
+    )
     p.add_argument("--node-id", default=None)
     p.add_argument("--cache-dir", type=Path, default=None, help="where converted models are kept")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish answers on shutdown")
@@ -54,6 +61,7 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
         cpu_offloading=a.cpu_offloading,
         max_running=a.max_running,
         max_queued=a.max_queued,
+        prefill_chunk=a.prefill_chunk,
         node_id=a.node_id,
         cache_dir=a.cache_dir or default_cache_dir() / "models",
         drain_timeout=a.drain_timeout,

@@ -36,6 +36,7 @@ class NodeConfig:
     cpu_offloading: bool = False
     max_running: int = 16
     max_queued: int = 64
+    prefill_chunk: int = 128
     node_id: str | None = None
     cache_dir: Path = Path(".cache/chatbus/models")
     drain_timeout: float = 30.0
@@ -79,7 +80,9 @@ def build_engine(cfg: NodeConfig, adapter_dir: Path | None = None) -> Engine:
         loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter_dir)).merge_and_unload().eval()
     if name:
         loaded = dataclasses.replace(loaded, name=name)
-    return HFEngine(loaded, max_running=cfg.max_running, max_queued=cfg.max_queued)
+    return HFEngine(
+        loaded, max_running=cfg.max_running, max_queued=cfg.max_queued, prefill_chunk=cfg.prefill_chunk
+    )
 
 
 async def serve(cfg: NodeConfig) -> None:

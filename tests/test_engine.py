@@ -38,7 +38,8 @@ LONG = (
 
 @pytest.fixture(scope="module")
 def loaded() -> LoadedModel:
-    return load_model(None, cache_dir=CACHE, progress=lambda _: None)
+    # bf16 explicitly: "auto" picks it only on CPUs that multiply it natively; engine32 covers float32.
+    return load_model(None, cache_dir=CACHE, dtype="bfloat16", progress=lambda _: None)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +125,17 @@ def test_greedy_answer_and_stream_shape(engine: HFEngine) -> None:
     assert deltas[-1].finish_reason == "stop"
     assert sum(d.tokens for d in deltas) == deltas[-1].completion_tokens
     assert deltas[-1].prompt_tokens == engine.count_tokens([ChatMessage(role="user", content=FRANCE)], None)
+
+
+def test_float32_weights_are_input_major_and_answer_the_same(
+    loaded32: LoadedModel, engine32: HFEngine
+) -> None:
+    model = loaded32.model
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert linears and all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)
+    if model.config.tie_word_embeddings:  # tied weights stay one tensor
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert "Paris" in run(engine32, chat("paris32", FRANCE)).text("paris32")
 
 
 def test_stop_string_is_honoured_and_not_emitted(engine: HFEngine) -> None:
