@@ -32,8 +32,10 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -43,6 +45,8 @@ from node.engine import Delta, EngineRequest, EngineStats, FinishReason, Sink
 from node.loader import LoadedModel
 from node.sampling import Choice, TokenChooser, choose_tokens
 from node.scheduler import KVBatch
+
+T = TypeVar("T")
 
 __all__ = ["HFEngine"]
 
@@ -153,7 +157,10 @@ class HFEngine:
         self._running: list[_Seq] = []
         self._batch = KVBatch(loaded.device)
         self._steps: deque[tuple[float, int]] = deque()
-        self._embed_lock = threading.Lock()
+        # Other torch work (embeddings) runs on the worker thread too, between two steps: torch used
+        # from a second thread of the process halves every later decode step on our 2-core CPU
+        # (each thread gets its own OpenMP team; docs/benchmarks.md).
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()  # guarded by _cond
 
     # ------------------------------------------------------------------------- Engine protocol
 
@@ -236,31 +243,55 @@ class HFEngine:
         tok = self._m.tokenizer
         batch = tok(texts, padding=True, padding_side="right", return_tensors="pt").to(self._m.device)
         mask = batch["attention_mask"]
-        with self._embed_lock, torch.inference_mode():
+
+        def forward() -> tuple[list[list[float]], int]:
             hidden = self._m.model.get_decoder()(**batch).last_hidden_state.float()
-        keep = mask.unsqueeze(-1).bool()
-        summed = torch.where(keep, hidden, torch.zeros_like(hidden)).sum(dim=1)
-        mean = summed / mask.sum(dim=1, keepdim=True).clamp(min=1)
-        vectors = torch.nn.functional.normalize(mean, dim=-1)
-        return vectors.cpu().tolist(), int(mask.sum())
+            keep = mask.unsqueeze(-1).bool()
+            summed = torch.where(keep, hidden, torch.zeros_like(hidden)).sum(dim=1)
+            mean = summed / mask.sum(dim=1, keepdim=True).clamp(min=1)
+            vectors = torch.nn.functional.normalize(mean, dim=-1)
+            return vectors.cpu().tolist(), int(mask.sum())
+
+        return self._on_worker(forward)
+
+    def _on_worker(self, call: Callable[[], T]) -> T:
+        """Run `call` on the worker thread between two steps and wait for its result."""
+        done: Future[T] = Future()
+        with self._cond:
+            if self._stopping:
+                raise NodeBusy("the engine is shutting down")
+            if self._thread is None:  # not started: nothing else uses torch yet
+                return call()
+            self._calls.append((call, done))
+            self._cond.notify()
+        return done.result()
 
     # ------------------------------------------------------------------------- the worker
 
     def _work(self) -> None:
         with torch.inference_mode():
             while self._wait_for_work():
+                self._run_calls()
                 try:
                     self._prefill_some()
                     self._decode_step()
                 except Exception as exc:  # a failed forward fails the batch, never the node
                     log.exception("engine step failed")
                     self._fail_active(f"{type(exc).__name__}: {exc}")
+            self._run_calls()  # asked for before stop(): answered, not left waiting
             self._finish_everything("cancelled")
 
     def _wait_for_work(self) -> bool:
         """Block until there is something to do; apply cancels. False once stop() was called."""
         with self._cond:
-            while not (self._stopping or self._cancels or self._queue or self._running or self._prefilling):
+            while not (
+                self._stopping
+                or self._cancels
+                or self._calls
+                or self._queue
+                or self._running
+                or self._prefilling
+            ):
                 self._cond.wait()
             cancels, self._cancels = self._cancels, set()
             if cancels:
@@ -273,6 +304,15 @@ class HFEngine:
                 self._finish(seq, "cancelled")
             self._cancel_active(cancels)
         return not stopping
+
+    def _run_calls(self) -> None:
+        with self._cond:
+            calls, self._calls = self._calls, deque()
+        for call, done in calls:
+            try:
+                done.set_result(call())
+            except BaseException as e:  # the caller gets it; the worker goes on
+                done.set_exception(e)
 
     def _cancel_active(self, ids: set[str]) -> None:
         if any(seq.request.request_id in ids for seq in self._prefilling):
