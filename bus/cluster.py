@@ -7,26 +7,16 @@ stops exactly the servers this object started.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bus.connection import connect
-from bus.server import find_binary, free_port, stop_process_group
+from bus.server import find_binary, free_port, launch, stop_process_group, wait_for_jetstream
 
 __all__ = ["LocalCluster", "ServerProcess", "leaf_config", "member_config"]
-
-
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex((host, port)) == 0
 
 
 def member_config(
@@ -94,45 +84,19 @@ class ServerProcess:
         return self.process is not None and self.process.poll() is None
 
     def start(self, timeout: float = 15.0) -> None:
-        log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        try:
-            self.process = subprocess.Popen(
-                [find_binary(), "-c", str(self.config)],
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        finally:
-            if log is not subprocess.DEVNULL:
-                log.close()  # type: ignore[union-attr]
-        deadline = time.monotonic() + timeout
-        while not _port_open(self.host, self.port):
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"nats-server {self.name} exited with {self.process.returncode} (see {self.log_file})"
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"nats-server {self.name} did not open {self.url} within {timeout:.0f}s")
-            time.sleep(0.01)
+        self.process = launch(
+            [find_binary(), "-c", str(self.config)],
+            self.log_file,
+            self.host,
+            self.port,
+            timeout,
+            f"nats-server {self.name}",
+        )
 
     async def wait_jetstream(self, timeout: float = 30.0) -> None:
         """Until JetStream answers here (in a cluster: once the meta group has a leader; on a leaf:
         once the hub answers through it)."""
-        deadline = time.monotonic() + timeout
-        nc = await connect(self.url, name="chatbus-probe")
-        try:
-            while True:
-                try:
-                    await nc.jetstream().account_info()
-                    return
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.05)
-        finally:
-            await nc.close()
+        await wait_for_jetstream(self.url, timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.process = self.process, None

@@ -15,7 +15,34 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["EmbeddedServer", "find_binary", "free_port", "stop_process_group"]
+__all__ = [
+    "EmbeddedServer",
+    "find_binary",
+    "free_port",
+    "launch",
+    "stop_process_group",
+    "wait_for_jetstream",
+]
+
+
+async def wait_for_jetstream(url: str, timeout: float) -> None:
+    """Until JetStream answers at `url` (a little after the port opens; in a cluster, once the meta
+    group has a leader; on a leaf, once the hub answers through it)."""
+    from bus.connection import connect
+
+    deadline = time.monotonic() + timeout
+    nc = await connect(url, name="chatbus-probe")
+    try:
+        while True:
+            try:
+                await nc.jetstream().account_info()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.02)
+    finally:
+        await nc.close()
 
 
 def find_binary() -> str:
@@ -64,6 +91,30 @@ def _port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def launch(
+    args: list[str], log_file: Path | None, host: str, port: int, timeout: float, label: str = "nats-server"
+) -> subprocess.Popen[bytes]:
+    """Start a nats-server (its own process group: a Ctrl-C in the terminal reaches our supervisor,
+    which stops the server after the nodes have drained, not before) and wait until it listens."""
+    log = open(log_file, "ab") if log_file else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    finally:
+        if log is not subprocess.DEVNULL:
+            log.close()  # type: ignore[union-attr]
+    deadline = time.monotonic() + timeout
+    while not _port_open(host, port):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{label} exited with {proc.returncode} (see {log_file})")
+        if time.monotonic() > deadline:
+            stop_process_group(proc, 10.0)
+            raise TimeoutError(f"{label} did not open nats://{host}:{port} within {timeout:.0f}s")
+        time.sleep(0.01)
+    return proc
+
+
 @dataclass
 class EmbeddedServer:
     """One nats-server process we started; `stop()` stops it and only it."""
@@ -85,44 +136,13 @@ class EmbeddedServer:
         args = [find_binary(), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir)]
         if self.config is not None:
             args += ["-c", str(self.config)]
-        log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        try:
-            # Its own process group: a Ctrl-C in the terminal reaches our supervisor, which stops
-            # the server after the nodes have drained, not before.
-            self.process = subprocess.Popen(
-                args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-        finally:
-            if log is not subprocess.DEVNULL:
-                log.close()  # type: ignore[union-attr]
-        deadline = time.monotonic() + timeout
-        while not _port_open(self.host, self.port):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.process.returncode} (see {self.log_file})")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"nats-server did not open {self.url} within {timeout:.0f}s")
-            time.sleep(0.01)
+        self.process = launch(args, self.log_file, self.host, self.port, timeout)
         return self.url
 
     async def wait_jetstream(self, timeout: float = 10.0, url: str | None = None) -> None:
         """Wait until JetStream answers (it is up a little after the port opens); `url` may carry a
         credential, which a server with a `config` asks for."""
-        from bus.connection import connect
-
-        deadline = time.monotonic() + timeout
-        nc = await connect(url or self.url, name="chatbus-probe")
-        try:
-            while True:
-                try:
-                    await nc.jetstream().account_info()
-                    return
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.02)
-        finally:
-            await nc.close()
+        await wait_for_jetstream(url or self.url, timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.process = self.process, None

@@ -219,20 +219,11 @@ class NodeService:
 
     async def _on_generate(self, msg: Msg) -> None:
         """Answer Accepted or Rejected; whatever arrives, never let it take the node down."""
-        if not msg.reply:
-            log.warning(
-                "ignoring a message on %s without a reply subject (%d bytes)", msg.subject, len(msg.data)
-            )
-            return
-        try:
-            reply = self._admit(read(msg.data, GenerateRequest))
-        except BusError as e:
-            log.warning("rejecting a bad message on %s: %s", msg.subject, e)
-            reply = Rejected(request_id="", node_id=self.node_id, code=e.code.value, message=e.message)
-        except Exception as e:
-            log.exception("generate request on %s failed", msg.subject)
-            reply = Rejected(request_id="", node_id=self.node_id, code=Code.INTERNAL.value, message=str(e))
-        await self._respond(msg, encode(reply))
+
+        async def admit(req: GenerateRequest) -> Accepted | Rejected:
+            return self._admit(req)
+
+        await self._answer(msg, GenerateRequest, admit)
 
     async def _respond(self, msg: Msg, data: bytes) -> None:
         try:

@@ -9,6 +9,8 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
+import httpx
+
 from bus.connection import connect
 from bus.errors import ContextLengthExceeded
 from bus.schemas import ChatMessage, ModelCard
@@ -143,3 +145,14 @@ async def wait_for(predicate: Callable[[], object], timeout: float = 8.0) -> Non
             return
         await asyncio.sleep(0.05)
     raise AssertionError("condition not met in time")
+
+
+async def sse_events(r: httpx.Response) -> AsyncIterator[tuple[str | None, str]]:
+    """(id, data) of each SSE event of a streaming response as it arrives; id None when it has none."""
+    ident = None
+    async for line in r.aiter_lines():
+        if line.startswith("id: "):
+            ident = line[len("id: ") :]
+        elif line.startswith("data: "):
+            yield ident, line[len("data: ") :]
+            ident = None

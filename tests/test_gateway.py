@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from fakes import EchoEngine
+from fakes import EchoEngine, sse_events
 from test_gateway_support import EchoNode, Gateway, LoopThread, eventually, gateway, sse_payloads
 
 from bus import EmbeddedServer, subjects
@@ -463,17 +463,6 @@ async def _next_data(lines) -> str:  # type: ignore[no-untyped-def]
     raise AssertionError("the stream ended")
 
 
-async def _events(r: httpx.Response):  # type: ignore[no-untyped-def]
-    """(id, data) of each SSE event as it arrives; id None when the event has none."""
-    ident = None
-    async for line in r.aiter_lines():
-        if line.startswith("id: "):
-            ident = line[len("id: ") :]
-        elif line.startswith("data: "):
-            yield ident, line[len("data: ") :]
-            ident = None
-
-
 def _content(chunk: dict, index: int = 0) -> str:
     return "".join(c["delta"].get("content") or "" for c in chunk["choices"] if c["index"] == index)
 
@@ -482,7 +471,7 @@ async def _resume(http: httpx.AsyncClient, path: str, last_id: str | None) -> li
     headers = {"Last-Event-ID": last_id} if last_id else {}
     async with http.stream("GET", path, headers=headers) as r:
         assert r.status_code == 200, await r.aread()
-        return [e async for e in _events(r)]
+        return [e async for e in sse_events(r)]
 
 
 async def test_resume_after_a_disconnect_gets_the_rest(gw: Gateway, engines) -> None:
@@ -491,7 +480,7 @@ async def test_resume_after_a_disconnect_gets_the_rest(gw: Gateway, engines) -> 
     async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
         got, ids = [], []
         async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-            async for ident, data in _events(r):
+            async for ident, data in sse_events(r):
                 ids.append(ident)
                 got.append(_content(json.loads(data)))
                 if len(got) == 6:  # the role chunk and five words, then the client is gone
@@ -522,7 +511,7 @@ async def test_resume_on_another_gateway_with_n_choices_and_usage(gw: Gateway, g
     texts = ["", ""]
     async with httpx.AsyncClient(timeout=30) as http:
         async with http.stream("POST", f"{gw.url}/v1/chat/completions", json=body) as r:
-            async for ident, data in _events(r):
+            async for ident, data in sse_events(r):
                 last = ident
                 chunk = json.loads(data)
                 for i in (0, 1):
@@ -546,7 +535,7 @@ async def test_resume_of_a_finished_stream_replays_it_exactly(gw: Gateway, gw2: 
     body = {"model": "echo", "prompt": "a b c d e f", "echo": True, "stream": True, "max_tokens": 50}
     async with httpx.AsyncClient(timeout=30) as http:
         async with http.stream("POST", f"{gw.url}/v1/completions", json=body) as r:
-            original = [e async for e in _events(r)]
+            original = [e async for e in sse_events(r)]
         completion_id = original[0][0].partition(":")[0]
         assert completion_id.startswith("cmpl-")
         path = f"{gw2.url}/v1/completions/{completion_id}/stream"
@@ -559,7 +548,7 @@ async def test_resume_errors_are_clear(gw: Gateway, strict: Gateway) -> None:
     async with httpx.AsyncClient(timeout=30) as http:
         body = {"model": "echo", "messages": user("x y"), "stream": True}
         async with http.stream("POST", f"{gw.url}/v1/chat/completions", json=body) as r:
-            events = [e async for e in _events(r)]
+            events = [e async for e in sse_events(r)]
         cid = events[0][0].partition(":")[0]
         ok = f"{gw.url}/v1/chat/completions/{cid}/stream"
         error_of(
@@ -574,7 +563,7 @@ async def test_resume_errors_are_clear(gw: Gateway, strict: Gateway) -> None:
         # with API keys, only the key that started a stream may resume it
         headers = {"Authorization": f"Bearer {KEY}"}
         async with http.stream("POST", f"{strict.url}/v1/chat/completions", json=body, headers=headers) as r:
-            cid = (await anext(_events(r)))[0].partition(":")[0]
+            cid = (await anext(sse_events(r)))[0].partition(":")[0]
         path = f"{strict.url}/v1/chat/completions/{cid}/stream"
         error_of(await http.get(path, headers={"Authorization": "Bearer sk-other"}), 404, "resume_not_found")
         assert (await http.get(path, headers=headers)).status_code == 200

@@ -14,12 +14,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from fakes import sse_events
 from procs import node_argv, spawn, stop, wait_until
 
 from bus import BusClient, ChatMessage, Chunk, Done, Failed, SamplingParams, subjects
@@ -275,16 +276,6 @@ async def test_garbage_on_node_subjects_is_answered_and_nodes_keep_serving(
 # ----------------------------------------------------------------------------- gateways, HTTP clients
 
 
-async def sse(r: httpx.Response) -> AsyncIterator[tuple[str | None, str]]:
-    ident = None
-    async for line in r.aiter_lines():
-        if line.startswith("id: "):
-            ident = line[len("id: ") :]
-        elif line.startswith("data: "):
-            yield ident, line[len("data: ") :]
-            ident = None
-
-
 def content(data: str) -> str:
     return "".join(c["delta"].get("content") or "" for c in json.loads(data)["choices"])
 
@@ -292,7 +283,7 @@ def content(data: str) -> str:
 async def read_until(r: httpx.Response, words: int) -> tuple[str, str]:
     """Read a stream until it holds `words` content events: (text so far, last event id)."""
     text, ident, n = "", "", 0
-    async for ident_, data in sse(r):
+    async for ident_, data in sse_events(r):
         text, ident = text + content(data), ident_ or ident
         n += bool(content(data))
         if n >= words:
@@ -308,7 +299,7 @@ async def resume(url: str, last_id: str, what: str) -> tuple[str, list[dict]]:
     async with httpx.AsyncClient(timeout=120) as http:
         async with http.stream("GET", path, headers={"Last-Event-ID": last_id}) as r:
             assert r.status_code == 200, await r.aread()
-            async for _, data in sse(r):
+            async for _, data in sse_events(r):
                 if not events:
                     measured(f"{what} -> first event of the rest", time.monotonic() - started)
                 events.append(data)
