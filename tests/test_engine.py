@@ -153,6 +153,25 @@ def test_max_tokens_finishes_with_length(engine: HFEngine) -> None:
     assert out.text("len")
 
 
+def test_stops_and_max_tokens_hold_per_request_inside_a_batch(engine: HFEngine) -> None:
+    order: list[str] = []  # request ids in the order their deltas came: shows they ran together
+    collector = Collector(on_delta=lambda d: order.append(d.request_id))
+    collector.submit(
+        engine,
+        chat("b-stop", FRANCE, SamplingParams(temperature=0, max_tokens=24, stop=["Paris"])),
+        chat("b-len5", STORY, SamplingParams(temperature=0, max_tokens=5)),
+        chat("b-free", FRANCE, SamplingParams(temperature=0, max_tokens=24)),
+        chat("b-len9", COLOURS, SamplingParams(temperature=0, max_tokens=9)),
+    )
+    out = collector.wait()
+    assert (out.last("b-stop").finish_reason, out.text("b-stop")) == ("stop", "The capital of France is ")
+    assert (out.last("b-len5").finish_reason, out.last("b-len5").completion_tokens) == ("length", 5)
+    assert (out.last("b-len9").finish_reason, out.last("b-len9").completion_tokens) == ("length", 9)
+    assert out.last("b-free").finish_reason == "stop" and "Paris" in out.text("b-free")
+    last_of_first_finisher = min(max(i for i, r in enumerate(order) if r == rid) for rid in out.deltas)
+    assert len(set(order[: last_of_first_finisher + 1])) == 4, "the four were not decoded together"
+
+
 def test_seeded_sampling_repeats(engine: HFEngine) -> None:
     params = SamplingParams(
         temperature=1.0, top_p=0.9, top_k=50, seed=7, max_tokens=12, repetition_penalty=1.1
