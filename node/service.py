@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 def new_node_id() -> str:
     host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:24]
-    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 @dataclass
