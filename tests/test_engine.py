@@ -333,6 +333,21 @@ def test_embeddings_normalised_and_batch_equals_single(engine32: HFEngine) -> No
         assert vector == pytest.approx(single[0], abs=1e-4)
 
 
+def test_embeddings_run_on_the_engine_thread(loaded32: LoadedModel, engine32: HFEngine) -> None:
+    """torch used from a second thread slows every later decode step (docs/benchmarks.md): the
+    embeddings forward must run where the decode steps do, whoever asks for it."""
+    threads: list[str] = []
+    hook = loaded32.model.get_decoder().register_forward_hook(
+        lambda *_: threads.append(threading.current_thread().name)
+    )
+    try:
+        run(engine32, chat("before-embed", FRANCE, SamplingParams(temperature=0, max_tokens=2)))
+        engine32.embed(["asked from the test's thread"])
+    finally:
+        hook.remove()
+    assert threads and set(threads) == {f"engine-{loaded32.name}"}, threads
+
+
 # ----------------------------------------------------------------------------- text streaming, loader
 
 
