@@ -53,11 +53,15 @@ ANONYMOUS = "_"  # the owner of requests from a connection without a user name
 def token(owner: str, request_id: str) -> str:
     """The token stream of one request (in TOKENS_STREAM), under its asker's NATS user name: the
     server lets each credential create consumers on its own `cb.tok.<user>.>` only (bus/auth.py)."""
-    return f"{PREFIX}.tok.{safe_token(owner or ANONYMOUS)}.{safe_token(request_id)}"
+    return f"{_tokens_prefix(owner)}.{safe_token(request_id)}"
 
 
 def tokens_of(owner: str) -> str:
-    return f"{PREFIX}.tok.{safe_token(owner or ANONYMOUS)}.>"
+    return f"{_tokens_prefix(owner)}.>"
+
+
+def _tokens_prefix(owner: str) -> str:
+    return f"{PREFIX}.tok.{safe_token(owner or ANONYMOUS)}"
 
 
 def tokens_all() -> str:

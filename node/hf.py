@@ -14,7 +14,7 @@ uses for a padded batch — a 2D attention mask and explicit position ids over a
 `logits_to_keep=1` so the 49k-word LM head runs for each row's last token only — but not `generate`
 itself, which cannot add rows to a batch that is already decoding.
 
-Why group prefills: on the 2-core CPU a forward costs ~50 ms whatever its size (bf16 weight reads at
+Why group prefills: on the 2-core CPU a forward costs ~50 ms whatever its size (weight reads at
 small batch) plus ~1 ms per prompt token, so 16 chat prompts of ~40 tokens cost ~1.4 s one by one
 and ~0.7 s together. Why 128 tokens by default: such a forward (~170 ms, three chat prompts) already
 pays the fixed cost off, costs about two decode steps of a full batch, and every row of a group waits

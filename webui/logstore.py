@@ -25,7 +25,7 @@ from bus.errors import BadMessage
 from bus.ratings import Battle, battle_from_vote
 from bus.schemas_logs import BATTLE_VOTES, ChatLog, LogRecord, VoteLog
 
-__all__ = ["LogStore", "ensure_logs_stream", "read_log"]
+__all__ = ["LogStore", "read_log"]
 
 log = logging.getLogger(__name__)
 
