@@ -16,6 +16,7 @@ from bus.errors import (
     NoNodeAvailable,
 )
 from bus.nodes import ModelEntry
+from bus.prefixes import prefix_hashes
 from bus.schemas import ChatMessage, Chunk, Done, Failed, NodeInfo, SamplingParams, StreamEvent, Usage
 from bus.server import EmbeddedServer
 from bus.stream import ChatStream
@@ -46,4 +47,5 @@ __all__ = [
     "connect",
     "decode",
     "encode",
+    "prefix_hashes",
 ]
