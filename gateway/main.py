@@ -49,6 +49,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
         default=GatewayConfig.keepalive_s,
         help="seconds a node goes on generating for this gateway after its keep-alives stop (it died)",
     )
+    p.add_argument(
+        "--sse-ping",
+        type=float,
+        default=GatewayConfig.sse_ping_s,
+        help="seconds between keep-alive comments on a quiet SSE stream (proxies close idle ones)",
+    )
     p.add_argument("--log-level", default="info")
 
 
@@ -63,6 +69,7 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> GatewayCon
         max_n=args.max_n,
         deadline_s=args.deadline,
         keepalive_s=args.keepalive_timeout,
+        sse_ping_s=args.sse_ping,
     )
 
 

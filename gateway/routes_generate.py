@@ -10,7 +10,6 @@ from typing import Any
 
 import anyio
 import msgspec
-from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -31,7 +30,7 @@ from gateway.schemas import (
     completion_sampling,
     parse,
 )
-from gateway.streaming import apply, close_all, sse_body, start_all, usage_of
+from gateway.streaming import apply, close_all, sse_body, sse_response, start_all, usage_of
 
 __all__ = ["chat_completions", "completions", "resume_chat", "resume_completion"]
 
@@ -144,9 +143,7 @@ async def _serve(
     )
     recorder = Recorder(client, streams[0].request_id, record, streams)
     await recorder.save()
-    return EventSourceResponse(
-        sse_body(shape, choices, streams, include_usage, recorder), sep="\n", ping=config.sse_ping_s
-    )
+    return sse_response(sse_body(shape, choices, streams, include_usage, recorder), config.sse_ping_s)
 
 
 async def _collect(shape: Shape, choices: list[Choice], streams: list[ChatStream]) -> dict[str, Any]:
@@ -206,4 +203,4 @@ async def _resume(request: Request, chat: bool) -> Response:
     shape = Shape(chat, completion_id, record.model, record.created, record.logprobs)
     recorder = Recorder(client, completion_id.removeprefix(prefix), record, streams)
     body = sse_body(shape, choices, streams, record.include_usage, recorder, openings=after is None)
-    return EventSourceResponse(body, sep="\n", ping=config.sse_ping_s)
+    return sse_response(body, config.sse_ping_s)

@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import msgspec
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from bus import ChatStream, Chunk, Done
 from bus.errors import BusError, Cancelled, ContextLengthExceeded, error_for
@@ -17,7 +18,7 @@ from gateway.errors import ApiError, error_reply
 from gateway.openai_format import Choice, Shape, usage_json
 from gateway.resume import Recorder, event_id
 
-__all__ = ["apply", "close_all", "sse_body", "start_all", "usage_of"]
+__all__ = ["apply", "close_all", "sse_body", "sse_response", "start_all", "usage_of"]
 
 
 async def start_all(streams: list[ChatStream], param: str) -> None:
@@ -57,6 +58,25 @@ def apply(choice: Choice, event: StreamEvent) -> BusError | None:
 
 def usage_of(choices: list[Choice]) -> dict[str, int]:
     return usage_json(sum(c.prompt_tokens for c in choices), sum(c.completion_tokens for c in choices))
+
+
+class _KeepAlive(ServerSentEvent):
+    """A keep-alive that is one comment line, with no blank line after it.
+
+    A comment followed by a blank line (sse-starlette's own ping) is, for the SSE spec, an event with
+    no data to be ignored; but the OpenAI SDK's decoder dispatches it as an event with empty data once
+    any earlier event carried an `id:` (it keeps the last id, as the spec says) and then fails on
+    `json.loads("")`, mid-answer. A lone comment line dispatches nothing in any parser; the next
+    event's blank line ends it. Frames are sent whole, so a ping never lands inside one.
+    """
+
+    def encode(self) -> bytes:
+        return b": keep-alive\n"
+
+
+def sse_response(body: AsyncIterator[bytes], ping_s: float) -> EventSourceResponse:
+    """The streaming response for an SSE body, with keep-alives every `ping_s` seconds of it."""
+    return EventSourceResponse(body, sep="\n", ping=ping_s, ping_message_factory=_KeepAlive)
 
 
 def _frame(body: dict[str, Any], ident: str | None = None) -> bytes:

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.model
 MODEL = "smol-gw"
 KEY, ENV_KEY = "sk-flag-key", "sk-env-key"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+PING_S = 0.2
 
 
 def _free_port() -> int:
@@ -46,6 +47,7 @@ def url(nats_url: str, tmp_path_factory: pytest.TempPathFactory):
     logs = tmp_path_factory.mktemp("gateway-model")
     port = _free_port()
     argv = ["-m", "gateway", "--nats", nats_url, "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY]
+    argv += ["--sse-ping", str(PING_S)]  # every stream here crosses keep-alives, as long ones do at 15 s
     with node_process(nats_url, logs / "node.log", name=MODEL) as node:
         gw = spawn([sys.executable, *argv], logs / "gateway.log", env={"CHATBUS_API_KEYS": ENV_KEY})
         try:
@@ -218,6 +220,40 @@ async def test_disconnect_stops_decoding_on_the_real_node(url: str, nats_url: st
         assert ends[0].finish_reason == "cancelled" and ends[0].usage.completion_tokens < 2000
     finally:
         await nc.close()
+
+
+def test_long_streams_cross_keep_alives_in_every_client(url: str) -> None:
+    """A stream that outlasts keep-alive intervals parses in the SDK, LangChain and raw SSE alike.
+
+    The gateway pings every 0.2 s here (15 s by default); the SDK used to fail with JSONDecodeError at
+    the first ping after an event carrying `id:`. Every client must give the non-streamed text.
+    """
+    from langchain_openai import ChatOpenAI
+
+    story = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
+    tokens = 80
+    whole = sdk(url).chat.completions.create(model=MODEL, messages=story, temperature=0, max_tokens=tokens)
+    text = whole.choices[0].message.content
+    assert whole.usage.completion_tokens == tokens and text
+
+    body = {"model": MODEL, "messages": story, "temperature": 0, "max_tokens": tokens, "stream": True}
+    raw = httpx.post(
+        f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
+    ).text
+    after_ids = raw[raw.index("\nid: ") :]
+    assert after_ids.count("\n:") >= 2, "the stream must cross keep-alives to test anything"
+    chunks = [json.loads(p) for p in sse_payloads(raw)[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == text
+
+    stream = sdk(url).chat.completions.create(
+        model=MODEL, messages=story, temperature=0, max_tokens=tokens, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+
+    llm = ChatOpenAI(
+        model=MODEL, base_url=f"{url}/v1", api_key=KEY, temperature=0, max_tokens=tokens, max_retries=0
+    )
+    assert "".join(str(c.content) for c in llm.stream(story[0]["content"])) == text
 
 
 def test_langchain_chat_openai(url: str) -> None:

@@ -144,12 +144,16 @@ async def eventually(predicate: Callable[[], bool | Awaitable[bool]], timeout: f
 
 
 def sse_payloads(raw: str) -> list[str]:
-    """The data of every SSE event in a raw body, checking the exact `[id: ...\\n]data: ...\\n\\n` framing."""
+    """The data of every SSE event in a raw body, checking the exact `[id: ...\\n]data: ...\\n\\n` framing.
+
+    Keep-alives are lone comment lines (`: keep-alive\\n`) with no blank line of their own, so they
+    may sit in front of an event; an event made only of comments (a blank line after a comment) would
+    break the OpenAI SDK, and fails here.
+    """
     assert raw.endswith("\n\n"), repr(raw[-40:])
-    events = [e for e in raw.split("\n\n") if e and not e.startswith(":")]  # ':' lines are pings
     payloads = []
-    for event in events:
-        *head, data = event.split("\n")
+    for event in raw.split("\n\n")[:-1]:
+        *head, data = [line for line in event.split("\n") if not line.startswith(":")]
         assert data.startswith("data: ") and len(head) <= 1, repr(event)
         assert all(line.startswith("id: ") for line in head), repr(event)
         payloads.append(data[len("data: ") :])
