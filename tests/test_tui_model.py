@@ -135,7 +135,7 @@ def _quote(arg: str) -> str:
 @contextlib.contextmanager
 def terminal(argv: list[str], env: dict[str, str], cwd: Path) -> Iterator[Terminal]:
     if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed (apt-get install tmux)")
+        pytest.fail("tmux is missing: ./dev test installs it (apt-get install tmux)")
     term = Terminal(argv, {"TERM": "xterm-256color", **env}, cwd)
     try:
         yield term
