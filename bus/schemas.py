@@ -1,6 +1,6 @@
 """Every message that crosses the bus, as versioned msgspec structs.
 
-Rules (see DESIGN.md): add fields only with defaults; a breaking change bumps `v` and the tag;
+Rules (docs/architecture.md): add fields only with defaults; a breaking change bumps `v` and the tag;
 tests/test_wire.py decodes frozen v1 samples so nobody breaks the wire by accident.
 """
 

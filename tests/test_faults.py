@@ -38,12 +38,16 @@ async def test_everything_reconnects_after_server_restart(own_server: EmbeddedSe
         own_server.start()  # same port, same data dir
         back = time.monotonic()
         await wait_for(lambda: nc.is_connected and client.nc.is_connected, 20)
+        events: list[object] = []
+        error: Exception | None = None
         for _ in range(100):  # the first tries may race the node's re-registration
             try:
                 events = [e async for e in client.chat("echo-r", user("still here after restart"))]
                 break
-            except Exception:
+            except Exception as e:
+                error = e
                 await asyncio.sleep(0.2)
+        assert events, f"no answer in 100 tries after the restart; last error: {error!r}"
         assert isinstance(events[-1], Done)
         assert "".join(e.text for e in events if isinstance(e, Chunk)) == "still here after restart"
         measured("NATS server restarted -> a whole answer again", time.monotonic() - back)

@@ -1,4 +1,4 @@
-"""The import table of DESIGN.md, enforced by walking every module's imports with ast."""
+"""The import table of docs/architecture.md, enforced by walking every module's imports with ast."""
 
 from __future__ import annotations
 

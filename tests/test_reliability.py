@@ -327,7 +327,7 @@ async def test_a_dead_gateway_leaves_the_others_serving_and_nothing_generating(
     try:
         async with httpx.AsyncClient(timeout=60) as http:
             async with http.stream("POST", f"{url}/v1/chat/completions", json=chat_body(150)) as r:
-                text, last_id = await read_until(r, 3)
+                _, last_id = await read_until(r, 3)
                 signal_group(victim, signal.SIGKILL)
                 killed = time.monotonic()
     finally:
@@ -347,7 +347,6 @@ async def test_a_dead_gateway_leaves_the_others_serving_and_nothing_generating(
     # The client comes back on another gateway with its Last-Event-ID and gets the rest.
     rest, chunks = await resume(gateways[1], last_id, "gateway SIGKILLed, resumed on another gateway")
     assert rest.strip() and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-    print(f"\n[resume] before the kill: {text!r}\n[resume] after it: {rest[:200]!r}")
 
 
 async def test_a_client_that_hangs_up_stops_the_node_and_resumes_elsewhere(
@@ -372,4 +371,7 @@ async def test_a_client_that_hangs_up_stops_the_node_and_resumes_elsewhere(
     reference = whole["choices"][0]["message"]["content"]
     joined = text + rest
     same = next((i for i, (x, y) in enumerate(zip(joined, reference, strict=False)) if x != y), len(joined))
-    print(f"\n[resume] resumed answer agrees with an uninterrupted one for {same}/{len(reference)} chars")
+    # What the client read before hanging up, and what the node had streamed by the cancel, are replayed
+    # from the token stream: they must match the uninterrupted answer exactly. Only text generated after
+    # the cancel (a continuation, re-tokenised) may differ.
+    assert same >= len(text), (text, rest[:200], reference)

@@ -94,7 +94,7 @@ def pick_autocast(dtype: str, device: str) -> torch.dtype | None:
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device == "cpu":
-        return torch.bfloat16  # ~2× faster than fp32 on this kind of CPU (FACTS.md)
+        return torch.bfloat16  # ~2× faster than fp32 on a CPU with native bf16 (docs/benchmarks.md)
     return None  # mps/xpu/npu: stay exact until measured
 
 
