@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-import nats
+from nats import errors as nats_errors
 from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
@@ -19,6 +19,7 @@ from nats.js.api import KeyValueConfig, ObjectStoreConfig, RetentionPolicy, Stor
 from nats.js.errors import BadRequestError, BucketNotFoundError, ServerError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
+from nats.protocol.parser import AUTHORIZATION_VIOLATION, PERMISSIONS_ERR
 
 from bus import subjects
 from bus.auth import credential_of, redact
@@ -76,26 +77,25 @@ async def connect(url: str, *, name: str, timeout: float = 5.0) -> NATS:
     async def on_reconnect() -> None:
         log.warning("nats: reconnected to %s", shown)
 
-    connecting = asyncio.ensure_future(
-        nats.connect(
-            servers,
-            name=name,
-            connect_timeout=min(timeout, 2.0),
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            ping_interval=5,
-            max_outstanding_pings=2,
-            error_cb=on_error,
-            disconnected_cb=on_disconnect,
-            reconnected_cb=on_reconnect,
-            **options,
-        )
+    settings: dict[str, Any] = dict(  # floats where nats-py's hints say int: it takes both
+        name=name,
+        connect_timeout=min(timeout, 2.0),
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        ping_interval=5,
+        max_outstanding_pings=2,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        **options,
     )
+    nc = _Client()
+    connecting = asyncio.ensure_future(nc.connect(servers, **settings))
     racing: list[asyncio.Future[Any]] = [connecting, refused]
     done, _ = await asyncio.wait(racing, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     if connecting in done and connecting.exception() is None:
-        return connecting.result()
+        return nc
     connecting.cancel()
     with contextlib.suppress(BaseException):
         await connecting
@@ -109,6 +109,26 @@ async def connect(url: str, *, name: str, timeout: float = 5.0) -> NATS:
         f"cannot reach NATS at {shown} ({type(error).__name__}); start one with `chatbus up` "
         f"or pass --nats nats://HOST:PORT of a running server"
     ) from error
+
+
+class _Client(NATS):
+    """nats-py's client, but one the server can disconnect without ending it for good.
+
+    nats-py closes the connection for good (no reconnect, every later call fails) on any `-ERR`
+    from the server but a permissions one: "maximum control line exceeded", "maximum payload
+    violation", a parser error. The server drops the socket after those, exactly as when it
+    restarts, so we reconnect as then (subscriptions are re-sent by nats-py; consumers and watches
+    are re-created by whoever holds them, on the `reconnects` count). Wrong credentials stay final.
+    """
+
+    async def _process_err(self, err_msg: str) -> None:
+        if AUTHORIZATION_VIOLATION in err_msg or PERMISSIONS_ERR in err_msg or self.is_connecting:
+            await super()._process_err(err_msg)
+            return
+        error = nats_errors.Error("nats: " + err_msg.strip("'"))
+        log.warning("nats: the server closed our connection (%s); reconnecting", error)
+        await self._error_cb(error)
+        await self._process_op_err(error)
 
 
 def _parse_url(url: str) -> tuple[list[str], dict[str, Any]]:

@@ -13,6 +13,7 @@ __all__ = [
     "Code",
     "ContextLengthExceeded",
     "GenerationFailed",
+    "InvalidName",
     "ModelNotFound",
     "NoNodeAvailable",
     "NodeBusy",
@@ -54,6 +55,14 @@ class BadRequest(BusError):
     code = Code.BAD_REQUEST
 
 
+class InvalidName(BadRequest, ValueError):
+    """A name that cannot go on the bus (empty, too long, control characters); `field` says which."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class ContextLengthExceeded(BadRequest):
     code = Code.CONTEXT_LENGTH
 
@@ -63,7 +72,8 @@ class ModelNotFound(BusError):
 
     def __init__(self, model: str, served: list[str]) -> None:
         listing = ", ".join(sorted(served)) or "none (is a node running?)"
-        super().__init__(f"model {model!r} is not served on the bus; served models: {listing}")
+        shown = repr(model) if len(model) <= 100 else f"{model[:100]!r}... ({len(model)} characters)"
+        super().__init__(f"model {shown} is not served on the bus; served models: {listing}")
         self.model = model
         self.served = served
 

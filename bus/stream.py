@@ -177,6 +177,8 @@ class ChatStream(AsyncIterator[StreamEvent]):
         table) is passed over instead of ending the answer.
         """
         table = self._client.table
+        for value, what in ((request.model, "model"), (request.request_id, "request_id")):
+            subjects.check_name(value, what)  # before anything goes on the wire
         if not self._client.connected:
             raise BusUnavailable(
                 "the NATS server is unreachable right now; chatbus reconnects by itself, retry shortly"
@@ -239,9 +241,10 @@ class ChatStream(AsyncIterator[StreamEvent]):
 
     async def _request(self, subject: str, payload: bytes, timeout: float) -> Msg:
         """One core request, sent again at once if the connection is re-established meanwhile (what
-        was in flight is lost then; a node takes a repeated request id as the same request)."""
+        was in flight is lost then; a node takes a repeated request id as the same request). Only
+        once: a request that loses the connection twice may be what the server closes it for."""
         deadline = time.monotonic() + timeout
-        while True:
+        for _ in range(2):
             reconnects = self._client.reconnects()
             left = max(0.01, deadline - time.monotonic())
             request = asyncio.ensure_future(self._client.nc.request(subject, payload, timeout=left))
@@ -253,6 +256,7 @@ class ChatStream(AsyncIterator[StreamEvent]):
             with contextlib.suppress(BaseException):
                 await request
             log.info("connection re-established during a request to %s: sending it again", subject)
+        raise BusUnavailable(f"the NATS connection dropped twice while asking {subject[:80]}; retry shortly")
 
     async def _accepted(self, request: GenerateRequest, reply: Accepted) -> None:
         self.node_id = reply.node_id
@@ -452,7 +456,8 @@ class ChatStream(AsyncIterator[StreamEvent]):
                 return False
             params = msgspec.structs.replace(params, max_tokens=left)
         # A fresh id per attempt: two gateways resuming one answer never share a token stream.
-        attempt_rid = f"{self.request.request_id}-{len(self._past) + 1}-{secrets.token_hex(2)}"
+        base = self.request.request_id[: subjects.MAX_NAME_BYTES // 2]  # the attempt id stays a valid name
+        attempt_rid = f"{base}-{len(self._past) + 1}-{secrets.token_hex(2)}"
         retry = msgspec.structs.replace(
             self.request,
             request_id=attempt_rid,

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import re
 
+from bus.errors import InvalidName
+
 __all__ = [
     "ANONYMOUS",
+    "MAX_NAME_BYTES",
     "NODES_BUCKET",
     "NODE_QUEUE",
     "RESUME_BUCKET",
     "TOKENS_STREAM",
+    "check_name",
     "count",
     "ctl",
     "embed",
@@ -28,23 +32,46 @@ RESUME_BUCKET = "cb_resume"  # KV: what a gateway needs to resume a stream (requ
 NODE_QUEUE = "cb-nodes"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+# Every name that becomes a subject token (models, node ids, adapters, job ids, owners, request ids)
+# is bounded here: nats-server closes the connection of a client whose protocol line passes its
+# max_control_line (4 KiB), so one unbounded name from an HTTP body would take a gateway off the bus.
+# Escaped, a name is at most 3x its UTF-8 bytes; a subject holds at most two names and a short prefix.
+MAX_NAME_BYTES = 256
 
 
-def safe_token(name: str) -> str:
-    """A reversible NATS subject token for any name ('.', '/', ' ' and friends are %-escaped)."""
-    if not name:
-        raise ValueError("empty subject token")
+def check_name(value: object, what: str = "name") -> str:
+    """`value` if it may name something on the bus, else InvalidName saying why (`what` names the
+    field: model, node_id, job_id...). The one rule every edge and every subject builder applies."""
+    if not isinstance(value, str):
+        raise InvalidName(what, f"{what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidName(what, f"{what} must not be empty")
+    size = len(value.encode())
+    if size > MAX_NAME_BYTES:
+        raise InvalidName(
+            what,
+            f"{what} is {size} bytes long (UTF-8); names on the bus are 1 to {MAX_NAME_BYTES} bytes",
+        )
+    if not value.isprintable():
+        raise InvalidName(what, f"{what} {value[:40]!r} contains control characters")
+    return value
+
+
+def safe_token(name: str, what: str = "name") -> str:
+    """A reversible NATS subject token for a name (checked by `check_name`; '.', '/', ' ' and
+    friends are %-escaped)."""
+    check_name(name, what)
     return _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), name)
 
 
 def gen(model: str) -> str:
     """Any node serving `model` (queue group)."""
-    return f"{PREFIX}.gen.{safe_token(model)}"
+    return f"{PREFIX}.gen.{safe_token(model, 'model')}"
 
 
 def gen_node(model: str, node_id: str) -> str:
     """One chosen node, for load-aware routing."""
-    return f"{PREFIX}.gen.{safe_token(model)}.{safe_token(node_id)}"
+    return f"{PREFIX}.gen.{safe_token(model, 'model')}.{safe_token(node_id, 'node_id')}"
 
 
 ANONYMOUS = "_"  # the owner of requests from a connection without a user name
@@ -53,7 +80,7 @@ ANONYMOUS = "_"  # the owner of requests from a connection without a user name
 def token(owner: str, request_id: str) -> str:
     """The token stream of one request (in TOKENS_STREAM), under its asker's NATS user name: the
     server lets each credential create consumers on its own `cb.tok.<user>.>` only (bus/auth.py)."""
-    return f"{_tokens_prefix(owner)}.{safe_token(request_id)}"
+    return f"{_tokens_prefix(owner)}.{safe_token(request_id, 'request_id')}"
 
 
 def tokens_of(owner: str) -> str:
@@ -61,7 +88,7 @@ def tokens_of(owner: str) -> str:
 
 
 def _tokens_prefix(owner: str) -> str:
-    return f"{PREFIX}.tok.{safe_token(owner or ANONYMOUS)}"
+    return f"{PREFIX}.tok.{safe_token(owner or ANONYMOUS, 'owner')}"
 
 
 def tokens_all() -> str:
@@ -69,16 +96,17 @@ def tokens_all() -> str:
 
 
 def ctl(node_id: str) -> str:
-    """Cancel and keep-alive messages for one node."""
-    return f"{PREFIX}.ctl.{safe_token(node_id)}"
+    """Cancel and keep-alive messages for one node, and probes (core requests it answers from its
+    event loop: no responders at once means its process is gone)."""
+    return f"{PREFIX}.ctl.{safe_token(node_id, 'node_id')}"
 
 
 def embed(model: str) -> str:
-    return f"{PREFIX}.embed.{safe_token(model)}"
+    return f"{PREFIX}.embed.{safe_token(model, 'model')}"
 
 
 def count(model: str) -> str:
-    return f"{PREFIX}.count.{safe_token(model)}"
+    return f"{PREFIX}.count.{safe_token(model, 'model')}"
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -91,7 +119,7 @@ ARTIFACTS_BUCKET = "cb_artifacts"
 
 def job(kind: str, job_id: str) -> str:
     """A submitted job in the work queue (kind: train | eval)."""
-    return f"{PREFIX}.job.{safe_token(kind)}.{safe_token(job_id)}"
+    return f"{PREFIX}.job.{safe_token(kind, 'kind')}.{safe_token(job_id, 'job_id')}"
 
 
 def jobs_of(kind: str) -> str:
@@ -103,7 +131,7 @@ def jobs_all() -> str:
 
 
 def job_events(job_id: str) -> str:
-    return f"{PREFIX}.jobevt.{safe_token(job_id)}"
+    return f"{PREFIX}.jobevt.{safe_token(job_id, 'job_id')}"
 
 
 def job_events_all() -> str:
@@ -112,7 +140,7 @@ def job_events_all() -> str:
 
 def job_control(job_id: str) -> str:
     """Cancel a running job (core publish; the record in JOBS_BUCKET also says cancelled)."""
-    return f"{PREFIX}.jobctl.{safe_token(job_id)}"
+    return f"{PREFIX}.jobctl.{safe_token(job_id, 'job_id')}"
 
 
 # ----------------------------------------------------------------------------- chat & vote logs
@@ -165,7 +193,7 @@ def job_control_all() -> str:
 
 def inbox_prefix(user: str) -> str:
     """Each credential gets its own reply inboxes, so no role can read another's replies."""
-    return f"_INBOX_{safe_token(user)}"
+    return f"_INBOX_{safe_token(user, 'user')}"
 
 
 def kv_all(bucket: str) -> str:

@@ -16,6 +16,7 @@ from bus.errors import (
     Code,
     ContextLengthExceeded,
     GenerationFailed,
+    InvalidName,
     ModelNotFound,
     NodeBusy,
     NodeTimeout,
@@ -89,6 +90,8 @@ def error_reply(exc: BaseException, *, param: str | None = None) -> ErrorReply:
                 param or "messages",
             ),
         )
+    if isinstance(exc, InvalidName):
+        return ErrorReply(400, _envelope(exc.message, "invalid_request_error", "invalid_value", exc.field))
     if isinstance(exc, BadRequest | BadMessage):
         return ErrorReply(400, _envelope(exc.message, "invalid_request_error", "invalid_request", param))
     if isinstance(exc, NodeBusy):

@@ -11,7 +11,9 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
+from bus.errors import InvalidName
 from bus.schemas import MAX_STOP_STRINGS, ChatMessage, SamplingParams
+from bus.subjects import check_name
 from gateway.errors import ApiError
 
 __all__ = [
@@ -138,7 +140,7 @@ def parse(body: bytes, type_: type[T]) -> T:
     if not body.strip():
         raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_json")
     try:
-        return msgspec.json.decode(body, type=type_)
+        value = msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as e:
         text = str(e)
         at = _AT.search(text)
@@ -163,6 +165,19 @@ def parse(body: bytes, type_: type[T]) -> T:
         ) from None
     except RecursionError:
         raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
+    _check_models(value)
+    return value
+
+
+def _check_models(req: object) -> None:
+    """Model names go into subjects: the bus's one rule for names, as a 400 naming the field."""
+    items = req.prompts if isinstance(req, TokenCheckRequest) else [req]
+    for i, item in enumerate(items):
+        param = f"prompts[{i}].model" if isinstance(req, TokenCheckRequest) else "model"
+        try:
+            check_name(getattr(item, "model", "?"), "model")
+        except InvalidName as e:
+            raise ApiError(400, e.message, code="invalid_value", param=param) from None
 
 
 def _bad(param: str, message: str, code: str = "invalid_value") -> ApiError:

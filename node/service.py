@@ -73,7 +73,6 @@ class _Job:
 
 
 WIRE_VERSION = 1  # the schema version this node speaks
-_MAX_ID = 200  # request ids become subject tokens
 
 
 class _Envelope(msgspec.Struct):
@@ -107,10 +106,8 @@ def read(data: bytes, type_: Any) -> Any:
 def validate(req: GenerateRequest) -> None:
     """Reject what no engine could honour, with a message that names the field."""
     p = req.params
-    if not req.request_id or len(req.request_id) > _MAX_ID:
-        raise BadRequest(f"request_id must be 1 to {_MAX_ID} characters, got {len(req.request_id)}")
-    if len(req.owner) > _MAX_ID:
-        raise BadRequest(f"owner must be at most {_MAX_ID} characters, got {len(req.owner)}")
+    subjects.check_name(req.request_id, "request_id")  # both become subject tokens
+    subjects.check_name(req.owner or subjects.ANONYMOUS, "owner")
     if not (req.deadline_s > 0 and req.keepalive_s > 0):
         raise BadRequest(f"deadline_s and keepalive_s must be > 0, got {req.deadline_s}, {req.keepalive_s}")
     if req.messages is None and req.prompt is None:
