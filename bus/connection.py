@@ -130,6 +130,10 @@ def _parse_url(url: str) -> tuple[list[str], dict[str, Any]]:
     if user is not None:
         options.update(user=user, password=password or "", inbox_prefix=subjects.inbox_prefix(user))
     if "creds" in opts:
+        if not Path(opts["creds"]).is_file():
+            raise BusUnavailable(
+                f"no credential file {opts['creds']}: check the path after ?creds= or --creds"
+            )
         try:  # a credential file of ours (`chatbus node-token create`): a user of its own
             mine = read_creds(Path(opts["creds"]))
             options.update(

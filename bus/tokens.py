@@ -7,7 +7,6 @@ while every other connection stays up (docs/security.md says why this and not JW
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -83,8 +82,6 @@ def revoke(state_dir: Path, name: str) -> Issued:
     cred = creds.pop(name)
     save_issued(state_dir, creds)
     reload_server(state_dir)
-    with contextlib.suppress(OSError):
-        (state_dir / "auth" / "creds" / f"{cred.role}-{name}.creds").unlink()
     return cred
 
 
