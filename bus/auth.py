@@ -5,12 +5,16 @@ embedded server's config from them. Each process gets its role's credential insi
 (`nats://node:SECRET@host:port`, handed over in the environment, never on a command line), so no
 flag had to be plumbed through every package; `redact()` keeps secrets out of every message.
 
-Roles: a **node** serves models (answers requests, publishes tokens and heartbeats); a **gateway**
+Roles: a **node** serves models (takes requests in the nodes' queue group, answers them, publishes
+tokens and its own heartbeats, and no JetStream API beyond that); a **gateway**
 asks nodes; a **ui** (web app, terminal chat, CLI) asks nodes, submits jobs and writes chat logs; a
 **worker** (trainer, judge) consumes jobs and asks nodes; **admin** may do anything (operators'
 tools). What each may not do is what the tests check: only nodes publish tokens and heartbeats, only
 nodes take requests, only workers consume or acknowledge jobs, nobody reads another role's replies
 (each role has its own inbox prefix), and nobody but admin deletes or purges a record stream.
+
+Beside the roles, `Issued` credentials (`chatbus node-token` / `worker-token`, bus/tokens.py) give one
+node or worker a NATS user of its own: a node's is pinned to its id and the models it may serve.
 """
 
 from __future__ import annotations

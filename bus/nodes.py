@@ -125,11 +125,11 @@ class NodeTable:
             self._seen.pop(entry.key, None)
         else:
             try:
-                info = decode(entry.value, NodeInfo)
+                said = decode(entry.value, NodeInfo)
             except BadMessage as e:
                 log.warning("ignoring node entry %s: %s", entry.key, e)
                 return
-            if (info := _as_keyed(entry.key, info)) is None:
+            if (info := _as_keyed(entry.key, said)) is None:
                 return
             age = max(0.0, time.time() - info.updated_at) if info.updated_at else 0.0
             self._seen[entry.key] = (info, time.monotonic() - age)

@@ -18,7 +18,7 @@ from bus.tokens import issue, revoke
 __all__ = ["add_commands", "forget_node"]
 
 
-def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg]
+def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg,unused-ignore]
     for role in ("node", "worker"):
         p = sub.add_parser(f"{role}-token", help=f"issue, list or revoke a credential of one {role}")
         actions = p.add_subparsers(dest="action", required=True)
@@ -49,10 +49,10 @@ def run(args: argparse.Namespace, role: str) -> int:
         if not creds:
             print(f"no {role} credentials issued; `chatbus {role}-token create --name NAME` makes one")
         for c in sorted(creds, key=lambda c: c.created):
-            models = ",".join(c.models) if c.models else "any"
+            allowed = ",".join(c.models) if c.models else "any"
             extra = "  adapters" if c.adapters else ""
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.created))
-            print(f"{c.name:<24} user {c.user:<32} models {models}{extra}  issued {when}")
+            print(f"{c.name:<24} user {c.user:<32} models {allowed}{extra}  issued {when}")
         return 0
     if args.action == "create":
         models = getattr(args, "models", None)

@@ -18,7 +18,7 @@ from bus import BusClient, subjects
 from bus.auth import ROLES, Provisioned, provision, with_credential
 from bus.codec import encode
 from bus.connection import connect
-from bus.errors import BusUnavailable
+from bus.errors import BusError, BusUnavailable
 from bus.paths import write_nats_url
 from bus.schemas import ModelCard, NodeInfo
 from bus.server import EmbeddedServer
@@ -160,6 +160,34 @@ async def test_what_a_node_needs_is_not_refused(
     ready: None, urls: dict[str, str], action: str, subject: str
 ) -> None:
     assert not await _refused(urls["alice"], action, subject)
+
+
+async def test_a_node_answers_a_probe_on_its_control_subject(ready: None, urls: dict[str, str]) -> None:
+    """A core request on `cb.ctl.<id>` (what a client sends before failing over): the node replies
+    to the asker's inbox, which only `allow_responses` permits."""
+    node = await connect(urls["alice"], name="test-alice-probe")
+    gateway = await connect(urls["gateway"], name="test-gateway-probe")
+
+    async def answer(msg: nats.aio.msg.Msg) -> None:
+        await msg.respond(b"alive")
+
+    try:
+        await node.subscribe(subjects.ctl("alice"), cb=answer)
+        await node.flush()
+        assert (await gateway.request(subjects.ctl("alice"), b"probe", timeout=5)).data == b"alive"
+    finally:
+        await node.close()
+        await gateway.close()
+
+
+async def test_a_node_will_not_start_with_a_model_its_credential_does_not_allow(
+    ready: None, urls: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import node.main
+
+    monkeypatch.setattr(node.main, "build_engine", lambda cfg, adapter_dir=None: EchoEngine("echo"))
+    with pytest.raises(BusError, match="may serve other, not 'echo'"):
+        await node.main.serve(node.main.NodeConfig(nats=urls["carol"], cache_dir=tmp_path))
 
 
 async def test_an_issued_node_serves_and_a_worker_reads_only_its_own_answers(
