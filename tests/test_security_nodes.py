@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import stat
+import tarfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,10 +17,12 @@ import pytest
 from fakes import EchoEngine, echo_node, user, wait_for
 
 from bus import BusClient, subjects
+from bus.artifacts import describe, fetch_adapter
 from bus.auth import ROLES, Provisioned, provision, with_credential
 from bus.codec import encode
 from bus.connection import connect
-from bus.errors import BusError, BusUnavailable
+from bus.errors import BadRequest, BusError, BusUnavailable
+from bus.jobs import Jobs
 from bus.paths import write_nats_url
 from bus.schemas import ModelCard, NodeInfo
 from bus.server import EmbeddedServer
@@ -188,6 +192,25 @@ async def test_a_node_will_not_start_with_a_model_its_credential_does_not_allow(
     monkeypatch.setattr(node.main, "build_engine", lambda cfg, adapter_dir=None: EchoEngine("echo"))
     with pytest.raises(BusError, match="may serve other, not 'echo'"):
         await node.main.serve(node.main.NodeConfig(nats=urls["carol"], cache_dir=tmp_path))
+
+
+async def test_a_node_fetches_an_adapter_only_with_a_credential_that_allows_it(
+    ready: None, urls: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "chatbus.json").write_text('{"name": "tuned", "method": "lora"}')
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as out:
+        out.add(tmp_path / "adapter" / "chatbus.json", "chatbus.json")
+    nc = await connect(urls["admin"], name="test-admin-artifacts")
+    try:
+        name = await (await Jobs(nc).start()).put_artifact("models", tar.getvalue())
+    finally:
+        await nc.close()
+    fetched = await fetch_adapter(urls["node"], name, tmp_path / "fetched")  # `chatbus up`'s nodes may
+    assert describe(fetched)["name"] == "tuned"
+    with pytest.raises(BadRequest, match="--adapters"):  # alice's credential was made without --adapters
+        await fetch_adapter(urls["alice"], name, tmp_path / "alice")
 
 
 async def test_an_issued_node_serves_and_a_worker_reads_only_its_own_answers(
