@@ -12,6 +12,10 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import BucketNotFoundError
+
+from bus.auth import redact
 from bus.connection import connect
 from bus.errors import BadRequest
 from bus.jobs import Jobs
@@ -62,8 +66,18 @@ async def fetch_adapter(nats_url: str, ref: str, dest: Path) -> Path:
     job_id}), the tokenizer, and either a peft adapter (`adapter_config.json`) or full model weights."""
     nc = await connect(nats_url, name="chatbus-fetch")
     try:
-        jobs = await Jobs(nc).start()
-        return await fetch_with(jobs, ref, dest)
+        try:
+            jobs = await Jobs(nc).attach()  # a node may read the artifacts, not create streams
+            return await fetch_with(jobs, ref, dest)
+        except BucketNotFoundError:
+            raise BadRequest(
+                f"no trained models on {redact(nats_url)} yet: nothing to fetch as {ref!r}"
+            ) from None
+        except NatsTimeout as e:  # the server refuses what a credential may not do: we hear nothing
+            raise BadRequest(
+                "this credential may not read the artifact store: a node needs one made with "
+                "`chatbus node-token create ... --adapters`"
+            ) from e
     finally:
         await nc.close()
 

@@ -5,12 +5,16 @@ embedded server's config from them. Each process gets its role's credential insi
 (`nats://node:SECRET@host:port`, handed over in the environment, never on a command line), so no
 flag had to be plumbed through every package; `redact()` keeps secrets out of every message.
 
-Roles: a **node** serves models (answers requests, publishes tokens and heartbeats); a **gateway**
+Roles: a **node** serves models (takes requests in the nodes' queue group, answers them, publishes
+tokens and its own heartbeats, and no JetStream API beyond that); a **gateway**
 asks nodes; a **ui** (web app, terminal chat, CLI) asks nodes, submits jobs and writes chat logs; a
 **worker** (trainer, judge) consumes jobs and asks nodes; **admin** may do anything (operators'
 tools). What each may not do is what the tests check: only nodes publish tokens and heartbeats, only
 nodes take requests, only workers consume or acknowledge jobs, nobody reads another role's replies
 (each role has its own inbox prefix), and nobody but admin deletes or purges a record stream.
+
+Beside the roles, `Issued` credentials (`chatbus node-token` / `worker-token`, bus/tokens.py) give one
+node or worker a NATS user of its own: a node's is pinned to its id and the models it may serve.
 """
 
 from __future__ import annotations
@@ -27,13 +31,18 @@ from bus.paths import private_dir, read_nats_url, write_private
 
 __all__ = [
     "ROLES",
+    "Issued",
     "Provisioned",
     "credential_of",
+    "issued",
     "local_url",
+    "node_permissions",
     "permissions",
     "provision",
     "redact",
+    "save_issued",
     "with_credential",
+    "without_credential",
 ]
 
 ROLES = ("node", "gateway", "ui", "worker", "admin")
@@ -66,17 +75,17 @@ _STREAMS = {
 }
 
 
-def _jetstream(role: str) -> list[str]:
+def _jetstream(role: str, user: str) -> list[str]:
     """The JetStream API calls an asking role may make: create, inspect and read its own streams
     (never update, delete or purge one, which could source or republish another stream into it),
-    and on the token stream only consumers filtered on its own `cb.tok.<role>.>`."""
+    and on the token stream only consumers filtered on its own `cb.tok.<user>.>`."""
     allowed = [
         "$JS.API.INFO",
         "$JS.API.STREAM.NAMES",
         "$JS.API.STREAM.LIST",
         subjects.JS_FLOW_CONTROL_ALL,
         f"$JS.API.STREAM.INFO.{subjects.TOKENS_STREAM}",
-        *subjects.js_consume_own(subjects.TOKENS_STREAM, subjects.tokens_of(role)),
+        *subjects.js_consume_own(subjects.TOKENS_STREAM, subjects.tokens_of(user)),
     ]
     for stream in _STREAMS[role]:
         allowed += [
@@ -87,30 +96,45 @@ def _jetstream(role: str) -> list[str]:
     return allowed
 
 
-def permissions(role: str) -> dict[str, Any]:
-    """The nats-server `permissions` block of `role` (None for admin: everything)."""
+def node_permissions(
+    user: str, node_id: str | None = None, models: list[str] | None = None, adapters: bool = True
+) -> dict[str, Any]:
+    """What a node may do, and nothing else (None: any node id / any model, for the operator's own
+    `node` role): take requests for its models (queue group only) and those routed to its id, hear
+    its control subject, answer each request once (`allow_responses`: replies, probes), publish
+    tokens (publish only: no consumer, read, purge or stream change on CB_TOKENS), put and delete
+    its own heartbeat keys, and check that the token stream and node table exist. With `adapters`,
+    it may also read the artifact store and job records (to fetch `--adapter`), never write them."""
+    js = [
+        "$JS.API.STREAM.NAMES",  # does CB_TOKENS exist (by subject; names only, no request ids)
+        f"$JS.API.STREAM.INFO.{_NODES_KV}",  # opening the node table
+    ]
+    if adapters:
+        for stream in (f"OBJ_{subjects.ARTIFACTS_BUCKET}", f"KV_{subjects.JOBS_BUCKET}"):
+            js += [f"$JS.API.STREAM.INFO.{stream}", *subjects.js_read(stream)]
+        js.append(subjects.JS_FLOW_CONTROL_ALL)
+    pub = [subjects.tokens_all(), *subjects.node_heartbeats(node_id, models), *js]
+    sub = [*subjects.node_serves(node_id, models), f"{subjects.inbox_prefix(user)}.>"]
+    return {"publish": {"allow": pub}, "subscribe": {"allow": sub}, "allow_responses": True}
+
+
+def permissions(role: str, user: str | None = None) -> dict[str, Any]:
+    """The nats-server `permissions` block of `role` for the NATS user `user` (default: the role's
+    own user; {} for admin: everything)."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+    user = user or role
+    if role == "node":
+        return node_permissions(user)
+    if role == "admin":
+        return {}
     no_records = [s for stream in _RECORDS for s in subjects.js_destroy(stream)]
     no_jobs = [*subjects.js_consume(subjects.JOBS_STREAM), subjects.js_ack(subjects.JOBS_STREAM)]
-    inbox = f"{subjects.inbox_prefix(role)}.>"
+    inbox = f"{subjects.inbox_prefix(user)}.>"
     # What a gateway keeps to resume streams holds users' prompts: gateways only.
     resume = [*subjects.js_read(_RESUME_KV), subjects.kv_all(subjects.RESUME_BUCKET)]
     nodes_kv = subjects.kv_all(subjects.NODES_BUCKET)
-    if role == "node":
-        # Nodes see every prompt they serve and write every token: they keep the whole JetStream API.
-        pub = [subjects.tokens_all(), nodes_kv, subjects.JS_API_ALL, subjects.JS_FLOW_CONTROL_ALL]
-        sub = [*_ASK, inbox]
-        deny_pub = [*no_records, *no_jobs, subjects.kv_all(subjects.JOBS_BUCKET), *resume]
-        # Replies go to the asker's inbox: allowed once per request received, and nowhere else.
-        return {
-            "publish": {"allow": pub, "deny": deny_pub},
-            "subscribe": {"allow": sub},
-            "allow_responses": True,
-        }
-    if role == "admin":
-        return {}
-    asks = [*_ASK, *_jetstream(role), "$KV.>"]
+    asks = [*_ASK, *_jetstream(role, user), "$KV.>"]
     deny = [subjects.tokens_all(), nodes_kv, *no_records]  # nobody but a node forges tokens or nodes
     if role == "gateway":
         pub, deny = asks, [*deny, *no_jobs, subjects.kv_all(subjects.JOBS_BUCKET)]
@@ -143,8 +167,48 @@ class Provisioned:
     passwords: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Issued:
+    """A credential of its own for one node or worker (`chatbus node-token create`): its NATS user
+    is `<role>-<name>`, and a node's id is its name, which its permissions pin."""
+
+    name: str
+    role: str  # node | worker
+    password: str
+    models: list[str] | None = None  # a node: the models it may serve (None: any)
+    adapters: bool = False  # a node: may read the artifact store (to serve a trained adapter)
+    created: float = 0.0
+
+    @property
+    def user(self) -> str:
+        return f"{self.role}-{self.name}"
+
+    def permissions(self) -> dict[str, Any]:
+        if self.role == "node":
+            return node_permissions(self.user, self.name, self.models, self.adapters)
+        return permissions(self.role, self.user)
+
+
+def issued(state_dir: Path) -> dict[str, Issued]:
+    """The credentials issued with this state dir (kept in `<state>/auth/issued.json`), by name."""
+    try:
+        raw = json.loads((state_dir / "auth" / "issued.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {name: Issued(name=name, **fields) for name, fields in raw.items()}
+
+
+def save_issued(state_dir: Path, creds: dict[str, Issued]) -> None:
+    """Keep `creds` and rewrite the server config from them (a reload then applies it)."""
+    folder = private_dir(private_dir(state_dir) / "auth")
+    raw = {name: {k: v for k, v in vars(c).items() if k != "name"} for name, c in sorted(creds.items())}
+    write_private(folder / "issued.json", json.dumps(raw, indent=1) + "\n")
+    provision(state_dir)
+
+
 def provision(state_dir: Path) -> Provisioned:
-    """Passwords per role (made once, kept in `<state>/auth/passwords.json`) and the server config."""
+    """Passwords per role (made once, kept in `<state>/auth/passwords.json`), and the server config
+    with a user per role and per issued credential (`issued`)."""
     folder = private_dir(private_dir(state_dir) / "auth")
     store = folder / "passwords.json"
     try:
@@ -160,9 +224,12 @@ def provision(state_dir: Path) -> Provisioned:
         if perms := permissions(role):
             user["permissions"] = perms
         users.append(user)
+    for cred in issued(state_dir).values():
+        users.append({"user": cred.user, "password": cred.password, "permissions": cred.permissions()})
     config = folder / "nats.conf"
-    # nats-server reads JSON as its config syntax.
-    write_private(config, json.dumps({"authorization": {"users": users}}, indent=1) + "\n")
+    # nats-server reads JSON as its config syntax; the pid file lets `chatbus node-token` reload it.
+    text = json.dumps({"pid_file": str(folder / "nats.pid"), "authorization": {"users": users}}, indent=1)
+    write_private(config, text + "\n")
     return Provisioned(config, passwords)
 
 
@@ -187,6 +254,12 @@ def with_credential(url: str, user: str, password: str) -> str:
         host = s.netloc.rpartition("@")[2]
         out.append(urlunsplit(s._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{host}")))
     return ",".join(out)
+
+
+def without_credential(url: str) -> str:
+    """`url` with no `user:password@` on any server."""
+    parts = (urlsplit(p.strip()) for p in url.split(","))
+    return ",".join(urlunsplit(s._replace(netloc=s.netloc.rpartition("@")[2])) for s in parts)
 
 
 def credential_of(url: str) -> tuple[str | None, str | None]:

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -24,6 +25,7 @@ from nats.protocol.parser import AUTHORIZATION_VIOLATION, PERMISSIONS_ERR
 from bus import subjects
 from bus.auth import credential_of, redact
 from bus.errors import BusUnavailable
+from bus.tokens import read_creds
 
 __all__ = [
     "HEARTBEAT_S",
@@ -60,7 +62,8 @@ async def connect(url: str, *, name: str, timeout: float = 5.0) -> NATS:
     The URL carries everything needed to get in, like a database DSN: `user:password@` (its replies
     then use the inbox prefix `_INBOX_<user>` that the server's permissions expect), `tls://` for
     TLS, and options after `?`: `ca=` (CA bundle to trust), `cert=` and `key=` (a client
-    certificate), `creds=` (a NATS JWT .creds file instead of a password).
+    certificate), `creds=` (a credential file of `chatbus node-token create`, or a NATS JWT .creds
+    file, instead of a password).
     """
     servers, options = _parse_url(url)
     shown = redact(url)
@@ -147,7 +150,17 @@ def _parse_url(url: str) -> tuple[list[str], dict[str, Any]]:
     if user is not None:
         options.update(user=user, password=password or "", inbox_prefix=subjects.inbox_prefix(user))
     if "creds" in opts:
-        options["user_credentials"] = opts["creds"]
+        if not Path(opts["creds"]).is_file():
+            raise BusUnavailable(
+                f"no credential file {opts['creds']}: check the path after ?creds= or --creds"
+            )
+        try:  # a credential file of ours (`chatbus node-token create`): a user of its own
+            mine = read_creds(Path(opts["creds"]))
+            options.update(
+                user=mine.user, password=mine.password, inbox_prefix=subjects.inbox_prefix(mine.user)
+            )
+        except ValueError:  # a NATS JWT .creds file (operator mode)
+            options["user_credentials"] = opts["creds"]
     if "ca" in opts or "cert" in opts or any(s.startswith("tls://") for s in servers):
         tls = ssl.create_default_context(cafile=opts.get("ca"))
         if "cert" in opts:

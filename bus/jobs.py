@@ -118,6 +118,13 @@ class Jobs:
         )
         return self
 
+    async def attach(self) -> Jobs:
+        """The job records and artifacts as they are, creating nothing: for credentials that may
+        only read them (a node fetching an adapter, bus/artifacts.py)."""
+        self._kv = await self.js.key_value(subjects.JOBS_BUCKET)
+        self._obs = await self.js.object_store(subjects.ARTIFACTS_BUCKET)
+        return self
+
     # ------------------------------------------------------------------ submit / follow
 
     async def submit(

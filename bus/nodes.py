@@ -14,9 +14,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.kv import KeyValue
 
+from bus import subjects
 from bus.codec import decode
 from bus.connection import HEARTBEAT_S, NODE_TTL_S
 from bus.errors import BadMessage
@@ -39,6 +41,19 @@ class ModelEntry:
     context_length: int
     can_embed: bool
     nodes: list[NodeInfo]
+
+
+def _as_keyed(key: str, info: NodeInfo) -> NodeInfo | None:
+    """What the server let the writer of `key` (`<node>.<model>`) say: the node its permissions
+    pin, and that model only; None if the entry claims another node's id (bus/auth.py)."""
+    node, dot, model = key.partition(".")
+    if not dot:
+        return info  # a node of an older version: one key per node
+    if subjects.kv_token(info.node_id) != node:
+        log.warning("ignoring node entry %s: it names node %r", key, info.node_id)
+        return None
+    cards = [c for c in info.models if subjects.kv_token(c.name) == model]
+    return msgspec.structs.replace(info, models=cards) if cards else None
 
 
 class NodeTable:
@@ -110,9 +125,11 @@ class NodeTable:
             self._seen.pop(entry.key, None)
         else:
             try:
-                info = decode(entry.value, NodeInfo)
+                said = decode(entry.value, NodeInfo)
             except BadMessage as e:
                 log.warning("ignoring node entry %s: %s", entry.key, e)
+                return
+            if (info := _as_keyed(entry.key, said)) is None:
                 return
             age = max(0.0, time.time() - info.updated_at) if info.updated_at else 0.0
             self._seen[entry.key] = (info, time.monotonic() - age)

@@ -19,6 +19,8 @@ __all__ = [
     "embed",
     "gen",
     "gen_node",
+    "kv_token",
+    "node_key",
     "safe_token",
     "token",
     "tokens_all",
@@ -99,6 +101,17 @@ def ctl(node_id: str) -> str:
     """Cancel and keep-alive messages for one node, and probes (core requests it answers from its
     event loop: no responders at once means its process is gone)."""
     return f"{PREFIX}.ctl.{safe_token(node_id, 'node_id')}"
+
+
+def node_key(node_id: str, model: str) -> str:
+    """A node's heartbeat key in NODES_BUCKET: `<node>.<model>`, so the server's permissions can
+    pin a node credential to its own id and the models it may serve (bus/auth.py)."""
+    return f"{kv_token(node_id)}.{kv_token(model)}"
+
+
+def kv_token(name: str) -> str:
+    """`safe_token` fit for a KV key (which allows `=` but not `%`)."""
+    return safe_token(name).replace("%", "=")
 
 
 def embed(model: str) -> str:
@@ -185,6 +198,29 @@ def embed_all() -> str:
 
 def count_all() -> str:
     return f"{PREFIX}.count.>"
+
+
+def _any(name: str | None) -> str:
+    return "*" if name is None else safe_token(name)
+
+
+def node_serves(node_id: str | None, models: list[str] | None) -> list[str]:
+    """What a node subscribes to (None: any id / any model): its models' request subjects in the
+    nodes' queue group only (`subject queue`: a plain subscription, which would copy every request
+    meant for other nodes, is refused), requests routed to it by id, and its control subject."""
+    out = []
+    for m in models if models is not None else [None]:
+        model = _any(m)
+        out += [f"{PREFIX}.{kind}.{model} {NODE_QUEUE}" for kind in ("gen", "embed", "count")]
+        out.append(f"{PREFIX}.gen.{model}.{_any(node_id)}")
+    return [*out, f"{PREFIX}.ctl.{_any(node_id)}"]
+
+
+def node_heartbeats(node_id: str | None, models: list[str] | None) -> list[str]:
+    """The NODES_BUCKET keys a node may put and delete (None: any id / any model)."""
+    node = "*" if node_id is None else kv_token(node_id)
+    keys = ["*"] if models is None else [kv_token(m) for m in models]
+    return [f"$KV.{NODES_BUCKET}.{node}.{key}" for key in keys]
 
 
 def job_control_all() -> str:

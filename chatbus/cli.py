@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     # Packages add their own commands (`chatbus train ...`, `chatbus eval ...`, `chatbus export-logs`):
     # a `<package>/commands.py` with `add_commands(subparsers, common)` that sets `func(args, url) -> int`
     # on each parser it adds. A package that is not installed adds nothing.
+    from chatbus.tokens import add_commands
+
+    add_commands(sub, _common)  # `chatbus node-token ...`, `chatbus worker-token ...`
     for package in PLUGIN_PACKAGES:
         try:
             module = importlib.import_module(f"{package}.commands")
@@ -163,7 +166,8 @@ def cmd_chat(url: str, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["node"]:  # everything after `node` belongs to the node's own parser
-        if "--nats" not in argv and not os.environ.get("CHATBUS_NATS"):
+        own = any(a.startswith("--creds") for a in argv) or os.environ.get("CHATBUS_CREDS")
+        if "--nats" not in argv and not os.environ.get("CHATBUS_NATS") and not own:
             # On the machine of a running `chatbus up`: join its bus with the node credential.
             url = local_url(default_state_dir(), "node")
             if url:

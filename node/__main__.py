@@ -21,7 +21,13 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
         default=None,
         help="serve a model trained on the bus: a train job id or a stored `models/<digest>` artifact",
     )
-    p.add_argument("--nats", default=os.environ.get("CHATBUS_NATS", "nats://127.0.0.1:4222"), help="NATS URL")
+    p.add_argument("--nats", default=os.environ.get("CHATBUS_NATS"), help="NATS URL")
+    p.add_argument(
+        "--creds",
+        type=Path,
+        default=os.environ.get("CHATBUS_CREDS"),
+        help="this node's credential file (`chatbus node-token create`); its name is the node id",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps", "xpu", "npu"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--load-8bit", action="store_true", help="8-bit weights (bitsandbytes)")
@@ -45,13 +51,16 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish answers on shutdown")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
-    from bus.paths import default_cache_dir
+    from bus.paths import DEFAULT_NATS, default_cache_dir
+    from bus.tokens import with_creds
+
+    nats = with_creds(a.nats, a.creds) if a.creds else a.nats or DEFAULT_NATS
 
     return NodeConfig(
         model=a.model,
         name=a.name,
         adapter=a.adapter,
-        nats=a.nats,
+        nats=nats,
         device=a.device,
         dtype=a.dtype,
         load_8bit=a.load_8bit,

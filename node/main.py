@@ -14,6 +14,7 @@ from pathlib import Path
 from bus.auth import redact
 from bus.connection import connect
 from bus.errors import BusError
+from bus.tokens import creds_in
 from node.engine import Engine
 
 __all__ = ["NodeConfig", "main", "serve"]
@@ -88,7 +89,8 @@ def build_engine(cfg: NodeConfig, adapter_dir: Path | None = None) -> Engine:
 async def serve(cfg: NodeConfig) -> None:
     from node.service import NodeService, new_node_id
 
-    node_id = cfg.node_id or new_node_id()
+    creds = creds_in(cfg.nats)  # a credential of its own: the node id is its name
+    node_id = cfg.node_id or (creds.name if creds else new_node_id())
     nc = await connect(cfg.nats, name=f"chatbus-node {node_id}")  # fail fast before a long load
     try:
         adapter_dir = None
@@ -98,6 +100,11 @@ async def serve(cfg: NodeConfig) -> None:
             say(f"fetching {cfg.adapter} from the bus")
             adapter_dir = await fetch_adapter(cfg.nats, cfg.adapter, cfg.cache_dir / "adapters")
         engine = await asyncio.to_thread(build_engine, cfg, adapter_dir)
+        if creds and creds.models is not None and engine.card.name not in creds.models:
+            raise BusError(
+                f"credential {creds.name} may serve {', '.join(creds.models)}, not {engine.card.name!r}: "
+                f"pass --name, or ask the operator for a credential with that model"
+            )
         service = NodeService(nc, engine, node_id=node_id, max_queued=cfg.max_queued)
         await service.start()
         card = engine.card

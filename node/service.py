@@ -26,7 +26,7 @@ from nats.js.kv import KeyValue
 
 from bus import subjects
 from bus.codec import decode, encode
-from bus.connection import HEARTBEAT_S, ensure_nodes_bucket, ensure_tokens_stream
+from bus.connection import HEARTBEAT_S
 from bus.errors import BadMessage, BadRequest, BusError, Code
 from bus.publisher import RecordPublisher
 from bus.schemas import (
@@ -48,6 +48,7 @@ from bus.schemas import (
     StreamEvent,
     Usage,
 )
+from bus.setup import node_objects
 from node.engine import Delta, Engine, EngineRequest
 
 __all__ = ["NodeService", "new_node_id"]
@@ -159,9 +160,13 @@ class NodeService:
 
     # ------------------------------------------------------------------ lifecycle
 
+    @property
+    def key(self) -> str:
+        """Our heartbeat's key in the node table (per node and model: bus/auth.py pins it)."""
+        return subjects.node_key(self.node_id, self.model)
+
     async def start(self) -> None:
-        await ensure_tokens_stream(self.js)
-        self._kv = await ensure_nodes_bucket(self.js)
+        self._kv = await node_objects(self.js)  # the admin setup creates them (bus/setup.py)
         self.engine.start()
         self._tasks = [
             asyncio.create_task(self._pump(), name="node-pump"),
@@ -195,7 +200,7 @@ class NodeService:
                 await sub.unsubscribe()  # type: ignore[attr-defined]
         if self._kv is not None:
             with contextlib.suppress(Exception):
-                await self._kv.delete(self.node_id)
+                await self._kv.delete(self.key)
         deadline = time.monotonic() + timeout
         while self._jobs and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -391,7 +396,7 @@ class NodeService:
         assert self._kv is not None
         try:
             # Bounded: a put stuck on a dead connection must not hold up the beats that keep us listed.
-            await asyncio.wait_for(self._kv.put(self.node_id, encode(self.info())), HEARTBEAT_S)
+            await asyncio.wait_for(self._kv.put(self.key, encode(self.info())), HEARTBEAT_S)
             return True
         except Exception as e:  # no leader for a moment (a cluster), or the bucket is gone (a restart)
             log.warning("heartbeat failed (%r); retrying", e)
@@ -400,8 +405,7 @@ class NodeService:
 
     async def _ensure_bus_objects(self) -> None:
         try:
-            await ensure_tokens_stream(self.js)
-            self._kv = await ensure_nodes_bucket(self.js)
+            self._kv = await node_objects(self.js)
         except Exception as e:
             log.warning("cannot re-create streams yet (%r)", e)
 

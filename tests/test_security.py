@@ -48,6 +48,7 @@ def urls(secured: tuple[EmbeddedServer, Provisioned]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 async def ready(secured: tuple[EmbeddedServer, Provisioned], urls: dict[str, str]) -> AsyncIterator[None]:
     await secured[0].wait_jetstream(url=urls["admin"])
+    assert await cmd_setup_bus(urls["admin"]) == 0  # as `chatbus up` does: nodes may not create streams
     engine = EchoEngine("echo")
     async with echo_node(urls["node"], engine):
         yield

@@ -1,0 +1,119 @@
+"""`chatbus node-token` and `chatbus worker-token`: issue, list and revoke one credential per node or worker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bus import subjects
+from bus.auth import issued, local_url, redact
+from bus.connection import connect
+from bus.tokens import issue, revoke
+
+__all__ = ["add_commands", "forget_node"]
+
+
+def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg,unused-ignore]
+    for role in ("node", "worker"):
+        p = sub.add_parser(f"{role}-token", help=f"issue, list or revoke a credential of one {role}")
+        actions = p.add_subparsers(dest="action", required=True)
+        create = actions.add_parser("create", help=f"a new {role} credential: writes its file (0600)")
+        common(create)
+        create.add_argument("--name", required=True, help="who it is for, e.g. alice-laptop")
+        if role == "node":
+            create.add_argument(
+                "--models", default=None, help="comma-separated models it may serve (default: any)"
+            )
+            create.add_argument(
+                "--adapters", action="store_true", help="it may read the artifact store (to serve --adapter)"
+            )
+        create.add_argument("--url", default=None, help="the bus URL to put in the file (default: this bus)")
+        create.add_argument("--out", type=Path, default=None, help="where to write the file")
+        listing = actions.add_parser("list", help=f"the {role} credentials issued here")
+        common(listing)
+        gone = actions.add_parser("revoke", help="disconnect it now and refuse it from then on")
+        common(gone)
+        gone.add_argument("name")
+        p.set_defaults(func=lambda args, url, role=role: run(args, role))
+
+
+def run(args: argparse.Namespace, role: str) -> int:
+    state: Path = args.state_dir
+    if args.action == "list":
+        creds = [c for c in issued(state).values() if c.role == role]
+        if not creds:
+            print(f"no {role} credentials issued; `chatbus {role}-token create --name NAME` makes one")
+        for c in sorted(creds, key=lambda c: c.created):
+            allowed = ",".join(c.models) if c.models else "any"
+            extra = "  adapters" if c.adapters else ""
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.created))
+            print(f"{c.name:<24} user {c.user:<32} models {allowed}{extra}  issued {when}")
+        return 0
+    if args.action == "create":
+        models = getattr(args, "models", None)
+        try:
+            cred, path = issue(
+                state,
+                args.name,
+                role,
+                models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
+                adapters=getattr(args, "adapters", False),
+                url=args.url,
+                out=args.out,
+            )
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"{role} credential {cred.name} (NATS user {cred.user}) written to {path}")
+        if role == "node":
+            print(f"on the node's machine: chatbus node --creds {path.name} --nats nats://BUS-HOST:4222")
+        else:
+            print(
+                f"on the worker's machine: CHATBUS_NATS='nats://BUS-HOST:4222?creds={path.name}' python -m trainer"
+            )
+        _say_reload(state)
+        return 0
+    try:
+        cred = revoke(state, args.name)
+    except KeyError:
+        print(
+            f"error: no credential named {args.name!r}; `chatbus {role}-token list` shows them",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"revoked {cred.name}: the server refuses {cred.user} from now on")
+    if cred.role == "node":
+        asyncio.run(forget_node(state, cred.name))
+    _say_reload(state)
+    return 0
+
+
+def _say_reload(state: Path) -> None:
+    if not (state / "auth" / "nats.pid").exists():
+        print(
+            f"no `chatbus up` server runs with {state}: copy the users of {state / 'auth' / 'nats.conf'} "
+            "into your server's config and run `nats-server --signal reload`"
+        )
+
+
+async def forget_node(state: Path, node_id: str) -> None:
+    """Delete a revoked node's heartbeats, so clients stop routing to it now, not after their TTL."""
+    url = local_url(state, "admin")
+    if url is None:
+        return
+    with contextlib.suppress(Exception):  # no bus runs, or no heartbeat is left
+        nc = await connect(url, name="chatbus-node-token", timeout=3)
+        try:
+            kv = await nc.jetstream().key_value(subjects.NODES_BUCKET)
+            prefix = f"{subjects.kv_token(node_id)}."
+            for key in await kv.keys():
+                if key.startswith(prefix):
+                    await kv.delete(key)
+                    print(f"removed {key} from the node table on {redact(url)}")
+        finally:
+            await nc.close()
