@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
+from typing import Any
 
 from nicegui import ui
 
@@ -17,8 +18,25 @@ NAV = [
 ]
 
 _CSS = """
-body { background: #f6f7fb; }
-.body--dark { background: #121318; }
+body { background: #f6f7fb; --cb-bg: #f6f7fb; --cb-surface: #ffffff; --cb-text: #1d1d27; }
+.body--dark { background: #121318; --cb-bg: #121318; --cb-surface: #1f2029; --cb-text: #e8e8f0; }
+.cb-header { background: color-mix(in srgb, var(--cb-surface) 90%, transparent) !important; color: var(--cb-text);
+  border-bottom: 1px solid rgba(128, 128, 128, .2); }
+.cb-surface { background: var(--cb-surface); color: var(--cb-text); }
+.cb-surface textarea, .cb-surface .q-field__native { color: var(--cb-text) !important; }
+.cb-composer-strip { background: linear-gradient(to top, var(--cb-bg) 70%, transparent); }
+/* Toasts sit above the composer, never over the input and the send button. */
+.q-notifications__list--bottom { bottom: 110px; }
+/* Small screens: icon-only navigation, the title shortened, wide tables scroll inside their box. */
+@media (max-width: 700px) {
+  .cb-nav .q-btn .block { display: none; }
+  .cb-nav .q-btn { padding: 6px 8px !important; }
+  .cb-nav .q-btn .q-icon { margin: 0; }
+  .cb-title { display: none; }
+  .cb-split { flex-direction: column; flex-wrap: nowrap; }
+  .cb-split > * { width: 100% !important; }
+}
+.cb-table-wrap { overflow-x: auto; width: 100%; }
 .cb-bubble-user { background: #ecebff; border-radius: 18px 18px 4px 18px; white-space: pre-wrap; }
 .body--dark .cb-bubble-user { background: #2d2a52; }
 .cb-answer .nicegui-markdown p:first-child { margin-top: 0; }
@@ -26,7 +44,7 @@ body { background: #f6f7fb; }
 .body--dark .cb-answer .nicegui-markdown pre { background: #1d1f27; }
 .cb-answer .nicegui-markdown code { font-size: 0.86em; }
 .cb-composer { border-radius: 22px; box-shadow: 0 4px 24px rgba(30, 30, 80, .10); }
-.cb-nav .q-btn { border-radius: 999px; text-transform: none; }
+.cb-nav .q-btn { border-radius: 999px; text-transform: none; color: var(--cb-text); opacity: .85; }
 .cb-nav .cb-active { background: #ecebff; color: #5b4ee6; }
 .body--dark .cb-nav .cb-active { background: #2d2a52; color: #c9c3ff; }
 .cb-cursor::after { content: '▍'; animation: cb-blink 1s steps(2) infinite; margin-left: 1px; }
@@ -41,13 +59,16 @@ body { background: #f6f7fb; }
 class Shell:
     """Header with the brand and the page links; `activate(path)` highlights the current one."""
 
-    def __init__(self, title: str) -> None:
+    def __init__(self, title: str, storage: MutableMapping[str, Any] | None = None) -> None:
         ui.colors(primary="#5b4ee6", secondary="#26a69a", accent="#f59e0b")
         ui.add_css(_CSS)
         ui.page_title(title)
         self._buttons: dict[str, ui.button] = {}
-        dark = ui.dark_mode()
-        with ui.header().classes("bg-white/90 text-grey-9 backdrop-blur border-b border-grey-3 px-4 py-2"):
+        # The mode is kept in the user's storage: a reload (or another tab) opens in the same mode.
+        prefs: MutableMapping[str, Any] = storage if storage is not None else {}
+        self.dark = ui.dark_mode(bool(prefs.get("dark", False)))
+        self.dark.bind_value_to(prefs, "dark")
+        with ui.header().classes("cb-header backdrop-blur px-4 py-2"):
             with ui.row().classes("w-full items-center no-wrap gap-2"):
                 with (
                     ui.row()
@@ -55,20 +76,19 @@ class Shell:
                     .on("click", lambda: ui.navigate.to("/"))
                 ):
                     ui.icon("forum", size="28px", color="primary")
-                    ui.label(title).classes("text-xl font-bold tracking-tight")
+                    ui.label(title).classes("text-xl font-bold tracking-tight cb-title")
                 ui.space()
                 with ui.row().classes("cb-nav items-center gap-1 no-wrap"):
                     for path, label, icon in NAV:
                         self._buttons[path] = (
                             ui.button(label, icon=icon, on_click=_go(path))
                             .props("flat no-caps dense padding='6px 14px'")
-                            .classes("text-grey-8")
                             .mark(f"nav-{label.lower().replace(' ', '-')}")
                         )
                 ui.space()
-                ui.button(icon="dark_mode", on_click=dark.toggle).props("flat round dense").classes(
-                    "text-grey-7"
-                )
+                ui.button(icon="dark_mode", on_click=self.dark.toggle).props("flat round dense").mark(
+                    "dark-toggle"
+                ).tooltip("Dark mode")
 
     def activate(self, path: str) -> None:
         for p, button in self._buttons.items():
@@ -102,10 +122,10 @@ def typing_dots() -> ui.html:
 def empty_state(title: str, subtitle: str, suggestions: list[str], on_pick: Callable[[str], object]) -> None:
     with ui.column().classes("w-full items-center gap-3 pt-16 pb-6"):
         ui.icon("auto_awesome", size="48px", color="primary")
-        ui.label(title).classes("text-3xl font-semibold text-grey-9 text-center")
+        ui.label(title).classes("text-3xl font-semibold text-center")
         ui.label(subtitle).classes("text-grey-6 text-center")
         with ui.row().classes("justify-center gap-2 pt-4 max-w-2xl"):
             for s in suggestions:
                 ui.button(s, on_click=lambda s=s: on_pick(s)).props("outline no-caps rounded").classes(
-                    "text-grey-8 bg-white"
+                    "cb-surface"
                 )

@@ -155,6 +155,8 @@ def battles_from_votes(votes: list[VoteLog], *, include_named: bool = False) -> 
     for v in votes:
         if v.kind not in BATTLE_VOTES or len(v.models) != 2 or v.leaked_identity:
             continue
+        if v.models[0] == v.models[1]:  # a model against itself says nothing about its rating
+            continue
         if v.mode == "arena" or (include_named and v.mode == "side_by_side"):
             out.append(battle_from_vote(v.kind, v.models[0], v.models[1]))
     return out

@@ -13,10 +13,10 @@ from nicegui import ui
 
 from bus import ChatMessage, SamplingParams
 from bus.schemas_logs import ConvState, VoteLog
-from webui.answer import Answer, new_id
+from webui.answer import Answer, AnswerResult, new_id
 from webui.layout import assistant_bubble, empty_state, typing_dots, user_bubble
 from webui.limits import LimitExceeded
-from webui.pages.common import Composer, ModelPicker, scroll_down
+from webui.pages.common import Composer, ModelPicker, params_card, sampling_params, scroll_down
 from webui.services import Services
 
 __all__ = ["chat_page"]
@@ -41,6 +41,7 @@ def _defaults(services: Services) -> dict[str, Any]:
         "temperature": 0.7,
         "top_p": 1.0,
         "max_tokens": services.config.default_max_tokens,
+        "repetition_penalty": 1.0,
         "conv_id": new_id(),
         "messages": [],
     }
@@ -70,37 +71,15 @@ class ChatView:
                 ui.button(
                     "Parameters",
                     icon="tune",
-                    on_click=lambda: self.params.set_visibility(not self.params.visible),
+                    on_click=lambda: self.params.set_visibility(not self.params.visible),  # type: ignore[has-type]
                 ).props("flat no-caps rounded").mark("params-toggle")
                 ui.button("New chat", icon="add_comment", on_click=self.clear).props(
                     "flat no-caps rounded"
                 ).mark("clear")
-            self._params_card()
+            self.params = params_card(self.state, system=True)
             self.thread = ui.column().classes("w-full gap-5").mark("thread")
         self.composer = Composer("Message the model…", on_send=self.send, on_stop=self.stop)
         self.render()
-
-    def _params_card(self) -> None:
-        st = self.state
-        with ui.card().classes("w-full rounded-2xl shadow-sm").props("flat bordered") as self.params:
-            ui.textarea("System prompt", placeholder="You are a helpful assistant.").props(
-                "outlined autogrow dense"
-            ).classes("w-full").bind_value(st, "system")
-            with ui.row().classes("w-full gap-8 items-center"):
-                with ui.column().classes("grow gap-0"):
-                    ui.label().bind_text_from(st, "temperature", lambda v: f"Temperature {v:.2f}").classes(
-                        "text-sm text-grey-7"
-                    )
-                    ui.slider(min=0, max=2, step=0.05).bind_value(st, "temperature").props("label")
-                with ui.column().classes("grow gap-0"):
-                    ui.label().bind_text_from(st, "top_p", lambda v: f"Top-p {v:.2f}").classes(
-                        "text-sm text-grey-7"
-                    )
-                    ui.slider(min=0.05, max=1, step=0.05).bind_value(st, "top_p").props("label")
-                ui.number("Max tokens", min=1, max=8192, step=16, format="%d").bind_value(
-                    st, "max_tokens", forward=lambda v: int(v or 1)
-                ).props("outlined dense").classes("w-32")
-        self.params.visible = False
 
     def render(self) -> None:
         self.thread.clear()
@@ -128,19 +107,24 @@ class ChatView:
                     ui.label(msg["error"])
             if msg.get("finish_reason") == "cancelled":
                 ui.label("stopped").classes("text-xs text-grey-5")
-            with ui.row().classes("gap-0 -ml-2 text-grey-6"):
+            with ui.row().classes("gap-0 -ml-2 text-grey-6 items-center"):
                 ui.button(icon="content_copy", on_click=lambda: self._copy(msg["content"])).props(
                     "flat round dense size=sm color=grey-6"
-                ).tooltip("Copy")
+                ).tooltip("Copy").mark(f"copy-{index}")
+                voted = msg.get("vote")
                 for kind, icon, color in _VOTE_ICONS:
-                    chosen = msg.get("vote") == kind
-                    ui.button(icon=icon, on_click=lambda k=kind: self.vote(index, k)).props(
-                        f"flat round dense size=sm color={color if chosen else 'grey-6'}"
-                    ).tooltip(kind.capitalize()).mark(f"{kind}-{index}")
+                    button = ui.button(icon=icon, on_click=lambda k=kind: self.vote(index, k)).props(
+                        f"flat round dense size=sm color={color if voted == kind else 'grey-6'}"
+                    )
+                    button.tooltip(kind.capitalize()).mark(f"{kind}-{index}")
+                    if voted:
+                        button.disable()  # one vote per answer: FastChat disables the buttons too
                 if index == len(self.state["messages"]) - 1:
                     ui.button(icon="refresh", on_click=self.regenerate).props(
                         "flat round dense size=sm color=grey-6"
                     ).tooltip("Regenerate").mark("regenerate")
+                if msg.get("stats"):
+                    ui.label(msg["stats"]).classes("text-xs text-grey-5 pl-2 cb-stats").mark(f"stats-{index}")
 
     # ------------------------------------------------------------------ actions
 
@@ -181,6 +165,10 @@ class ChatView:
                 "No model is online yet: start a node (`chatbus up` or `python -m node`).", type="warning"
             )
             return
+        problems = self._params().problems()
+        if problems:
+            ui.notify("Check the parameters: " + "; ".join(problems), type="warning", multi_line=True)
+            return
         try:
             self.s.limiter.check_input(text, sum(len(m["content"]) for m in self.state["messages"]))
             self.s.limiter.acquire(self.user, [model])
@@ -209,11 +197,12 @@ class ChatView:
         self.render()
         await self._answer(model)
 
+    def _params(self) -> SamplingParams:
+        return sampling_params(self.state)
+
     async def _answer(self, model: str) -> None:
         st = self.state
-        params = SamplingParams(
-            temperature=float(st["temperature"]), top_p=float(st["top_p"]), max_tokens=int(st["max_tokens"])
-        )
+        params = self._params()
         with self.thread:
             body = assistant_bubble(model).classes("cb-cursor")
             with body.column:  # type: ignore[attr-defined]
@@ -229,8 +218,11 @@ class ChatView:
         self.composer.busy(True)
         scroll_down(self.thread)
 
+        first: list[float] = []
+
         def show(text: str) -> None:
             if text:
+                first.append(first[0] if first else time.monotonic())
                 dots.set_visibility(False)
             body.set_content(text)
             scroll_down(self.thread)
@@ -242,20 +234,39 @@ class ChatView:
             self.composer.busy(False)
         dots.delete()
         body.classes(remove="cb-cursor")
+        if result.error and not result.text:
+            self._give_back(result.error)
+            return
         msg = {
             "role": "assistant",
             "content": result.text,
             "model": model,
             "finish_reason": result.finish_reason,
+            "stats": stats_line(result, time.monotonic() - first[0] if first else 0.0),
         }
         if result.error:
             msg["error"] = result.error
         st["messages"].append(msg)
         self._finish_bubble(body, len(st["messages"]) - 1, msg)
 
+    def _give_back(self, error: str) -> None:
+        """Nothing was answered: the question leaves the conversation and goes back into the input."""
+        msgs = self.state["messages"]
+        question = msgs.pop()["content"] if msgs and msgs[-1]["role"] == "user" else ""
+        self.state["messages"] = list(msgs)
+        self.render()
+        if question and not (self.composer.input.value or "").strip():
+            self.composer.input.value = question
+        with self.thread:
+            with ui.row().classes("items-center gap-2 text-negative text-sm").mark("answer-error"):
+                ui.icon("error_outline")
+                ui.label(f"No answer: {error}. Your message is back in the input.")
+
     async def vote(self, index: int, kind: str) -> None:
         msgs = self.state["messages"]
         msg = msgs[index]
+        if msg.get("vote"):  # already counted (a double click, or a stale button)
+            return
         history = [ChatMessage(role=m["role"], content=m["content"]) for m in msgs[: index + 1]]
         if self.state["system"].strip():
             history.insert(0, ChatMessage(role="system", content=self.state["system"]))
@@ -281,6 +292,14 @@ class ChatView:
             ui.notify(
                 thanks if stored else thanks + " (saved once the bus is back)", type="positive", timeout=1500
             )
+
+
+def stats_line(result: AnswerResult, streaming_s: float) -> str:
+    """Under an answer: its tokens, the speed it streamed at and the node that gave it."""
+    tokens = result.usage.completion_tokens
+    speed = f" · {tokens / streaming_s:.1f} tok/s" if tokens and streaming_s > 0 else ""
+    node = f" · node {result.node_id}" if result.node_id else ""
+    return f"{tokens} tokens ({result.usage.prompt_tokens} prompt){speed}{node}"
 
 
 def chat_page(services: Services, user: str, storage: MutableMapping[str, Any]) -> None:
