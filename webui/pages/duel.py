@@ -1,7 +1,7 @@
 """Two models answer the same prompts in parallel: named side-by-side, or the anonymous arena.
 
-In the arena two different models are drawn at random and stay hidden as "Model A" / "Model B"
-until the user votes (FastChat's leftvote / rightvote / tievote / bothbad_vote); then the names are
+In the arena two different models are drawn at random (models with fewer battles more often) and
+stay hidden as "Model A" / "Model B" until the user votes (FastChat's leftvote / rightvote / tievote / bothbad_vote); then the names are
 revealed and the battle is over. A battle whose answers name a model is logged but not rated.
 """
 
@@ -14,6 +14,7 @@ import time
 from nicegui import ui
 
 from bus import ChatMessage
+from bus.ratings import Battle, battle_counts, pair_probabilities
 from bus.schemas_logs import ConvState, VoteLog
 from webui.answer import Answer, AnswerResult, new_id, reveals_identity
 from webui.layout import assistant_bubble, empty_state, typing_dots, user_bubble
@@ -41,6 +42,15 @@ SUGGESTIONS = [
     "Explain recursion to a child",
     "Write a haiku about the sea",
 ]
+
+
+def draw_pair(names: list[str], battles: list[Battle], rng: random.Random | None = None) -> list[str]:
+    """Two different models, new ones (fewer rated battles) more likely, in a random order."""
+    played: dict[str, int] = {m: sum(row.values()) for m, row in battle_counts(battles).items()}
+    pairs = pair_probabilities(sorted(names), played)
+    rng = rng or random.Random()
+    pair = rng.choices(list(pairs), weights=list(pairs.values()))[0]
+    return list(pair) if rng.random() < 0.5 else [pair[1], pair[0]]
 
 
 class DuelView:
@@ -203,7 +213,7 @@ class DuelView:
                 multi_line=True,
             )
             return False
-        self.models = list(random.sample(names, 2))
+        self.models = [*draw_pair(names, self.s.logs.battles())]
         return True
 
     async def send(self, text: str) -> None:
@@ -315,6 +325,11 @@ class DuelView:
         if self.voted or not self.histories[0] or not all(self.models) or self.models[0] == self.models[1]:
             return
         models = [m for m in self.models if m]
+        try:
+            self.s.limiter.vote(self.user)
+        except LimitExceeded as e:
+            ui.notify(str(e), type="warning", multi_line=True)
+            return
         answers = [m.content for h in self.histories for m in h if m.role == "assistant"]
         leaked = self.anonymous and reveals_identity(answers, models)
         record = VoteLog(
