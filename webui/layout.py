@@ -7,7 +7,7 @@ from typing import Any
 
 from nicegui import ui
 
-__all__ = ["NAV", "Shell", "assistant_bubble", "empty_state", "user_bubble"]
+__all__ = ["NAV", "Shell", "assistant_bubble", "empty_state", "tool_button", "user_bubble"]
 
 NAV = [
     ("/", "Chat", "chat_bubble_outline"),
@@ -26,16 +26,7 @@ body { background: #f6f7fb; --cb-bg: #f6f7fb; --cb-surface: #ffffff; --cb-text: 
 .cb-surface textarea, .cb-surface .q-field__native { color: var(--cb-text) !important; }
 .cb-composer-strip { background: linear-gradient(to top, var(--cb-bg) 70%, transparent); }
 /* Toasts sit above the composer, never over the input and the send button. */
-.q-notifications__list--bottom { bottom: 110px; }
-/* Small screens: icon-only navigation, the title shortened, wide tables scroll inside their box. */
-@media (max-width: 700px) {
-  .cb-nav .q-btn .block { display: none; }
-  .cb-nav .q-btn { padding: 6px 8px !important; }
-  .cb-nav .q-btn .q-icon { margin: 0; }
-  .cb-title { display: none; }
-  .cb-split { flex-direction: column; flex-wrap: nowrap; }
-  .cb-split > * { width: 100% !important; }
-}
+.q-notifications__list--bottom { bottom: 110px !important; }
 .cb-table-wrap { overflow-x: auto; width: 100%; }
 .cb-bubble-user { background: #ecebff; border-radius: 18px 18px 4px 18px; white-space: pre-wrap; }
 .body--dark .cb-bubble-user { background: #2d2a52; }
@@ -44,7 +35,8 @@ body { background: #f6f7fb; --cb-bg: #f6f7fb; --cb-surface: #ffffff; --cb-text: 
 .body--dark .cb-answer .nicegui-markdown pre { background: #1d1f27; }
 .cb-answer .nicegui-markdown code { font-size: 0.86em; }
 .cb-composer { border-radius: 22px; box-shadow: 0 4px 24px rgba(30, 30, 80, .10); }
-.cb-nav .q-btn { border-radius: 999px; text-transform: none; color: var(--cb-text); opacity: .85; }
+.cb-nav .q-btn { border-radius: 999px; text-transform: none; color: var(--cb-text); opacity: .85;
+  padding: 6px 14px; }
 .cb-nav .cb-active { background: #ecebff; color: #5b4ee6; }
 .body--dark .cb-nav .cb-active { background: #2d2a52; color: #c9c3ff; }
 .cb-cursor::after { content: '▍'; animation: cb-blink 1s steps(2) infinite; margin-left: 1px; }
@@ -53,6 +45,12 @@ body { background: #f6f7fb; --cb-bg: #f6f7fb; --cb-surface: #ffffff; --cb-text: 
   background:#9b95f5; animation: cb-bounce 1.2s infinite; }
 .cb-typing span:nth-child(2) { animation-delay: .15s; } .cb-typing span:nth-child(3) { animation-delay: .3s; }
 @keyframes cb-bounce { 0%, 80%, 100% { transform: scale(.6); opacity:.5 } 40% { transform: scale(1); opacity:1 } }
+/* Small screens (Quasar's gt-xs drops the nav labels and the title): panes stack, tables scroll. */
+@media (max-width: 700px) {
+  .cb-nav .q-btn { padding: 6px 8px; }
+  .cb-split { flex-direction: column !important; flex-wrap: nowrap !important; }
+  .cb-split > * { width: 100% !important; }
+}
 """
 
 
@@ -76,15 +74,18 @@ class Shell:
                     .on("click", lambda: ui.navigate.to("/"))
                 ):
                     ui.icon("forum", size="28px", color="primary")
-                    ui.label(title).classes("text-xl font-bold tracking-tight cb-title")
+                    ui.label(title).classes("text-xl font-bold tracking-tight gt-xs")
                 ui.space()
                 with ui.row().classes("cb-nav items-center gap-1 no-wrap"):
                     for path, label, icon in NAV:
-                        self._buttons[path] = (
-                            ui.button(label, icon=icon, on_click=_go(path))
-                            .props("flat no-caps dense padding='6px 14px'")
+                        button = (
+                            ui.button(icon=icon, on_click=_go(path))
+                            .props("flat no-caps dense")
                             .mark(f"nav-{label.lower().replace(' ', '-')}")
                         )
+                        with button:  # the label goes on phones (Quasar's gt-xs): icons alone fit
+                            ui.label(label).classes("gt-xs q-ml-sm")
+                        self._buttons[path] = button
                 ui.space()
                 ui.button(icon="dark_mode", on_click=self.dark.toggle).props("flat round dense").mark(
                     "dark-toggle"
@@ -97,6 +98,14 @@ class Shell:
 
 def _go(path: str) -> Callable[[], None]:
     return lambda: ui.navigate.to(path)
+
+
+def tool_button(label: str, icon: str, on_click: Callable[[], object], marker: str) -> ui.button:
+    """A flat page action whose label gives way to its icon (and a tooltip) on a phone."""
+    with ui.button(icon=icon, on_click=on_click).props("flat no-caps rounded").mark(marker) as button:
+        ui.label(label).classes("gt-xs q-ml-sm")
+        ui.tooltip(label)
+    return button
 
 
 def user_bubble(text: str) -> None:

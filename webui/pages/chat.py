@@ -14,7 +14,7 @@ from nicegui import ui
 from bus import ChatMessage, SamplingParams
 from bus.schemas_logs import ConvState, VoteLog
 from webui.answer import Answer, AnswerResult, new_id
-from webui.layout import assistant_bubble, empty_state, typing_dots, user_bubble
+from webui.layout import assistant_bubble, empty_state, tool_button, typing_dots, user_bubble
 from webui.limits import LimitExceeded
 from webui.pages.common import Composer, ModelPicker, params_card, sampling_params, scroll_down
 from webui.services import Services
@@ -68,18 +68,15 @@ class ChatView:
             with ui.row().classes("w-full items-center gap-2 no-wrap"):
                 self.picker = ModelPicker(self.s, self.state.get("model"), on_change=self._model_changed)
                 ui.space()
-                ui.button(
-                    "Parameters",
-                    icon="tune",
-                    on_click=lambda: self.params.set_visibility(not self.params.visible),  # type: ignore[has-type]
-                ).props("flat no-caps rounded").mark("params-toggle")
-                ui.button("New chat", icon="add_comment", on_click=self.clear).props(
-                    "flat no-caps rounded"
-                ).mark("clear")
+                tool_button("Parameters", "tune", self._toggle_params, "params-toggle")
+                tool_button("New chat", "add_comment", self.clear, "clear")
             self.params = params_card(self.state, system=True)
             self.thread = ui.column().classes("w-full gap-5").mark("thread")
         self.composer = Composer("Message the model…", on_send=self.send, on_stop=self.stop)
         self.render()
+
+    def _toggle_params(self) -> None:
+        self.params.set_visibility(not self.params.visible)
 
     def render(self) -> None:
         self.thread.clear()

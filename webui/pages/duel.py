@@ -17,7 +17,7 @@ from bus import ChatMessage
 from bus.ratings import Battle, battle_counts, pair_probabilities
 from bus.schemas_logs import ConvState, VoteLog
 from webui.answer import Answer, AnswerResult, new_id, reveals_identity
-from webui.layout import assistant_bubble, empty_state, typing_dots, user_bubble
+from webui.layout import assistant_bubble, empty_state, tool_button, typing_dots, user_bubble
 from webui.limits import LimitExceeded
 from webui.pages.common import (
     PARAM_DEFAULTS,
@@ -93,19 +93,11 @@ class DuelView:
                     ]
                     self._spread_pickers()
                 ui.space()
-                ui.button(
-                    "Parameters",
-                    icon="tune",
-                    on_click=lambda: self.params.set_visibility(not self.params.visible),  # type: ignore[has-type]
-                ).props("flat no-caps rounded").mark("params-toggle")
-                ui.button("Regenerate", icon="refresh", on_click=self.regenerate).props(
-                    "flat no-caps rounded"
-                ).mark("regenerate")
-                ui.button(
-                    "New round" if not self.anonymous else "New battle",
-                    icon="restart_alt",
-                    on_click=self.reset,
-                ).props("flat no-caps rounded").mark("new-battle")
+                tool_button("Parameters", "tune", self._toggle_params, "params-toggle")
+                tool_button("Regenerate", "refresh", self.regenerate, "regenerate")
+                tool_button(
+                    "New battle" if self.anonymous else "New round", "restart_alt", self.reset, "new-battle"
+                )
             self.params = params_card(self.params_state)
             self.same_model = (
                 ui.label("").classes("w-full text-center text-warning text-sm").mark("same-model")
@@ -140,6 +132,9 @@ class DuelView:
             on_stop=self.stop,
         )
         self._empty()
+
+    def _toggle_params(self) -> None:
+        self.params.set_visibility(not self.params.visible)
 
     def _title(self, side: int, label: str) -> str:
         if self.anonymous:
