@@ -111,3 +111,30 @@ async def test_a_phone_sees_the_whole_nav_and_table_and_toasts_clear_the_input(
         assert not wide, wide
     finally:
         await page.send("Emulation.clearDeviceMetricsOverride")
+
+
+async def test_code_blocks_get_a_copy_button_that_copies_the_code(page: Page, echo_url: str) -> None:
+    origin = echo_url
+    await page.send(
+        "Browser.grantPermissions",
+        origin=origin,
+        permissions=["clipboardReadWrite", "clipboardSanitizedWrite"],
+    )
+    await page.send("Emulation.setFocusEmulationEnabled", enabled=True)  # the clipboard wants a focused page
+    await page.goto(echo_url + "/")
+    # The echo node cannot write a code block (it answers word by word), so one is rendered into an
+    # answer's Markdown the way NiceGUI renders it; the page script must find it and add its button.
+    await page.eval(
+        """(() => {
+            const answer = document.createElement('div');
+            answer.className = 'cb-answer';
+            answer.innerHTML = '<div class="nicegui-markdown"><pre><code>print(42)</code></pre></div>';
+            document.querySelector('.q-page').appendChild(answer);
+            return true;
+        })()"""
+    )
+    await page.wait("!!document.querySelector('.cb-answer .cb-code-copy')", timeout=10)
+    await page.eval("document.querySelector('.cb-answer .cb-code-copy').click()")
+    await page.wait("document.querySelector('.cb-answer .cb-code-copy').innerText === 'Copied'")
+    copied = await page.eval("navigator.clipboard.readText()")
+    assert copied.strip() == "print(42)"

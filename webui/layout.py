@@ -34,6 +34,11 @@ body { background: #f6f7fb; --cb-bg: #f6f7fb; --cb-surface: #ffffff; --cb-text: 
 .cb-answer .nicegui-markdown pre { background: #f0f1f5; border-radius: 10px; padding: 10px 12px; overflow-x: auto; }
 .body--dark .cb-answer .nicegui-markdown pre { background: #1d1f27; }
 .cb-answer .nicegui-markdown code { font-size: 0.86em; }
+.cb-answer .nicegui-markdown pre { position: relative; }
+.cb-code-copy { position: absolute; top: 6px; right: 6px; font-size: 12px; padding: 1px 8px; border-radius: 6px;
+  border: 1px solid rgba(128, 128, 128, .35); background: var(--cb-surface); color: var(--cb-text);
+  opacity: .75; cursor: pointer; }
+.cb-code-copy:hover { opacity: 1; }
 .cb-composer { border-radius: 22px; box-shadow: 0 4px 24px rgba(30, 30, 80, .10); }
 .cb-nav .q-btn { border-radius: 999px; text-transform: none; color: var(--cb-text); opacity: .85;
   padding: 6px 14px; }
@@ -54,12 +59,37 @@ body { background: #f6f7fb; --cb-bg: #f6f7fb; --cb-surface: #ffffff; --cb-text: 
 """
 
 
+# A Copy button on every code block of an answer (added in the browser: answers re-render while they stream).
+_CODE_COPY = """<script>
+(() => {
+  const fallback = (text) => {  // plain http on another host has no navigator.clipboard
+    const area = Object.assign(document.createElement('textarea'), {value: text});
+    document.body.appendChild(area); area.select(); document.execCommand('copy'); area.remove();
+  };
+  const copy = (text) => (navigator.clipboard ? navigator.clipboard.writeText(text) : Promise.reject())
+    .catch(() => fallback(text));
+  const decorate = () => document.querySelectorAll('.cb-answer pre:not([data-cb-copy])').forEach((pre) => {
+    pre.dataset.cbCopy = '1';
+    const button = Object.assign(document.createElement('button'), {type: 'button', className: 'cb-code-copy',
+      textContent: 'Copy'});
+    button.addEventListener('click', () => copy((pre.querySelector('code') || pre).innerText).then(() => {
+      button.textContent = 'Copied';
+      setTimeout(() => { button.textContent = 'Copy'; }, 1500);
+    }));
+    pre.appendChild(button);
+  });
+  new MutationObserver(decorate).observe(document.body, {childList: true, subtree: true});
+})();
+</script>"""
+
+
 class Shell:
     """Header with the brand and the page links; `activate(path)` highlights the current one."""
 
     def __init__(self, title: str, storage: MutableMapping[str, Any] | None = None) -> None:
         ui.colors(primary="#5b4ee6", secondary="#26a69a", accent="#f59e0b")
         ui.add_css(_CSS)
+        ui.add_body_html(_CODE_COPY)
         ui.page_title(title)
         self._buttons: dict[str, ui.button] = {}
         # The mode is kept in the user's storage: a reload (or another tab) opens in the same mode.
@@ -110,7 +140,7 @@ def tool_button(label: str, icon: str, on_click: Callable[[], object], marker: s
 
 def user_bubble(text: str) -> None:
     with ui.row().classes("w-full justify-end"):
-        ui.label(text).classes("cb-bubble-user px-4 py-2 max-w-[80%] text-[15px]")
+        ui.label(text).classes("cb-bubble-user px-4 py-2 max-w-[80%] text-[15px]").mark("user-bubble")
 
 
 def assistant_bubble(name: str, text: str = "", *, icon: str = "auto_awesome") -> ui.markdown:
