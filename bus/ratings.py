@@ -16,16 +16,23 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
+    "PROVISIONAL_BATTLES",
     "Battle",
     "Rating",
     "battle_counts",
     "battle_from_vote",
     "bootstrap",
     "compute_bt",
+    "compute_bt_style",
     "compute_elo",
+    "dedupe_prompts",
     "leaderboard",
+    "pair_probabilities",
+    "ranks_from_ci",
     "win_rate_matrix",
 ]
+
+PROVISIONAL_BATTLES = 10  # fewer rated battles than this: the rank is shown as provisional
 
 Winner = Literal["model_a", "model_b", "tie", "tie (bothbad)"]
 _WINNER_BY_VOTE: dict[str, Winner] = {
@@ -41,6 +48,9 @@ class Battle:
     model_a: str
     model_b: str
     winner: Winner
+    len_a: int = 0  # characters of model_a's answers (the style covariate); 0: unknown
+    len_b: int = 0
+    prompt: str = ""  # the first question, for de-duplication
 
     @property
     def score_a(self) -> float:
@@ -48,10 +58,10 @@ class Battle:
         return 1.0 if self.winner == "model_a" else 0.0 if self.winner == "model_b" else 0.5
 
 
-def battle_from_vote(kind: str, model_a: str, model_b: str) -> Battle:
+def battle_from_vote(kind: str, model_a: str, model_b: str, **details: int | str) -> Battle:
     """The battle a FastChat vote type (leftvote, rightvote, tievote, bothbad_vote) records."""
     try:
-        return Battle(model_a, model_b, _WINNER_BY_VOTE[kind])
+        return Battle(model_a, model_b, _WINNER_BY_VOTE[kind], **details)  # type: ignore[arg-type]
     except KeyError:
         raise ValueError(f"{kind!r} is not a battle vote; use one of {sorted(_WINNER_BY_VOTE)}") from None
 
@@ -184,6 +194,11 @@ class Rating:
     wins: int
     ties: int
     losses: int
+    rank: int = 0  # from CI overlap: 1 + models whose lower bound is above this one's upper bound
+
+    @property
+    def provisional(self) -> bool:
+        return self.battles < PROVISIONAL_BATTLES
 
     @property
     def win_rate(self) -> float:
@@ -193,21 +208,147 @@ class Rating:
 
 
 def leaderboard(
-    battles: Sequence[Battle], *, rounds: int = 100, seed: int = 0, prior: float = 0.1
+    battles: Sequence[Battle], *, rounds: int = 100, seed: int = 0, prior: float = 0.1, style: bool = False
 ) -> list[Rating]:
-    """One row per model, best Bradley–Terry rating first, with bootstrap 95% intervals."""
+    """One row per model, best Bradley–Terry rating first, with bootstrap 95% intervals and ranks
+    from their overlap. `style`: control for answer length (`compute_bt_style`) instead."""
+    battles = [b for b in battles if b.model_a != b.model_b]  # no self-battles
     if not battles:
         return []
     elo = compute_elo(battles)
-    bt = compute_bt(battles, prior=prior)
-    ci = bootstrap(battles, lambda bs: compute_bt(bs, prior=prior, tol=1e-6), rounds=rounds, seed=seed)
+    if style:  # l2 plays the prior's part: it keeps a model that never lost finite
+
+        def rate(bs: Sequence[Battle]) -> dict[str, float]:
+            return compute_bt_style(bs, l2=prior, max_iter=20)[0]
+
+        bt = rate(battles)
+    else:
+
+        def rate(bs: Sequence[Battle]) -> dict[str, float]:
+            return compute_bt(bs, prior=prior, tol=1e-6)
+
+        bt = compute_bt(battles, prior=prior)
+    ci = bootstrap(battles, rate, rounds=rounds, seed=seed)
     tally: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # wins, ties, losses
     for b in battles:
         a_idx = 0 if b.winner == "model_a" else 2 if b.winner == "model_b" else 1
         tally[b.model_a][a_idx] += 1
         tally[b.model_b][2 - a_idx] += 1
+    intervals = {m: ci.get(m, (bt[m], bt[m])) for m in tally}
+    # A collapsed interval (every resample the same, as with one battle) tells nothing: no rank from it.
+    ranks = ranks_from_ci(
+        {m: iv if iv[1] - iv[0] >= 1 else (-math.inf, math.inf) for m, iv in intervals.items()}
+    )
     rows = [
-        Rating(m, elo[m], bt[m], ci.get(m, (bt[m], bt[m])), sum(t), t[0], t[1], t[2])
-        for m, t in tally.items()
+        Rating(m, elo[m], bt[m], intervals[m], sum(t), t[0], t[1], t[2], ranks[m]) for m, t in tally.items()
     ]
     return sorted(rows, key=lambda r: -r.bt)
+
+
+def ranks_from_ci(intervals: dict[str, tuple[float, float]]) -> dict[str, int]:
+    """LMSYS's rank: 1 + the number of models that are better beyond doubt (their interval's lower
+    bound above this model's upper bound). Models whose intervals overlap share a rank."""
+    return {m: 1 + sum(1 for lo, _ in intervals.values() if lo > hi) for m, (_, hi) in intervals.items()}
+
+
+def _style(b: Battle) -> float:
+    total = b.len_a + b.len_b
+    return (b.len_a - b.len_b) / total if total else 0.0
+
+
+def compute_bt_style(
+    battles: Sequence[Battle],
+    *,
+    scale: float = 400.0,
+    base: float = 10.0,
+    init: float = 1000.0,
+    l2: float = 0.0,
+    max_iter: int = 100,
+) -> tuple[dict[str, float], float]:
+    """Bradley–Terry with answer length as a covariate (LMSYS's style control), and its coefficient.
+
+    Logistic regression of "A won" on +1/-1 model indicators plus the normalised length difference
+    (len_a - len_b) / (len_a + len_b); a tie counts as half a win each. Newton's method; `l2` keeps
+    ratings finite when a model never lost or never won. The ratings are what is left once longer
+    answers' advantage is taken out, centred on `init`.
+    """
+    battles = [b for b in battles if b.model_a != b.model_b]
+    models = sorted({m for b in battles for m in (b.model_a, b.model_b)})
+    if not models:
+        return {}, 0.0
+    # With l2 every model gets a coefficient (the penalty pins them down); without, the first is the reference.
+    free = models if l2 > 0 else models[1:]
+    index = {m: i for i, m in enumerate(free)}
+    styled = any(_style(b) for b in battles)  # no length differences at all: plain Bradley–Terry
+    k = len(free) + styled  # the model coefficients (+ the style coefficient)
+    rows = []
+    for b in battles:
+        x = [0.0] * k
+        if b.model_a in index:
+            x[index[b.model_a]] += 1.0
+        if b.model_b in index:
+            x[index[b.model_b]] -= 1.0
+        if styled:
+            x[-1] = _style(b)
+        rows.append((x, b.score_a))
+    beta = [0.0] * k
+    for _ in range(max_iter):
+        grad = [-l2 * w for w in beta]
+        hess = [[(l2 if i == j else 0.0) for j in range(k)] for i in range(k)]
+        for x, y in rows:
+            p = 1.0 / (1.0 + math.exp(-sum(w * v for w, v in zip(beta, x, strict=True))))
+            for i in range(k):
+                grad[i] += (y - p) * x[i]
+                for j in range(k):
+                    hess[i][j] += p * (1 - p) * x[i] * x[j]
+        step = _solve(hess, grad)
+        beta = [w + d for w, d in zip(beta, step, strict=True)]
+        if max((abs(d) for d in step), default=0.0) < 1e-10:
+            break
+    logits = [beta[index[m]] if m in index else 0.0 for m in models]
+    mean = sum(logits) / len(logits)
+    per_logit = scale / math.log(base)
+    return {m: init + per_logit * (v - mean) for m, v in zip(models, logits, strict=True)}, (
+        beta[-1] if styled else 0.0
+    )
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting (the systems here are a few models wide)."""
+    n = len(b)
+    m = [[*row, rhs] for row, rhs in zip(a, b, strict=True)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-12:
+            raise ValueError("the battles do not determine the ratings (add l2 or battles)")
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            for c in range(col, n + 1):
+                m[r][c] -= f * m[col][c]
+    out = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        out[r] = (m[r][n] - sum(m[r][c] * out[c] for c in range(r + 1, n))) / m[r][r]
+    return out
+
+
+def dedupe_prompts(battles: Sequence[Battle], *, keep: int = 3) -> list[Battle]:
+    """At most `keep` battles per prompt (case and spacing ignored), the earliest ones: one "hi"
+    asked a thousand times must not decide the ranking."""
+    seen: dict[str, int] = defaultdict(int)
+    out = []
+    for b in battles:
+        key = " ".join(b.prompt.lower().split())
+        seen[key] += 1
+        if not key or seen[key] <= keep:
+            out.append(b)
+    return out
+
+
+def pair_probabilities(models: Sequence[str], battles_of: dict[str, int]) -> dict[tuple[str, str], float]:
+    """How likely the arena draws each pair of different models: weight 1 / (1 + battles so far)
+    per model, a pair in proportion to the product, so new models are sampled more; no self-pairs."""
+    weight = {m: 1.0 / (1 + battles_of.get(m, 0)) for m in models}
+    pairs = {(a, b): weight[a] * weight[b] for i, a in enumerate(models) for b in models[i + 1 :]}
+    total = sum(pairs.values())
+    return {pair: w / total for pair, w in pairs.items()} if total else {}

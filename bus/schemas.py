@@ -6,12 +6,17 @@ tests/test_wire.py decodes frozen v1 samples so nobody breaks the wire by accide
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import msgspec
 
 __all__ = [
     "MAX_STOP_STRINGS",
+    "MAX_TOP_LOGPROBS",
+    "PENALTY_RANGE",
+    "SEED_RANGE",
+    "TEMPERATURE_RANGE",
     "Accepted",
     "Cancel",
     "ChatMessage",
@@ -53,6 +58,10 @@ class ChatMessage(_Wire, frozen=True, kw_only=True):
 
 
 MAX_STOP_STRINGS = 32  # a node rejects more (each one is searched for after every decode step)
+TEMPERATURE_RANGE = (0.0, 2.0)  # OpenAI's range; above 2 a small model only babbles
+PENALTY_RANGE = (-2.0, 2.0)  # presence_penalty and frequency_penalty, as OpenAI
+MAX_TOP_LOGPROBS = 20
+SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's: a signed 64-bit integer
 
 
 class SamplingParams(_Wire, frozen=True, kw_only=True):
@@ -69,6 +78,31 @@ class SamplingParams(_Wire, frozen=True, kw_only=True):
     frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
+
+    def problems(self) -> list[str]:
+        """What is out of range, one sentence per field naming the allowed range; empty when valid.
+
+        The one rule for sampling ranges: every client checks it before sending, nodes before decoding.
+        """
+        t_low, t_high = TEMPERATURE_RANGE
+        p_low, p_high = PENALTY_RANGE
+        checks = [
+            ("temperature", t_low <= self.temperature <= t_high, f"between {t_low:g} (greedy) and {t_high:g}"),
+            ("top_p", 0 < self.top_p <= 1, "above 0 and at most 1"),
+            ("top_k", self.top_k >= 0, "at least 0 (0 turns it off)"),
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "at least 1 (unset: up to the context)"),
+            ("seed", self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1], "a signed 64-bit integer"),
+            ("repetition_penalty", 0 < self.repetition_penalty < math.inf, "above 0 (1 turns it off)"),
+            ("presence_penalty", p_low <= self.presence_penalty <= p_high, f"between {p_low:g} and {p_high:g}"),
+            ("frequency_penalty", p_low <= self.frequency_penalty <= p_high, f"between {p_low:g} and {p_high:g}"),
+            ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"between 0 and {MAX_TOP_LOGPROBS}"),
+        ]  # fmt: skip
+        out = [
+            f"{name} must be {allowed}, got {getattr(self, name)}" for name, ok, allowed in checks if not ok
+        ]
+        if len(self.stop) > MAX_STOP_STRINGS:
+            out.append(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        return out
 
 
 class GenerateRequest(_Tagged, frozen=True, kw_only=True, tag="gen.request"):

@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("--max-tokens", type=int, default=512)
+    chat.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="above 1 discourages loops (1 = off)"
+    )
     chat.add_argument("--plain", action="store_true", help="no terminal app: read stdin, print the answer")
 
     setup = sub.add_parser(

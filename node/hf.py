@@ -523,14 +523,5 @@ class HFEngine:
 
 
 def _validate(p: SamplingParams) -> None:
-    problems = [
-        (p.temperature < 0, "temperature must be >= 0"),
-        (not 0 < p.top_p <= 1, "top_p must be in (0, 1]"),
-        (p.top_k < 0, "top_k must be >= 0"),
-        (p.max_tokens is not None and p.max_tokens < 1, "max_tokens must be >= 1"),
-        (p.repetition_penalty <= 0, "repetition_penalty must be > 0"),
-        (not 0 <= p.top_logprobs <= 20, "top_logprobs must be in [0, 20]"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise BadRequest(message)
+    for problem in p.problems()[:1]:
+        raise BadRequest(problem)

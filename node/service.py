@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import socket
 import time
@@ -30,7 +29,6 @@ from bus.connection import HEARTBEAT_S
 from bus.errors import BadMessage, BadRequest, BusError, Code
 from bus.publisher import RecordPublisher
 from bus.schemas import (
-    MAX_STOP_STRINGS,
     Accepted,
     Cancel,
     Chunk,
@@ -115,25 +113,8 @@ def validate(req: GenerateRequest) -> None:
         raise BadRequest("either messages or prompt is required")
     if req.messages is not None and not req.messages:
         raise BadRequest("messages must not be empty")
-    if p.temperature < 0 or p.temperature > 100:
-        raise BadRequest(f"temperature must be between 0 and 100, got {p.temperature}")
-    if not 0 < p.top_p <= 1:
-        raise BadRequest(f"top_p must be in (0, 1], got {p.top_p}")
-    if p.top_k < 0:
-        raise BadRequest(f"top_k must be >= 0, got {p.top_k}")
-    if p.max_tokens is not None and p.max_tokens < 1:
-        raise BadRequest(f"max_tokens must be >= 1, got {p.max_tokens}")
-    if p.repetition_penalty <= 0:
-        raise BadRequest(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
-    if not 0 <= p.top_logprobs <= 20:
-        raise BadRequest(f"top_logprobs must be between 0 and 20, got {p.top_logprobs}")
-    if len(p.stop) > MAX_STOP_STRINGS:
-        raise BadRequest(f"at most {MAX_STOP_STRINGS} stop strings, got {len(p.stop)}")
-    if p.seed is not None and not -(2**63) <= p.seed < 2**64:
-        raise BadRequest(f"seed must fit in 64 bits, got {p.seed}")
-    for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
-        if not math.isfinite(getattr(p, name)):
-            raise BadRequest(f"{name} must be a finite number")
+    for problem in p.problems()[:1]:  # the bus contract's one rule for sampling ranges
+        raise BadRequest(problem)
 
 
 class NodeService:

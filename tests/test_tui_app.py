@@ -122,7 +122,12 @@ async def test_save_then_load_round_trips(nats_url: str, tmp_path: Path) -> None
             await type_line(pilot, "!!save chat.json")
             saved = json.loads((tmp_path / "chat.json").read_text())
             assert saved["model"] == "echo-l" and saved["system"] == "be brief"
-            assert saved["params"] == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 64}
+            assert saved["params"] == {
+                "temperature": 0.0,
+                "top_p": 1.0,
+                "max_tokens": 64,
+                "repetition_penalty": 1.0,
+            }
             assert [m["role"] for m in saved["messages"]] == ["user", "assistant"] * 2
 
             await type_line(pilot, "!!reset")

@@ -115,3 +115,38 @@ def test_launcher_starts_only_for_loopback(tmp_path: Path) -> None:
         "--state-dir",
         str(tmp_path),
     ]
+
+
+def test_sampling_problems_name_each_field_and_its_range() -> None:
+    """The bus contract's one rule for sampling ranges, at and just past each edge."""
+    from bus.schemas import MAX_STOP_STRINGS, SamplingParams
+
+    fine = SamplingParams(
+        temperature=2, top_p=1, top_k=0, max_tokens=1, seed=2**63 - 1, repetition_penalty=0.01,
+        presence_penalty=-2, frequency_penalty=2, top_logprobs=20, stop=["x"] * MAX_STOP_STRINGS,
+    )  # fmt: skip
+    assert fine.problems() == [] and SamplingParams(seed=-(2**63)).problems() == []
+    bad = {
+        "temperature": 2.01, "top_p": 0.0, "top_k": -1, "max_tokens": 0, "seed": 2**63,
+        "repetition_penalty": 0.0, "presence_penalty": -2.5, "frequency_penalty": float("nan"),
+        "top_logprobs": 21,
+    }  # fmt: skip
+    for field, value in bad.items():
+        problems = SamplingParams(**{field: value}).problems()  # type: ignore[arg-type]
+        assert len(problems) == 1 and problems[0].startswith(f"{field} must be"), (field, problems)
+    assert SamplingParams(temperature=9).problems() == ["temperature must be between 0 (greedy) and 2, got 9"]
+    assert SamplingParams(repetition_penalty=float("inf")).problems()
+    many = SamplingParams(stop=["x"] * (MAX_STOP_STRINGS + 1)).problems()
+    assert many == [f"at most {MAX_STOP_STRINGS} stop strings, got {MAX_STOP_STRINGS + 1}"]
+    assert len(SamplingParams(**bad).problems()) == len(bad)  # type: ignore[arg-type]
+
+
+def test_saved_file_out_of_range_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "hot.json"
+    path.write_text(json.dumps({"params": {"temperature": 9, "repetition_penalty": 1.2}, "messages": []}))
+    with pytest.raises(
+        ConversationFileError, match=r"hot.json: temperature must be between 0 \(greedy\) and 2"
+    ):
+        Conversation.load(path)
+    path.write_text(json.dumps({"params": {"repetition_penalty": 1.2}, "messages": []}))
+    assert Conversation.load(path).params().repetition_penalty == 1.2

@@ -17,6 +17,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="above 1 discourages loops (1 = off)"
+    )
     p.add_argument("--plain", action="store_true", help="no app: read stdin, print the answer only")
     p.add_argument(
         "--no-start", action="store_true", help="never start the embedded defaults when nothing answers"

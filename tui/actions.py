@@ -1,4 +1,4 @@
-"""What the in-chat `!!` commands do to the app: reset, remove, regen, save, load, model."""
+"""What the in-chat `!!` commands do to the app: reset, remove, regen, copy, save, load, model."""
 
 from __future__ import annotations
 
@@ -39,7 +39,10 @@ async def run_command(app: ChatApp, command: inchat.Command) -> None:
             app.notice("nothing to regenerate: ask something first", "warning")
             return
         await _remove_last_answer(app)
-        app.start_answer()
+        questions = app.transcript.query(UserTurn)
+        app.start_answer(after=questions.last() if questions else None)  # under its question
+    elif name == "!!copy":
+        _copy_last_answer(app)
     elif name == "!!save":
         _save(app, _path(app, arg))
     elif name == "!!load":
@@ -51,6 +54,15 @@ async def run_command(app: ChatApp, command: inchat.Command) -> None:
             return
         app.switch_model(arg, quiet=False)
         app.query_one(Settings).show_models(app.served, arg)
+
+
+def _copy_last_answer(app: ChatApp) -> None:
+    answer = next((m.content for m in reversed(app.conv.messages) if m.role == "assistant"), None)
+    if answer is None:
+        app.notice("nothing to copy: no answer yet", "warning")
+        return
+    app.copy_to_clipboard(answer)  # OSC 52: works over ssh and in tmux (with `set -g set-clipboard on`)
+    app.notice(f"copied the last answer ({len(answer)} characters) through the terminal's clipboard")
 
 
 def _path(app: ChatApp, arg: str) -> Path:

@@ -45,6 +45,10 @@ async def stream_answer(app: ChatApp, answer: Answer) -> None:
     if not conv.model:
         await _give_back(app, answer, "no model to ask: no node is on the bus yet (F2 shows the live list)")
         return
+    problems = conv.params().problems()
+    if problems:
+        await _give_back(app, answer, "; ".join(problems) + " (fix it in the settings, F2)")
+        return
     stream = client.chat(conv.model, conv.request_messages(), conv.params())
     app.stream = stream
     md = Markdown.get_stream(answer.markdown)

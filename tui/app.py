@@ -12,6 +12,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
 from textual.css.query import NoMatches
+from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Select, Static, TextArea
 from textual.worker import Worker
 
@@ -58,6 +59,9 @@ class ChatApp(App[int]):
         Binding("escape", "stop", "Stop answer"),
         Binding("ctrl+c", "stop", "Stop", show=False, priority=True),
         Binding("f2", "toggle_settings", "Model & settings"),
+        # Priority: the prompt box would take PageUp/PageDown for itself; the transcript scrolls while you type.
+        Binding("pageup", "scroll_transcript(-1)", "Scroll up", show=False, priority=True),
+        Binding("pagedown", "scroll_transcript(1)", "Scroll down", show=False, priority=True),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
@@ -71,6 +75,7 @@ class ChatApp(App[int]):
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             max_tokens=cfg.max_tokens,
+            repetition_penalty=cfg.repetition_penalty,
         )
         self.client: BusClient | None = None
         self.embedded: EmbeddedDefaults | None = None
@@ -242,7 +247,8 @@ class ChatApp(App[int]):
             where = f"{self.conv.model} on {len(entry.nodes)} node(s)"
         c = self.conv
         self.set_status(
-            f"bus {redact(self.url)} · {where} · temp {c.temperature} top_p {c.top_p} max {c.max_tokens or 'ctx'}"
+            f"bus {redact(self.url)} · {where} · temp {c.temperature} top_p {c.top_p} "
+            f"max {c.max_tokens or 'ctx'} rep {c.repetition_penalty}"
         )
 
     def switch_model(self, name: str, quiet: bool = True) -> None:
@@ -288,7 +294,7 @@ class ChatApp(App[int]):
 
     def on_input_changed(self, event: Input.Changed) -> None:
         name = event.input.id or ""
-        if name not in ("temperature", "top_p", "max_tokens"):
+        if name not in ("temperature", "top_p", "max_tokens", "repetition_penalty"):
             return
         try:
             setattr(self.conv, name, parse_param(name, event.value))
@@ -299,10 +305,24 @@ class ChatApp(App[int]):
         event.input.set_class(False, "-invalid")
 
     def action_toggle_settings(self) -> None:
-        self.query_one(Settings).toggle_class("-shown")
+        settings = self.query_one(Settings)
+        settings.toggle_class("-shown")
+        focused = self.focused
+        if "-shown" not in settings.classes and focused is not None and settings in focused.ancestors:
+            self.query_one(PromptInput).focus()  # keys must not go on to a field that is now hidden
+
+    def action_scroll_transcript(self, pages: int) -> None:
+        if pages < 0:
+            self.transcript.scroll_page_up()
+        else:
+            self.transcript.scroll_page_down()
 
     async def action_stop(self) -> None:
         if not self.generating:
+            prompt = self.query_one(PromptInput)
+            if prompt.text:
+                prompt.clear()  # Esc with no answer running clears the input
+                return
             self.notify("nothing to stop; Ctrl+Q or !!exit leaves", timeout=3)
             return
         self.stop_requested += 1
@@ -314,10 +334,11 @@ class ChatApp(App[int]):
 
     # ------------------------------------------------------------------ answering
 
-    def start_answer(self) -> None:
+    def start_answer(self, after: Widget | None = None) -> None:
+        """Stream the next answer into the transcript: at the end, or right `after` its question."""
         answer = Answer(status="● sending…")
         answer.set_status("● sending…", generating=True)
-        self.transcript.mount(answer)
+        self.transcript.mount(answer, after=after)
         self.stop_requested = 0
         self._gen = self.run_worker(self._generate(answer), name="answer", group="answer", exclusive=True)
 
@@ -332,6 +353,10 @@ def _shape(served: dict[str, ModelEntry]) -> dict[str, list[str]]:
 def run_tui(url: str, args: argparse.Namespace) -> int:
     """`chatbus chat` with no prompt on a terminal; `--plain` or a pipe prints the answer only."""
     cfg = config_from_args(url, args)
+    problems = cfg.problems()
+    if problems:  # e.g. --temperature 5: say so before the screen is taken over
+        print(f"chatbus chat: {'; '.join(problems)}", file=sys.stderr)
+        return 2
     if getattr(args, "plain", False) or not sys.stdout.isatty():
         return asyncio.run(run_plain(cfg, sys.stdin.read()))
     app = ChatApp(cfg)

@@ -6,6 +6,8 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bus.schemas import SamplingParams
+
 __all__ = ["ChatConfig", "config_from_args"]
 
 
@@ -17,10 +19,20 @@ class ChatConfig:
     temperature: float = 0.7
     top_p: float = 1.0
     max_tokens: int | None = 512
+    repetition_penalty: float = 1.0
     state_dir: Path | None = None
     autostart: bool = True  # start `chatbus up` when nothing answers at a loopback URL
     cwd: Path = field(default_factory=Path.cwd)
     tick_s: float = 0.5  # how often the app checks the connection and the model list
+
+    def problems(self) -> list[str]:
+        """The flags' sampling values out of the bus contract's ranges (empty: fine)."""
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_tokens,
+            repetition_penalty=self.repetition_penalty,
+        ).problems()
 
 
 def config_from_args(url: str, args: argparse.Namespace) -> ChatConfig:
@@ -32,6 +44,7 @@ def config_from_args(url: str, args: argparse.Namespace) -> ChatConfig:
         temperature=getattr(args, "temperature", 0.7),
         top_p=getattr(args, "top_p", 1.0),
         max_tokens=getattr(args, "max_tokens", 512),
+        repetition_penalty=getattr(args, "repetition_penalty", 1.0),
         state_dir=getattr(args, "state_dir", None),
         autostart=not getattr(args, "no_start", False),
     )

@@ -25,12 +25,18 @@ class Conversation:
     temperature: float = 0.7
     top_p: float = 1.0
     max_tokens: int | None = 512
+    repetition_penalty: float = 1.0
     messages: list[ChatMessage] = field(default_factory=list)
 
     # ------------------------------------------------------------------ what is sent
 
     def params(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens)
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_tokens,
+            repetition_penalty=self.repetition_penalty,
+        )
 
     def request_messages(self) -> list[ChatMessage]:
         system = [ChatMessage(role="system", content=self.system)] if self.system.strip() else []
@@ -72,7 +78,12 @@ class Conversation:
             "format": FORMAT,
             "model": self.model,
             "system": self.system,
-            "params": {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens},
+            "params": {
+                "temperature": self.temperature,
+                "top_p": self.top_p,
+                "max_tokens": self.max_tokens,
+                "repetition_penalty": self.repetition_penalty,
+            },
             "messages": [{"role": m.role, "content": m.content} for m in self.messages],
         }
 
@@ -94,6 +105,7 @@ class Conversation:
             conv.top_p = float(params.get("top_p", conv.top_p))
             max_tokens = params.get("max_tokens", conv.max_tokens)
             conv.max_tokens = None if max_tokens is None else int(max_tokens)
+            conv.repetition_penalty = float(params.get("repetition_penalty", conv.repetition_penalty))
             for i, m in enumerate(data.get("messages") or []):
                 role, content = m.get("role"), m.get("content")
                 if role not in ("system", "user", "assistant") or not isinstance(content, str):
@@ -110,6 +122,9 @@ class Conversation:
             if isinstance(e, ConversationFileError):
                 raise
             raise ConversationFileError(f"{source}: not a chatbus conversation ({e})") from e
+        problems = conv.params().problems()
+        if problems:
+            raise ConversationFileError(f"{source}: {'; '.join(problems)}")
         return conv
 
     @classmethod

@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "!!reset": ("", "start a new conversation (keeps model, system prompt and parameters)"),
     "!!remove": ("", "drop the last exchange (your message and its answer)"),
     "!!regen": ("", "answer your last message again"),
+    "!!copy": ("", "copy the last answer to the clipboard (the terminal's OSC 52)"),
     "!!save": ("FILE", "save the conversation as JSON"),
     "!!load": ("FILE", "load a conversation saved with !!save"),
     "!!model": ("NAME", "switch to another model served on the bus"),

@@ -24,7 +24,11 @@ async def _pick_model(client: BusClient, wanted: str | None) -> str:
 
 
 async def run_plain(cfg: ChatConfig, question: str) -> int:
-    """Exit 0 with the answer on stdout; 1 with one `error: ...` line on stderr."""
+    """Exit 0 with the answer on stdout; 1 with one `error: ...` line on stderr (2: bad flags)."""
+    problems = cfg.problems()
+    if problems:
+        print(f"error: {'; '.join(problems)}", file=sys.stderr)
+        return 2
     if not question.strip():
         print("error: nothing to ask: pipe a question into stdin", file=sys.stderr)
         return 1
@@ -43,6 +47,7 @@ async def run_plain(cfg: ChatConfig, question: str) -> int:
             return 1
         conv = Conversation(model=model, system=cfg.system, temperature=cfg.temperature, top_p=cfg.top_p)
         conv.max_tokens = cfg.max_tokens
+        conv.repetition_penalty = cfg.repetition_penalty
         conv.add_user(question.strip())
         stream = client.chat(model, conv.request_messages(), conv.params())
         try:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import msgspec
 from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Input, Label, Select, TextArea
 
 from bus.nodes import ModelEntry
+from bus.schemas import SamplingParams
 from tui.conversation import Conversation
 
 __all__ = ["Settings", "parse_param"]
@@ -20,13 +22,14 @@ def parse_param(field: str, raw: str) -> float | int | None:
             return None  # up to the context length
         value = int(raw)
         if value < 1:
-            raise ValueError("max tokens must be at least 1 (empty: up to the context length)")
+            raise ValueError(SamplingParams(max_tokens=value).problems()[0])
         return value
     number = float(raw)
-    if field == "temperature" and not 0 <= number <= 2:
-        raise ValueError("temperature must be between 0 (greedy) and 2")
-    if field == "top_p" and not 0 < number <= 1:
-        raise ValueError("top_p must be above 0 and at most 1")
+    problems = msgspec.structs.replace(
+        SamplingParams(), **{field: number}
+    ).problems()  # the contract's ranges
+    if problems:
+        raise ValueError(problems[0])
     return number
 
 
@@ -48,6 +51,8 @@ class Settings(VerticalScroll):
         yield Input(str(self._conv.top_p), id="top_p", type="number")
         yield Label("Max tokens (empty: up to context)")
         yield Input(_text(self._conv.max_tokens), id="max_tokens", type="integer")
+        yield Label("Repetition penalty (1 = off)")
+        yield Input(str(self._conv.repetition_penalty), id="repetition_penalty", type="number")
 
     def show_models(self, served: dict[str, ModelEntry], current: str) -> None:
         """Refresh the picker without firing Select.Changed (only the user's picks do)."""
@@ -70,6 +75,7 @@ class Settings(VerticalScroll):
             ("temperature", conv.temperature),
             ("top_p", conv.top_p),
             ("max_tokens", conv.max_tokens),
+            ("repetition_penalty", conv.repetition_penalty),
         ):
             box = self.query_one(f"#{field}", Input)
             with box.prevent(Input.Changed):

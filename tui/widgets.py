@@ -14,6 +14,9 @@ from textual.widgets import Markdown, Static, TextArea
 __all__ = ["Answer", "Notice", "PromptInput", "UserTurn"]
 
 
+_NEWLINE_KEYS = ("ctrl+j", "shift+enter", "alt+enter")
+
+
 class PromptInput(TextArea):
     """Enter sends; Ctrl+J (or Shift/Alt+Enter) adds a line; Up/Down at the edges walk the history."""
 
@@ -39,6 +42,13 @@ class PromptInput(TextArea):
         self._draft = ""
 
     async def _on_key(self, event: Key) -> None:
+        if event.key in _NEWLINE_KEYS:
+            # Here, not only through the binding: a binding's action runs after the keys already
+            # queued, so a burst of keys (a paste without bracketed paste) put the newline last.
+            event.stop()
+            event.prevent_default()
+            self.action_newline()
+            return
         if event.key == "enter":
             event.stop()
             event.prevent_default()

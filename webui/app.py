@@ -36,7 +36,7 @@ def build_root(get_services: Callable[[], Services], title: str = "chatbus") -> 
         services = get_services()
         user = _user_id()
         storage: Any = app.storage.user
-        shell = Shell(title)
+        shell = Shell(title, storage)
 
         def page(path: str, build: Callable[[], object]) -> Callable[[], None]:
             def show() -> None:

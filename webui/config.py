@@ -16,6 +16,7 @@ class Limits:
     model_per_minute: int = 240  # answers one model gives per minute across all users
     max_input_chars: int = 8000  # one message
     max_conversation_chars: int = 60000  # a whole conversation sent to a model
+    votes_per_hour: int = 60  # arena and side-by-side votes one browser may cast an hour (ballot stuffing)
 
 
 @dataclass(frozen=True)

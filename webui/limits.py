@@ -60,6 +60,18 @@ class RateLimiter:
         for kind, key, _per_minute, n in wants:
             self._buckets[kind, key].tokens -= n
 
+    def vote(self, user: str) -> None:
+        """Take one of `user`'s votes for this hour, or raise saying when the next one counts."""
+        per_hour = self.limits.votes_per_hour
+        wait = self._wait("vote", user, per_hour, 1, self._clock() / 60.0)  # minutes as the bucket's seconds
+        if wait > 0:
+            raise LimitExceeded(
+                f"You have cast {per_hour} votes this hour, the limit. Votes count again in "
+                f"{math.ceil(wait)} min; you can keep chatting meanwhile.",
+                wait * 60.0,
+            )
+        self._buckets["vote", user].tokens -= 1
+
     def _wait(self, kind: str, key: str, per_minute: int, n: int, now: float) -> float:
         bucket = self._buckets.get((kind, key))
         if bucket is None:

@@ -22,7 +22,7 @@ from bus import subjects
 from bus.codec import decode, encode
 from bus.connection import ensure_logs_stream
 from bus.errors import BadMessage
-from bus.ratings import Battle, battle_from_vote
+from bus.ratings import Battle, battle_from_vote, dedupe_prompts
 from bus.schemas_logs import BATTLE_VOTES, ChatLog, LogRecord, VoteLog
 
 __all__ = ["LogStore", "read_log"]
@@ -150,11 +150,23 @@ class LogStore:
         return battles_from_votes(self._votes, include_named=include_named)
 
 
+DEDUPE_KEEP = 3  # rated battles per prompt (the same "hi" a hundred times counts three times)
+
+
 def battles_from_votes(votes: list[VoteLog], *, include_named: bool = False) -> list[Battle]:
     out = []
     for v in votes:
         if v.kind not in BATTLE_VOTES or len(v.models) != 2 or v.leaked_identity:
             continue
+        if v.models[0] == v.models[1]:  # a model against itself says nothing about its rating
+            continue
         if v.mode == "arena" or (include_named and v.mode == "side_by_side"):
-            out.append(battle_from_vote(v.kind, v.models[0], v.models[1]))
-    return out
+            lengths = [sum(len(m.content) for m in s.messages if m.role == "assistant") for s in v.states]
+            prompt = (
+                next((m.content for m in v.states[0].messages if m.role == "user"), "") if v.states else ""
+            )
+            len_a, len_b = lengths if len(lengths) == 2 else (0, 0)
+            out.append(
+                battle_from_vote(v.kind, v.models[0], v.models[1], len_a=len_a, len_b=len_b, prompt=prompt)
+            )
+    return dedupe_prompts(out, keep=DEDUPE_KEEP)

@@ -2,19 +2,57 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 from nicegui import ui
 from nicegui.events import ValueChangeEventArguments
 
+from bus import SamplingParams
 from webui.services import Services
 
-__all__ = ["Composer", "ModelPicker", "scroll_down"]
+__all__ = ["PARAM_DEFAULTS", "Composer", "ModelPicker", "params_card", "sampling_params", "scroll_down"]
+
+PARAM_DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "repetition_penalty": 1.0}
 
 
 def scroll_down(anchor: ui.element) -> None:
     """Scroll to the newest message; `anchor` names the page (the clicked button may be gone)."""
     anchor.client.run_javascript("window.scrollTo({top: document.body.scrollHeight})")
+
+
+def sampling_params(state: MutableMapping[str, Any]) -> SamplingParams:
+    """What the parameters panel says, as the bus contract's struct (check `.problems()` before sending)."""
+    return SamplingParams(
+        temperature=float(state["temperature"]),
+        top_p=float(state["top_p"]),
+        max_tokens=int(state["max_tokens"]),
+        repetition_penalty=float(state.get("repetition_penalty", 1.0)),
+    )
+
+
+def _slider(state: MutableMapping[str, Any], key: str, text: str, low: float, high: float) -> None:
+    with ui.column().classes("grow gap-0 min-w-[140px]"):
+        ui.label().bind_text_from(state, key, lambda v: text.format(v)).classes("text-sm text-grey-7")
+        ui.slider(min=low, max=high, step=0.05).bind_value(state, key).props("label").mark(f"param-{key}")
+
+
+def params_card(state: MutableMapping[str, Any], *, system: bool = False) -> ui.card:
+    """The hidden-by-default parameters panel, bound to `state` (temperature, top_p, ... max_tokens)."""
+    with ui.card().classes("w-full rounded-2xl shadow-sm").props("flat bordered") as card:
+        if system:
+            ui.textarea("System prompt", placeholder="You are a helpful assistant.").props(
+                "outlined autogrow dense"
+            ).classes("w-full").bind_value(state, "system")
+        with ui.row().classes("w-full gap-8 items-center"):
+            _slider(state, "temperature", "Temperature {:.2f}", 0, 2)
+            _slider(state, "top_p", "Top-p {:.2f}", 0.05, 1)
+            _slider(state, "repetition_penalty", "Repetition penalty {:.2f} (1 = off)", 1, 2)
+            ui.number("Max tokens", min=1, max=8192, step=16, format="%d").bind_value(
+                state, "max_tokens", forward=lambda v: int(v or 1)
+            ).props("outlined dense").classes("w-32")
+    card.visible = False
+    return card
 
 
 class ModelPicker:
@@ -37,7 +75,7 @@ class ModelPicker:
         self.select = (
             ui.select(self._options(names, value), value=value, label=label, on_change=self._changed)
             .props("outlined dense rounded options-dense")
-            .classes("min-w-[220px]")
+            .classes("min-w-[170px] max-w-[60vw]")
         )
         self.offline = ui.badge("offline", color="negative").props("outline")
         self.offline.visible = False
@@ -81,13 +119,9 @@ class Composer:
         self._on_send = on_send
         self._on_stop = on_stop
         self._busy = False
-        with (
-            ui.element("div")
-            .classes("fixed bottom-0 left-0 right-0 px-3 pb-5 pt-3 z-10")
-            .style("background: linear-gradient(to top, var(--cb-bg, #f6f7fb) 70%, transparent)")
-        ):
+        with ui.element("div").classes("cb-composer-strip fixed bottom-0 left-0 right-0 px-3 pb-5 pt-3 z-10"):
             with ui.row().classes(
-                "cb-composer bg-white max-w-3xl mx-auto w-full items-end no-wrap px-4 py-2 gap-2"
+                "cb-composer cb-surface max-w-3xl mx-auto w-full items-end no-wrap px-4 py-2 gap-2"
             ):
                 self.input = (
                     ui.textarea(placeholder=placeholder)

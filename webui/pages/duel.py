@@ -1,7 +1,7 @@
 """Two models answer the same prompts in parallel: named side-by-side, or the anonymous arena.
 
-In the arena two different models are drawn at random and stay hidden as "Model A" / "Model B"
-until the user votes (FastChat's leftvote / rightvote / tievote / bothbad_vote); then the names are
+In the arena two different models are drawn at random (models with fewer battles more often) and
+stay hidden as "Model A" / "Model B" until the user votes (FastChat's leftvote / rightvote / tievote / bothbad_vote); then the names are
 revealed and the battle is over. A battle whose answers name a model is logged but not rated.
 """
 
@@ -13,12 +13,20 @@ import time
 
 from nicegui import ui
 
-from bus import ChatMessage, SamplingParams
+from bus import ChatMessage
+from bus.ratings import Battle, battle_counts, pair_probabilities
 from bus.schemas_logs import ConvState, VoteLog
 from webui.answer import Answer, AnswerResult, new_id, reveals_identity
-from webui.layout import assistant_bubble, empty_state, typing_dots, user_bubble
+from webui.layout import assistant_bubble, empty_state, tool_button, typing_dots, user_bubble
 from webui.limits import LimitExceeded
-from webui.pages.common import Composer, ModelPicker, scroll_down
+from webui.pages.common import (
+    PARAM_DEFAULTS,
+    Composer,
+    ModelPicker,
+    params_card,
+    sampling_params,
+    scroll_down,
+)
 from webui.services import Services
 
 __all__ = ["DuelView"]
@@ -36,6 +44,15 @@ SUGGESTIONS = [
 ]
 
 
+def draw_pair(names: list[str], battles: list[Battle], rng: random.Random | None = None) -> list[str]:
+    """Two different models, new ones (fewer rated battles) more likely, in a random order."""
+    played: dict[str, int] = {m: sum(row.values()) for m, row in battle_counts(battles).items()}
+    pairs = pair_probabilities(sorted(names), played)
+    rng = rng or random.Random()
+    pair = rng.choices(list(pairs), weights=list(pairs.values()))[0]
+    return list(pair) if rng.random() < 0.5 else [pair[1], pair[0]]
+
+
 class DuelView:
     def __init__(self, services: Services, user: str, *, anonymous: bool) -> None:
         self.s = services
@@ -48,6 +65,11 @@ class DuelView:
         self.answers: list[Answer] = []
         self.voted = False
         self.battle_id = new_id()
+        self.params_state: dict[str, object] = {
+            **PARAM_DEFAULTS,
+            "max_tokens": services.config.default_max_tokens,
+        }
+        self.last_rows: list[ui.element] = []  # the latest answer on each side (regenerate replaces them)
         ui.context.client.on_delete(self.stop)  # a closed tab stops both answers on the nodes
         self._build()
 
@@ -71,12 +93,18 @@ class DuelView:
                     ]
                     self._spread_pickers()
                 ui.space()
-                ui.button(
-                    "New round" if not self.anonymous else "New battle",
-                    icon="restart_alt",
-                    on_click=self.reset,
-                ).props("flat no-caps rounded").mark("new-battle")
-            with ui.row().classes("w-full no-wrap gap-4 items-stretch"):
+                tool_button("Parameters", "tune", self._toggle_params, "params-toggle")
+                tool_button("Regenerate", "refresh", self.regenerate, "regenerate")
+                tool_button(
+                    "New battle" if self.anonymous else "New round", "restart_alt", self.reset, "new-battle"
+                )
+            self.params = params_card(self.params_state)
+            self.same_model = (
+                ui.label("").classes("w-full text-center text-warning text-sm").mark("same-model")
+            )
+            self.same_model.visible = False
+            self._warn_same()
+            with ui.row().classes("cb-split w-full no-wrap gap-4 items-stretch"):
                 self.columns = []
                 self.names = []
                 for side, label in enumerate(("Model A", "Model B")):
@@ -105,6 +133,9 @@ class DuelView:
         )
         self._empty()
 
+    def _toggle_params(self) -> None:
+        self.params.set_visibility(not self.params.visible)
+
     def _title(self, side: int, label: str) -> str:
         if self.anonymous:
             return label
@@ -123,6 +154,17 @@ class DuelView:
         self.models[side] = model
         if hasattr(self, "names"):
             self.names[side].set_text(self._title(side, ("Model A", "Model B")[side]))
+        if hasattr(self, "same_model"):
+            self._warn_same()
+
+    def _warn_same(self) -> None:
+        """Side-by-side compares two models: say so when both sides hold the same one (no vote then)."""
+        a, b = self.models
+        self.same_model.visible = bool(a) and a == b and not self.anonymous
+        self.same_model.set_text(
+            f"Both sides use {a}: answers can be compared, but there is no vote. "
+            "Pick another model for B, or start one (`chatbus node --name other-name`)."
+        )
 
     def _empty(self) -> None:
         for col in self.columns:
@@ -142,6 +184,7 @@ class DuelView:
         self.conv_ids = [new_id(), new_id()]
         self.battle_id = new_id()
         self.voted = False
+        self.last_rows = []
         if self.anonymous:
             self.models = [None, None]
         for side in (0, 1):
@@ -160,12 +203,12 @@ class DuelView:
         if len(names) < 2:
             ui.notify(
                 f"The arena needs two models online; {len(names)} {'is' if len(names) == 1 else 'are'} online now. "
-                "Start another node (e.g. `python -m node --name other-name`).",
+                "Start another node (e.g. `chatbus node --name other-name`).",
                 type="warning",
                 multi_line=True,
             )
             return False
-        self.models = list(random.sample(names, 2))
+        self.models = [*draw_pair(names, self.s.logs.battles())]
         return True
 
     async def send(self, text: str) -> None:
@@ -177,6 +220,10 @@ class DuelView:
             ui.notify("Pick two models first (start a node if none is online).", type="warning")
             return
         models = [m for m in self.models if m]
+        problems = sampling_params(self.params_state).problems()
+        if problems:
+            ui.notify("Check the parameters: " + "; ".join(problems), type="warning", multi_line=True)
+            return
         try:
             self.s.limiter.check_input(text, sum(len(m.content) for m in self.histories[0]))
             self.s.limiter.acquire(self.user, models)
@@ -188,6 +235,7 @@ class DuelView:
             for col in self.columns:
                 col.clear()
         self.vote_row.visible = False
+        self.verdict.set_text("")  # the last round's verdict belongs to the last round
         for side in (0, 1):
             self.histories[side].append(ChatMessage(role="user", content=text))
             with self.columns[side]:
@@ -195,8 +243,9 @@ class DuelView:
         await self._answer_both(models)
 
     async def _answer_both(self, models: list[str]) -> None:
-        params = SamplingParams(temperature=0.7, max_tokens=self.s.config.default_max_tokens)
+        params = sampling_params(self.params_state)
         bodies = []
+        self.last_rows = []
         for side in (0, 1):
             with self.columns[side]:
                 body = (
@@ -207,6 +256,7 @@ class DuelView:
                 with body.column:  # type: ignore[attr-defined]
                     body.dots = typing_dots()  # type: ignore[attr-defined]
                 bodies.append(body)
+                self.last_rows.append(body.column.parent_slot.parent)  # type: ignore[attr-defined]
         self.answers = [
             Answer(
                 self.s,
@@ -234,7 +284,7 @@ class DuelView:
             if result.error:
                 with body.column:  # type: ignore[attr-defined]
                     ui.label(result.error).classes("text-negative text-sm").mark("answer-error")
-        self.vote_row.visible = True
+        self.vote_row.visible = models[0] != models[1]
         scroll_down(self.vote_row)
 
     @staticmethod
@@ -248,10 +298,33 @@ class DuelView:
         body.dots.delete()  # type: ignore[attr-defined]
         return result
 
-    async def vote(self, kind: str) -> None:
-        if self.voted or not self.histories[0] or not all(self.models):
+    async def regenerate(self) -> None:
+        """Answer the last question again on both sides (before a vote: a vote closes the round)."""
+        if self.answers or self.voted or not self.histories[0] or len(self.last_rows) != 2:
             return
         models = [m for m in self.models if m]
+        try:
+            self.s.limiter.acquire(self.user, models)
+        except LimitExceeded as e:
+            ui.notify(str(e), type="warning", multi_line=True)
+            return
+        for side in (0, 1):
+            if self.histories[side][-1].role == "assistant":
+                self.histories[side].pop()
+            self.last_rows[side].delete()
+        self.vote_row.visible = False
+        self.verdict.set_text("")
+        await self._answer_both(models)
+
+    async def vote(self, kind: str) -> None:
+        if self.voted or not self.histories[0] or not all(self.models) or self.models[0] == self.models[1]:
+            return
+        models = [m for m in self.models if m]
+        try:
+            self.s.limiter.vote(self.user)
+        except LimitExceeded as e:
+            ui.notify(str(e), type="warning", multi_line=True)
+            return
         answers = [m.content for h in self.histories for m in h if m.role == "assistant"]
         leaked = self.anonymous and reveals_identity(answers, models)
         record = VoteLog(

@@ -7,13 +7,14 @@ from typing import Any
 from nicegui import run, ui
 from nicegui.events import ValueChangeEventArguments
 
-from bus.ratings import Rating, battle_counts, leaderboard, win_rate_matrix
+from bus.ratings import PROVISIONAL_BATTLES, Rating, battle_counts, leaderboard, win_rate_matrix
+from webui.logstore import DEDUPE_KEEP
 from webui.services import Services
 
 __all__ = ["leaderboard_page"]
 
 COLUMNS: list[dict[str, Any]] = [
-    {"name": "rank", "label": "#", "field": "rank", "align": "left"},
+    {"name": "rank", "label": "Rank", "field": "rank", "align": "left"},
     {"name": "model", "label": "Model", "field": "model", "align": "left", "sortable": True},
     {"name": "bt", "label": "Rating (BT)", "field": "bt", "sortable": True},
     {"name": "ci", "label": "95% CI", "field": "ci"},
@@ -24,19 +25,26 @@ COLUMNS: list[dict[str, Any]] = [
 ]
 
 
+def _ci(r: Rating) -> str:
+    """The interval as +up / -down; none yet while every resample agrees (one battle, say)."""
+    if r.bt_ci[1] - r.bt_ci[0] < 1:
+        return "— (too few battles)"
+    return f"+{r.bt_ci[1] - r.bt:.0f} / -{r.bt - r.bt_ci[0]:.0f}"
+
+
 def _rows(board: list[Rating]) -> list[dict[str, Any]]:
     return [
         {
-            "rank": i + 1,
+            "rank": f"{r.rank} (provisional)" if r.provisional else str(r.rank),
             "model": r.model,
             "bt": round(r.bt),
-            "ci": f"+{r.bt_ci[1] - r.bt:.0f} / -{r.bt - r.bt_ci[0]:.0f}",
+            "ci": _ci(r),
             "elo": round(r.elo),
             "battles": r.battles,
             "record": f"{r.wins} / {r.ties} / {r.losses}",
             "win_rate": f"{100 * r.win_rate:.0f}%",
         }
-        for i, r in enumerate(board)
+        for r in board
     ]
 
 
@@ -80,7 +88,8 @@ class LeaderboardView:
     def __init__(self, services: Services) -> None:
         self.s = services
         self.include_named = False
-        self._shown = (-1, False)
+        self.style = False
+        self._shown: tuple[int, bool, bool] = (-1, False, False)
         with ui.column().classes("w-full max-w-6xl mx-auto gap-5 px-2 pb-10"):
             with ui.row().classes("w-full items-end"):
                 with ui.column().classes("gap-0"):
@@ -89,11 +98,18 @@ class LeaderboardView:
                         ui.label("Leaderboard").classes("text-2xl font-semibold")
                     ui.label(
                         "Bradley–Terry (maximum likelihood) with 95% bootstrap intervals and online Elo, "
-                        "from the arena votes in the log. Battles whose answers named a model are left out."
+                        "from the arena votes in the log. Ranks come from the intervals: models whose "
+                        "intervals overlap share a rank; fewer than "
+                        f"{PROVISIONAL_BATTLES} battles is provisional. Battles whose answers named a model, "
+                        f"and repeats of a prompt beyond {DEDUPE_KEEP}, are left out."
                     ).classes("text-grey-6 text-sm")
                 ui.space()
-                ui.switch("Include named side-by-side votes", on_change=self._toggle).mark("include-named")
-            with ui.row().classes("w-full gap-4"):
+                with ui.column().classes("gap-0"):
+                    ui.switch("Include named side-by-side votes", on_change=self._toggle).mark(
+                        "include-named"
+                    )
+                    ui.switch("Control for answer length", on_change=self._toggle_style).mark("style-control")
+            with ui.row().classes("w-full gap-4 cb-stats-row"):
                 self.stats = [self._stat(label) for label in ("Models", "Rated battles", "Votes in the log")]
             self.empty = (
                 ui.label("No battles yet — vote in the Arena and the ratings appear here.")
@@ -101,13 +117,14 @@ class LeaderboardView:
                 .mark("no-battles")
             )
             with ui.column().classes("w-full gap-5") as self.content:
-                self.table = (
-                    ui.table(columns=COLUMNS, rows=[], row_key="model")
-                    .props("flat bordered")
-                    .classes("w-full rounded-2xl")
-                    .mark("ratings")
-                )
-                with ui.row().classes("w-full gap-4 no-wrap"):
+                with ui.element("div").classes("cb-table-wrap"):
+                    self.table = (
+                        ui.table(columns=COLUMNS, rows=[], row_key="model")
+                        .props("flat bordered")
+                        .classes("w-full rounded-2xl")
+                        .mark("ratings")
+                    )
+                with ui.row().classes("cb-split w-full gap-4 no-wrap"):
                     with ui.card().classes("w-1/2 rounded-2xl").props("flat bordered"):
                         ui.label("Ratings with 95% confidence intervals").classes("font-medium")
                         self.ci_chart = ui.echart(_ci_chart([])).classes("w-full h-72")
@@ -117,6 +134,7 @@ class LeaderboardView:
                 with ui.card().classes("w-full rounded-2xl").props("flat bordered"):
                     ui.label("Battles per pair").classes("font-medium")
                     self.count_chart = ui.echart(_heatmap([], {}, percent=False)).classes("w-full h-64")
+        self.content.visible = False  # until there is something to show: one "no battles" state
         ui.timer(1.0, self.refresh)
 
     @staticmethod
@@ -130,13 +148,17 @@ class LeaderboardView:
     def _toggle(self, e: ValueChangeEventArguments) -> None:
         self.include_named = bool(e.value)
 
+    def _toggle_style(self, e: ValueChangeEventArguments) -> None:
+        self.style = bool(e.value)
+
     async def refresh(self) -> None:
-        key = (self.s.logs.version, self.include_named)
+        key = (self.s.logs.version, self.include_named, self.style)
         if key == self._shown:
             return
         self._shown = key
         battles = self.s.logs.battles(include_named=self.include_named)
-        board = await run.io_bound(leaderboard, battles, rounds=200)
+        rounds = 50 if self.style else 200  # the length-controlled fit is slower
+        board = await run.io_bound(leaderboard, battles, rounds=rounds, style=self.style)
         if board is None:
             return
         models = [r.model for r in board]
