@@ -58,7 +58,8 @@ class BusClient:
         *,
         name: str = "chatbus-client",
         accept_timeout_s: float = 10.0,
-        stall_check_s: float = 2.0,
+        stall_check_s: float = 0.4,
+        probe_timeout_s: float = 1.0,
         keepalive_every_s: float = 5.0,
         keepalive_s: float = 15.0,
         max_failovers: int = 2,
@@ -68,7 +69,8 @@ class BusClient:
         self.js = nc.jetstream()
         self.name = name
         self.accept_timeout_s = accept_timeout_s
-        self.stall_check_s = stall_check_s
+        self.stall_check_s = stall_check_s  # a stream quiet this long asks its node (bus/probe.py)
+        self.probe_timeout_s = probe_timeout_s  # a node that answers probes is hung after this long
         self.keepalive_s = keepalive_s  # a node cancels a request whose client is silent this long
         self.keepalive_every_s = min(keepalive_every_s, keepalive_s / 3)
         self.max_failovers = max_failovers

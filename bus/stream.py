@@ -43,6 +43,7 @@ from bus.errors import (
     NoNodeAvailable,
     error_for,
 )
+from bus.probe import Verdict, probe
 from bus.schemas import (
     Accepted,
     Cancel,
@@ -115,6 +116,8 @@ class ChatStream(AsyncIterator[StreamEvent]):
         self._last_event_at = 0.0
         self._reconnects = 0
         self._subscribed_at = 0.0
+        self._forgot = False  # the node said it no longer has the request, once since the last event
+        self.probes = 0  # how often the node was asked whether it is still there
 
     @classmethod
     def resuming(
@@ -269,6 +272,7 @@ class ChatStream(AsyncIterator[StreamEvent]):
         """Make `attempt_rid` (on `self.node_id`) the current attempt, from its first event."""
         self._attempt_rid = attempt_rid
         self._last_seq = 0
+        self._forgot = False
         self._last_event_at = time.monotonic()
         await self._subscribe()
         self._client._register(self)
@@ -399,20 +403,12 @@ class ChatStream(AsyncIterator[StreamEvent]):
             try:
                 msg = await self._sub.next_msg(timeout=self._client.stall_check_s)
             except NatsTimeout:
-                quiet = time.monotonic() - max(self._last_event_at, self._subscribed_at)
-                if self._client.reconnects() != self._reconnects or quiet > _RESUBSCRIBE_S:
-                    with contextlib.suppress(Exception):  # the server restarted: resume from the record
-                        await self._subscribe()
+                lost = await self._quiet()
+                if lost is None:
                     continue
-                if self._client.table.is_alive(self.node_id):
-                    continue
-                silent = time.monotonic() - self._last_event_at
                 await self.cancel()  # a hung node that wakes up must not go on for nobody
                 return Failed(
-                    seq=self._last_seq + 1,
-                    code=Code.NODE_LOST.value,
-                    message=f"node {self.node_id} stopped heartbeating ({silent:.1f}s without tokens)",
-                    node_id=self.node_id,
+                    seq=self._last_seq + 1, code=Code.NODE_LOST.value, message=lost, node_id=self.node_id
                 )
             try:
                 event: StreamEvent = decode(msg.data, StreamEvent)
@@ -436,7 +432,44 @@ class ChatStream(AsyncIterator[StreamEvent]):
                 )
             self._last_seq = event.seq
             self._last_event_at = time.monotonic()
+            self._forgot = False
             return event
+
+    async def _quiet(self) -> str | None:
+        """The stream has been quiet for `stall_check_s`: why the node is lost, or None to wait on.
+
+        The node is asked directly (bus/probe.py): gone or hung ends the attempt within a round
+        trip; a node that is merely slow says it is still working. Our consumer may have died with
+        its server or a reconnect: quiet for _RESUBSCRIBE_S, or a node that no longer has the
+        request, re-subscribes (the record holds whatever we missed) before anything is concluded.
+        """
+        client = self._client
+        quiet = time.monotonic() - max(self._last_event_at, self._subscribed_at)
+        if client.reconnects() != self._reconnects:
+            with contextlib.suppress(Exception):  # the server restarted: resume from the record
+                await self._subscribe()
+            return None
+        answers = any(n.node_id == self.node_id and n.answers_probes for n in client.table.nodes())
+        self.probes += 1
+        verdict = await probe(
+            client.nc, self.node_id, self._attempt_rid, client.probe_timeout_s, answers=answers
+        )
+        silent = time.monotonic() - self._last_event_at
+        if verdict is Verdict.GONE:
+            return f"node {self.node_id} is gone (its process left the bus; {silent:.1f}s without tokens)"
+        if verdict is Verdict.HUNG:
+            return f"node {self.node_id} does not answer ({silent:.1f}s without tokens)"
+        if not client.table.is_alive(self.node_id):  # answering, yet not beating: frozen all the same
+            return f"node {self.node_id} stopped heartbeating ({silent:.1f}s without tokens)"
+        if verdict is Verdict.FORGOT and not self._forgot:
+            self._forgot = True  # maybe it finished and our consumer missed the end: read the record
+        elif verdict is Verdict.FORGOT and quiet > _RESUBSCRIBE_S:
+            return f"node {self.node_id} no longer has request {self._attempt_rid} (did it restart?)"
+        elif quiet <= _RESUBSCRIBE_S:
+            return None
+        with contextlib.suppress(Exception):
+            await self._subscribe()
+        return None
 
     async def _failover(self, reason: str, code: str) -> bool:
         """Re-dispatch prompt + text so far to a node; False when we may not or cannot.
