@@ -205,15 +205,21 @@ class ChatStream(AsyncIterator[StreamEvent]):
             targets.append(("", subjects.gen(request.model)))
         for node_id, subject in targets:
             table.note_dispatch(node_id, +1)  # before the request, so a concurrent burst spreads out
+            # A named node admits from its event loop within milliseconds, even when busy: one
+            # that does not within a couple of probe timeouts hangs, and the next one is asked.
+            wait = min(timeout, 2 * self._client.probe_timeout_s) if node_id else timeout
             try:
-                msg = await self._request(subject, payload, timeout)
+                msg = await self._request(subject, payload, wait)
             except NoRespondersError:
                 table.note_dispatch(node_id, -1)
                 continue
             except NatsTimeout:
                 table.note_dispatch(node_id, -1)
-                silent = NodeTimeout(f"no node answered for model {request.model!r} within {timeout:.0f}s")
-                if failover:
+                silent = NodeTimeout(f"no node answered for model {request.model!r} within {wait:.0f}s")
+                if node_id:  # it may wake up and take this id: the next node gets a fresh one
+                    request = await self._abandon(node_id, request)
+                    payload = encode(request)
+                if node_id or failover:
                     continue
                 raise silent from None
             try:
@@ -241,6 +247,17 @@ class ChatStream(AsyncIterator[StreamEvent]):
                 f"every node serving {request.model!r} is gone or draining; try again shortly"
             )
         raise ModelNotFound(request.model, served)
+
+    async def _abandon(self, node_id: str, request: GenerateRequest) -> GenerateRequest:
+        """`request` under a fresh attempt id, after `node_id` did not answer it: two nodes must
+        never write one token stream. The silent node is told to cancel, for when it wakes up."""
+        self._cancelled.add(request.request_id)
+        with contextlib.suppress(Exception):
+            await self._client.nc.publish(
+                subjects.ctl(node_id), encode(Cancel(request_id=request.request_id))
+            )
+        base = self.request.request_id[: subjects.MAX_NAME_BYTES // 2]
+        return msgspec.structs.replace(request, request_id=f"{base}-s{secrets.token_hex(3)}")
 
     async def _request(self, subject: str, payload: bytes, timeout: float) -> Msg:
         """One core request, sent again at once if the connection is re-established meanwhile (what
