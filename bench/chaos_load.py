@@ -174,7 +174,7 @@ HOSTILE: list[tuple[str, str, str, Any, dict[str, Any], bool]] = [
         {"model": "x" * 10_000, "messages": [{"role": "user", "content": "hi"}]},
         {},
         False,
-    ),  # fmt: skip
+    ),
     (
         "empty model",
         "POST",
@@ -182,7 +182,7 @@ HOSTILE: list[tuple[str, str, str, Any, dict[str, Any], bool]] = [
         {"model": "", "messages": [{"role": "user", "content": "hi"}]},
         {},
         False,
-    ),  # fmt: skip
+    ),
     ("control in model", "POST", "/v1/completions", {"model": "a\u0000b\nc", "prompt": "hi"}, {}, False),
     (
         "odd unicode",
@@ -191,7 +191,7 @@ HOSTILE: list[tuple[str, str, str, Any, dict[str, Any], bool]] = [
         {"model": "$MODEL", "max_tokens": 4, "messages": [{"role": "user", "content": _ODD}]},
         {},
         True,
-    ),  # fmt: skip
+    ),
     (
         "odd unicode name",
         "POST",
@@ -199,7 +199,7 @@ HOSTILE: list[tuple[str, str, str, Any, dict[str, Any], bool]] = [
         {"model": _ODD, "messages": [{"role": "user", "content": "hi"}]},
         {},
         False,
-    ),  # fmt: skip
+    ),
     (
         "negative max_tokens",
         "POST",
@@ -207,7 +207,7 @@ HOSTILE: list[tuple[str, str, str, Any, dict[str, Any], bool]] = [
         {"model": "$MODEL", "prompt": "hi", "max_tokens": -5},
         {},
         False,
-    ),  # fmt: skip
+    ),
     (
         "string temperature",
         "POST",
@@ -215,7 +215,7 @@ HOSTILE: list[tuple[str, str, str, Any, dict[str, Any], bool]] = [
         {"model": "$MODEL", "prompt": "hi", "temperature": "hot"},
         {},
         False,
-    ),  # fmt: skip
+    ),
     (
         "huge n",
         "POST",
@@ -223,7 +223,7 @@ HOSTILE: list[tuple[str, str, str, Any, dict[str, Any], bool]] = [
         {"model": "$MODEL", "n": 10_000, "messages": [{"role": "user", "content": "hi"}]},
         {},
         False,
-    ),  # fmt: skip
+    ),
     (
         "unknown field",
         "POST",
@@ -231,7 +231,7 @@ HOSTILE: list[tuple[str, str, str, Any, dict[str, Any], bool]] = [
         {"model": "$MODEL", "evil": 1, "messages": []},
         {},
         False,
-    ),  # fmt: skip
+    ),
     ("garbage json", "POST", "/v1/chat/completions", b"{\xff\xfe not json", {}, False),
     ("deep json", "POST", "/v1/completions", b"[" * 100_000, {}, False),
     (
@@ -241,7 +241,7 @@ HOSTILE: list[tuple[str, str, str, Any, dict[str, Any], bool]] = [
         b'{"model": "m", "prompt": "' + b"a" * 3_000_000 + b'"}',
         {},
         False,
-    ),  # fmt: skip
+    ),
     (
         "huge header",
         "POST",
@@ -249,7 +249,7 @@ HOSTILE: list[tuple[str, str, str, Any, dict[str, Any], bool]] = [
         {"model": "$MODEL", "messages": []},
         {"X-Junk": "j" * 60_000},
         False,
-    ),  # fmt: skip
+    ),
     ("huge name in path", "GET", "/v1/models/" + "m" * 10_000, None, {}, False),
     (
         "unknown resume",
@@ -258,7 +258,7 @@ HOSTILE: list[tuple[str, str, str, Any, dict[str, Any], bool]] = [
         None,
         {"Last-Event-ID": "x:1"},
         False,
-    ),  # fmt: skip
+    ),
     (
         "malformed resume",
         "GET",
@@ -266,7 +266,7 @@ HOSTILE: list[tuple[str, str, str, Any, dict[str, Any], bool]] = [
         None,
         {"Last-Event-ID": b"\xff" * 5000},
         False,
-    ),  # fmt: skip
+    ),
     ("huge resume id", "GET", "/v1/chat/completions/chatcmpl-" + "a" * 10_000 + "/stream", None, {}, False),
 ]
 
