@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -22,7 +24,7 @@ from bus.connection import (
     ensure_nodes_bucket,
     ensure_resume_bucket,
 )
-from bus.errors import ModelNotFound, NodeTimeout, error_for
+from bus.errors import BusUnavailable, ModelNotFound, NodeTimeout, error_for
 from bus.jobs import Jobs
 from bus.nodes import ModelEntry, NodeTable
 from bus.schemas import (
@@ -44,6 +46,9 @@ __all__ = ["BusClient"]
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+_RECORDS_RETRY_S = 5.0  # a cluster elects a new leader for a bucket in a few seconds
+
 
 class BusClient:
     """Routing, streaming, cancel and failover over one NATS connection.
@@ -58,7 +63,8 @@ class BusClient:
         *,
         name: str = "chatbus-client",
         accept_timeout_s: float = 10.0,
-        stall_check_s: float = 2.0,
+        stall_check_s: float = 0.4,
+        probe_timeout_s: float = 1.0,
         keepalive_every_s: float = 5.0,
         keepalive_s: float = 15.0,
         max_failovers: int = 2,
@@ -68,7 +74,8 @@ class BusClient:
         self.js = nc.jetstream()
         self.name = name
         self.accept_timeout_s = accept_timeout_s
-        self.stall_check_s = stall_check_s
+        self.stall_check_s = stall_check_s  # a stream quiet this long asks its node (bus/probe.py)
+        self.probe_timeout_s = probe_timeout_s  # a node that answers probes is hung after this long
         self.keepalive_s = keepalive_s  # a node cancels a request whose client is silent this long
         self.keepalive_every_s = min(keepalive_every_s, keepalive_s / 3)
         self.max_failovers = max_failovers
@@ -208,18 +215,29 @@ class BusClient:
 
     async def put_resume_record(self, key: str, data: bytes) -> None:
         """Keep `data` on the bus as long as token streams are kept (any process may resume)."""
-        try:
-            await (await self._resume_records()).put(key, data)
-        except Exception:  # the bucket may be gone after a server restart
-            self._records = None
-            await (await self._resume_records()).put(key, data)
+        await self._with_records(lambda kv: kv.put(key, data))
 
     async def get_resume_record(self, key: str) -> bytes | None:
         try:
-            entry = await (await self._resume_records()).get(key)
+            entry = await self._with_records(lambda kv: kv.get(key))
         except KeyNotFoundError:
             return None
         return entry.value
+
+    async def _with_records(self, call: Callable[[KeyValue], Awaitable[T]]) -> T:
+        """`call` on the resume bucket, retried for a few seconds: in a cluster the bucket has no
+        leader for a moment after its server dies, and after a server restart it may be gone."""
+        deadline = time.monotonic() + _RECORDS_RETRY_S
+        while True:
+            try:
+                return await call(await self._resume_records())
+            except KeyNotFoundError:
+                raise
+            except Exception as e:
+                self._records = None
+                if time.monotonic() > deadline:
+                    raise BusUnavailable(f"the resume records cannot be reached right now ({e!r})") from e
+                await asyncio.sleep(0.25)
 
     async def _resume_records(self) -> KeyValue:
         if self._records is None:

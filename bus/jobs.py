@@ -151,32 +151,52 @@ class Jobs:
     async def events(
         self, job_id: str, *, follow: bool = True, idle_timeout: float | None = None
     ) -> AsyncIterator[JobEvent]:
-        """Replay the job's events from the start; with `follow`, wait for more until a terminal one."""
-        sub = await self.js.subscribe(
+        """Replay the job's events from the start; with `follow`, wait for more until a terminal one.
+
+        The consumer lives on one server: when it dies with its cluster member (or the connection
+        is re-established), a new one replays from the start and the events seen are skipped.
+        """
+        seen, waited = 0, 0.0
+        while True:
+            sub = await _through_elections(lambda: self._event_consumer(job_id))
+            try:
+                index = 0
+                while True:
+                    try:
+                        msg = await sub.next_msg(timeout=1.0)
+                    except NatsTimeout:
+                        waited += 1.0
+                        try:
+                            pending = (await sub.consumer_info()).num_pending
+                        except Exception as e:  # gone with its server, or no leader right now
+                            log.info("job %s: event consumer lost (%r); following anew", job_id, e)
+                            break
+                        if (not follow and pending == 0) or (idle_timeout and waited >= idle_timeout):
+                            return
+                        continue
+                    index += 1
+                    if index <= seen:
+                        continue  # replayed by a new consumer
+                    seen, waited = index, 0.0
+                    event = decode(msg.data, JobEvent)
+                    yield event
+                    if event.state in TERMINAL_STATES and event.event != "queued":
+                        return
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            if idle_timeout and waited >= idle_timeout:
+                return
+            await asyncio.sleep(0.5)
+
+    async def _event_consumer(self, job_id: str) -> JetStreamContext.PushSubscription:
+        return await self.js.subscribe(
             subjects.job_events(job_id),
             stream=subjects.JOB_EVENTS_STREAM,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.ALL,
+            idle_heartbeat=1.0,  # nats-py re-creates a consumer that stopped beating (its server died)
         )
-        try:
-            waited = 0.0
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=1.0)
-                except NatsTimeout:
-                    waited += 1.0
-                    pending = (await sub.consumer_info()).num_pending
-                    if (not follow and pending == 0) or (idle_timeout and waited >= idle_timeout):
-                        return
-                    continue
-                waited = 0.0
-                event = decode(msg.data, JobEvent)
-                yield event
-                if event.state in TERMINAL_STATES and event.event != "queued":
-                    return
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
 
     async def get(self, job_id: str) -> JobRecord | None:
         assert self._kv is not None

@@ -32,6 +32,8 @@ __all__ = [
     "KeepAlive",
     "ModelCard",
     "NodeInfo",
+    "Probe",
+    "ProbeReply",
     "Rejected",
     "SamplingParams",
     "StreamEvent",
@@ -198,7 +200,19 @@ class KeepAlive(_Tagged, frozen=True, kw_only=True, tag="ctl.keepalive"):
     request_ids: list[str]
 
 
-ControlMessage = Cancel | KeepAlive
+class Probe(_Tagged, frozen=True, kw_only=True, tag="ctl.probe"):
+    """A core request on a node's control subject, answered from its event loop (not its engine):
+    no responders means its process is gone, no answer that it hangs, `ProbeReply` that it is slow."""
+
+    request_ids: list[str]
+
+
+class ProbeReply(_Tagged, frozen=True, kw_only=True, tag="ctl.probe_reply"):
+    node_id: str
+    running: list[str]  # those of the asked requests the node is still working on
+
+
+ControlMessage = Cancel | KeepAlive | Probe
 
 
 # ----------------------------------------------------------------------------- utilities
@@ -250,6 +264,7 @@ class NodeInfo(_Tagged, frozen=True, kw_only=True, tag="node.info"):
     tokens_per_s: float = 0.0
     started_at: float = 0.0
     updated_at: float = 0.0
+    answers_probes: bool = False  # a probe it leaves unanswered means it hangs (older nodes: nothing)
 
     @property
     def load(self) -> float:

@@ -43,6 +43,7 @@ from bus.errors import (
     NoNodeAvailable,
     error_for,
 )
+from bus.probe import Verdict, probe
 from bus.schemas import (
     Accepted,
     Cancel,
@@ -115,6 +116,8 @@ class ChatStream(AsyncIterator[StreamEvent]):
         self._last_event_at = 0.0
         self._reconnects = 0
         self._subscribed_at = 0.0
+        self._forgot = False  # the node said it no longer has the request, once since the last event
+        self.probes = 0  # how often the node was asked whether it is still there
 
     @classmethod
     def resuming(
@@ -202,15 +205,21 @@ class ChatStream(AsyncIterator[StreamEvent]):
             targets.append(("", subjects.gen(request.model)))
         for node_id, subject in targets:
             table.note_dispatch(node_id, +1)  # before the request, so a concurrent burst spreads out
+            # A named node admits from its event loop within milliseconds, even when busy: one
+            # that does not within a couple of probe timeouts hangs, and the next one is asked.
+            wait = min(timeout, 2 * self._client.probe_timeout_s) if node_id else timeout
             try:
-                msg = await self._request(subject, payload, timeout)
+                msg = await self._request(subject, payload, wait)
             except NoRespondersError:
                 table.note_dispatch(node_id, -1)
                 continue
             except NatsTimeout:
                 table.note_dispatch(node_id, -1)
-                silent = NodeTimeout(f"no node answered for model {request.model!r} within {timeout:.0f}s")
-                if failover:
+                silent = NodeTimeout(f"no node answered for model {request.model!r} within {wait:.0f}s")
+                if node_id:  # it may wake up and take this id: the next node gets a fresh one
+                    request = await self._abandon(node_id, request)
+                    payload = encode(request)
+                if node_id or failover:
                     continue
                 raise silent from None
             try:
@@ -238,6 +247,17 @@ class ChatStream(AsyncIterator[StreamEvent]):
                 f"every node serving {request.model!r} is gone or draining; try again shortly"
             )
         raise ModelNotFound(request.model, served)
+
+    async def _abandon(self, node_id: str, request: GenerateRequest) -> GenerateRequest:
+        """`request` under a fresh attempt id, after `node_id` did not answer it: two nodes must
+        never write one token stream. The silent node is told to cancel, for when it wakes up."""
+        self._cancelled.add(request.request_id)
+        with contextlib.suppress(Exception):
+            await self._client.nc.publish(
+                subjects.ctl(node_id), encode(Cancel(request_id=request.request_id))
+            )
+        base = self.request.request_id[: subjects.MAX_NAME_BYTES // 2]
+        return msgspec.structs.replace(request, request_id=f"{base}-s{secrets.token_hex(3)}")
 
     async def _request(self, subject: str, payload: bytes, timeout: float) -> Msg:
         """One core request, sent again at once if the connection is re-established meanwhile (what
@@ -269,6 +289,7 @@ class ChatStream(AsyncIterator[StreamEvent]):
         """Make `attempt_rid` (on `self.node_id`) the current attempt, from its first event."""
         self._attempt_rid = attempt_rid
         self._last_seq = 0
+        self._forgot = False
         self._last_event_at = time.monotonic()
         await self._subscribe()
         self._client._register(self)
@@ -399,20 +420,12 @@ class ChatStream(AsyncIterator[StreamEvent]):
             try:
                 msg = await self._sub.next_msg(timeout=self._client.stall_check_s)
             except NatsTimeout:
-                quiet = time.monotonic() - max(self._last_event_at, self._subscribed_at)
-                if self._client.reconnects() != self._reconnects or quiet > _RESUBSCRIBE_S:
-                    with contextlib.suppress(Exception):  # the server restarted: resume from the record
-                        await self._subscribe()
+                lost = await self._quiet()
+                if lost is None:
                     continue
-                if self._client.table.is_alive(self.node_id):
-                    continue
-                silent = time.monotonic() - self._last_event_at
                 await self.cancel()  # a hung node that wakes up must not go on for nobody
                 return Failed(
-                    seq=self._last_seq + 1,
-                    code=Code.NODE_LOST.value,
-                    message=f"node {self.node_id} stopped heartbeating ({silent:.1f}s without tokens)",
-                    node_id=self.node_id,
+                    seq=self._last_seq + 1, code=Code.NODE_LOST.value, message=lost, node_id=self.node_id
                 )
             try:
                 event: StreamEvent = decode(msg.data, StreamEvent)
@@ -436,7 +449,44 @@ class ChatStream(AsyncIterator[StreamEvent]):
                 )
             self._last_seq = event.seq
             self._last_event_at = time.monotonic()
+            self._forgot = False
             return event
+
+    async def _quiet(self) -> str | None:
+        """The stream has been quiet for `stall_check_s`: why the node is lost, or None to wait on.
+
+        The node is asked directly (bus/probe.py): gone or hung ends the attempt within a round
+        trip; a node that is merely slow says it is still working. Our consumer may have died with
+        its server or a reconnect: quiet for _RESUBSCRIBE_S, or a node that no longer has the
+        request, re-subscribes (the record holds whatever we missed) before anything is concluded.
+        """
+        client = self._client
+        quiet = time.monotonic() - max(self._last_event_at, self._subscribed_at)
+        if client.reconnects() != self._reconnects:
+            with contextlib.suppress(Exception):  # the server restarted: resume from the record
+                await self._subscribe()
+            return None
+        answers = any(n.node_id == self.node_id and n.answers_probes for n in client.table.nodes())
+        self.probes += 1
+        verdict = await probe(
+            client.nc, self.node_id, self._attempt_rid, client.probe_timeout_s, answers=answers
+        )
+        silent = time.monotonic() - self._last_event_at
+        if verdict is Verdict.GONE:
+            return f"node {self.node_id} is gone (its process left the bus; {silent:.1f}s without tokens)"
+        if verdict is Verdict.HUNG:
+            return f"node {self.node_id} does not answer ({silent:.1f}s without tokens)"
+        if not client.table.is_alive(self.node_id):  # answering, yet not beating: frozen all the same
+            return f"node {self.node_id} stopped heartbeating ({silent:.1f}s without tokens)"
+        if verdict is Verdict.FORGOT and not self._forgot:
+            self._forgot = True  # maybe it finished and our consumer missed the end: read the record
+        elif verdict is Verdict.FORGOT and quiet > _RESUBSCRIBE_S:
+            return f"node {self.node_id} no longer has request {self._attempt_rid} (did it restart?)"
+        elif quiet <= _RESUBSCRIBE_S:
+            return None
+        with contextlib.suppress(Exception):
+            await self._subscribe()
+        return None
 
     async def _failover(self, reason: str, code: str) -> bool:
         """Re-dispatch prompt + text so far to a node; False when we may not or cannot.

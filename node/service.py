@@ -42,6 +42,8 @@ from bus.schemas import (
     GenerateRequest,
     KeepAlive,
     NodeInfo,
+    Probe,
+    ProbeReply,
     Rejected,
     StreamEvent,
     Usage,
@@ -323,11 +325,15 @@ class NodeService:
 
     async def _on_control(self, msg: Msg) -> None:
         try:
-            ctl: Cancel | KeepAlive = read(msg.data, ControlMessage)
+            ctl: Cancel | KeepAlive | Probe = read(msg.data, ControlMessage)
         except BusError as e:
             log.warning("ignoring a bad control message on %s: %s", msg.subject, e)
             return
-        if isinstance(ctl, KeepAlive):
+        if isinstance(ctl, Probe):  # answered here, on the loop: a node busy decoding still answers
+            if msg.reply:
+                running = [rid for rid in ctl.request_ids if rid in self._jobs]
+                await self._respond(msg, encode(ProbeReply(node_id=self.node_id, running=running)))
+        elif isinstance(ctl, KeepAlive):
             now = time.monotonic()
             for rid in ctl.request_ids:
                 if rid in self._jobs:
@@ -371,6 +377,7 @@ class NodeService:
             tokens_per_s=round(stats.tokens_per_s, 1),
             started_at=self.started_at,
             updated_at=time.time(),
+            answers_probes=True,
         )
 
     async def _heartbeat(self) -> bool:
