@@ -59,9 +59,14 @@ _JOB_STREAMS = (
     f"OBJ_{subjects.ARTIFACTS_BUCKET}",
     f"KV_{subjects.EVAL_TRIGGERS_BUCKET}",
 )
+# Operators' buckets (bus/operations.py): nodes put metrics; gateways read keys, count limits and usage.
+_OPS_KV = tuple(
+    f"KV_{b}"
+    for b in (subjects.METRICS_BUCKET, subjects.KEYS_BUCKET, subjects.LIMITS_BUCKET, subjects.USAGE_BUCKET)
+)
 _STREAMS = {
-    "gateway": (_NODES_KV, _RESUME_KV),
-    "ui": (_NODES_KV, *_JOB_STREAMS, subjects.LOGS_STREAM),
+    "gateway": (_NODES_KV, _RESUME_KV, *_OPS_KV),
+    "ui": (_NODES_KV, *_JOB_STREAMS, subjects.LOGS_STREAM, _OPS_KV[0]),
     "worker": (_NODES_KV, *_JOB_STREAMS),
 }
 
@@ -100,6 +105,7 @@ def permissions(role: str) -> dict[str, Any]:
     if role == "node":
         # Nodes see every prompt they serve and write every token: they keep the whole JetStream API.
         pub = [subjects.tokens_all(), nodes_kv, subjects.JS_API_ALL, subjects.JS_FLOW_CONTROL_ALL]
+        pub.append(subjects.kv_all(subjects.METRICS_BUCKET))
         sub = [*_ASK, inbox]
         deny_pub = [*no_records, *no_jobs, subjects.kv_all(subjects.JOBS_BUCKET), *resume]
         # Replies go to the asker's inbox: allowed once per request received, and nowhere else.
@@ -112,6 +118,10 @@ def permissions(role: str) -> dict[str, Any]:
         return {}
     asks = [*_ASK, *_jetstream(role), "$KV.>"]
     deny = [subjects.tokens_all(), nodes_kv, *no_records]  # nobody but a node forges tokens or nodes
+    # Keys are an admin's to make, metrics a node's to put; limit counters and usage a gateway's.
+    deny += [subjects.kv_all(b) for b in (subjects.KEYS_BUCKET, subjects.METRICS_BUCKET)]
+    if role != "gateway":
+        deny += [subjects.kv_all(b) for b in (subjects.LIMITS_BUCKET, subjects.USAGE_BUCKET)]
     if role == "gateway":
         pub, deny = asks, [*deny, *no_jobs, subjects.kv_all(subjects.JOBS_BUCKET)]
         sub = [inbox]

@@ -17,6 +17,7 @@ from bus.connection import (
     ensure_triggers_bucket,
 )
 from bus.jobs import Jobs
+from bus.operations import ensure_operations_buckets
 
 __all__ = ["prepare_bus"]
 
@@ -29,3 +30,4 @@ async def prepare_bus(nc: NATS) -> None:
     await ensure_logs_stream(js)
     await ensure_triggers_bucket(js)
     await Jobs(nc).start()
+    await ensure_operations_buckets(js)

@@ -20,7 +20,7 @@ from bus.setup import prepare_bus
 
 __all__ = ["main"]
 
-PLUGIN_PACKAGES = ("gateway", "tui", "webui", "trainer", "judge")
+PLUGIN_PACKAGES = ("chatbus", "gateway", "tui", "webui", "trainer", "judge")
 
 
 def resolve_nats(flag: str | None, state_dir: Path) -> str:

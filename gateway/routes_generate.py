@@ -21,6 +21,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import ApiError
 from gateway.http import check_bus, check_payload, json_response, read_body, unless_disconnected
 from gateway.openai_format import Choice, Shape, chat_shape, completion_shape
+from gateway.operations import GatewayOps, admit, count_failovers, tracked
 from gateway.resume import ChoiceRecord, Recorder, ResumeRecord, key_of, load, resume_point
 from gateway.schemas import (
     ChatRequest,
@@ -116,19 +117,37 @@ async def _serve(
     param: str,
 ) -> Response:
     client, config = _state(request)
+    ops: GatewayOps = request.app.state.ops
+    lease = await admit(request, req.model)
+    headers = lease.headers if lease is not None else {}
     choices = [c for c, _ in plan]
     streams = [make() for _, make in plan]
-    await start_all(streams, param)
+    try:
+        await start_all(streams, param)
+    except BaseException:
+        if lease is not None:
+            await lease.release(answered=False)
+        raise
+
+    def used() -> tuple[int, int]:
+        return sum(c.prompt_tokens for c in choices), sum(c.completion_tokens for c in choices)
+
     # Usage counts each prompt once, as OpenAI does for n > 1.
     for choice, stream in zip(choices, streams, strict=True):
         choice.prompt_tokens = stream.prompt_tokens if choice.index % req.n == 0 else 0
     logprobs = bool(req.logprobs) if isinstance(req, ChatRequest) else req.logprobs is not None
     shape = shape_of(streams[0].request_id, req.model, int(time.time()), logprobs)
     if not req.stream:
-        body = await unless_disconnected(request, _collect(shape, choices, streams))
+        body = None
+        try:
+            body = await unless_disconnected(request, _collect(shape, choices, streams))
+        finally:
+            count_failovers(ops, streams)
+            if lease is not None:
+                await lease.release(*used(), answered=body is not None)
         if body is None:  # the client hung up; the streams were cancelled on their nodes
             return Response(status_code=499)
-        return json_response(body)
+        return json_response(body, headers=headers)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     record = ResumeRecord(
         chat=shape.chat,
@@ -144,9 +163,8 @@ async def _serve(
     )
     recorder = Recorder(client, streams[0].request_id, record, streams)
     await recorder.save()
-    return EventSourceResponse(
-        sse_body(shape, choices, streams, include_usage, recorder), sep="\n", ping=config.sse_ping_s
-    )
+    events = tracked(ops, sse_body(shape, choices, streams, include_usage, recorder), streams, lease, used)
+    return EventSourceResponse(events, sep="\n", ping=config.sse_ping_s, headers=headers)
 
 
 async def _collect(shape: Shape, choices: list[Choice], streams: list[ChatStream]) -> dict[str, Any]:
@@ -206,4 +224,6 @@ async def _resume(request: Request, chat: bool) -> Response:
     shape = Shape(chat, completion_id, record.model, record.created, record.logprobs)
     recorder = Recorder(client, completion_id.removeprefix(prefix), record, streams)
     body = sse_body(shape, choices, streams, record.include_usage, recorder, openings=after is None)
-    return EventSourceResponse(body, sep="\n", ping=config.sse_ping_s)
+    ops: GatewayOps = request.app.state.ops
+    ops.metrics.resumes.inc()
+    return EventSourceResponse(tracked(ops, body, streams, None, None), sep="\n", ping=config.sse_ping_s)
