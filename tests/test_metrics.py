@@ -3,6 +3,7 @@ counters and histogram counts equal what the responses reported, for every node 
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
@@ -10,9 +11,10 @@ from collections.abc import Iterator
 
 import httpx
 import openai
+import pexpect
 import pytest
 from fakes import EchoEngine
-from procs import node_process, spawn, stop, wait_until
+from procs import ROOT, node_process, spawn, stop, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from test_gateway_support import EchoNode, LoopThread
 
@@ -168,3 +170,26 @@ def test_a_second_scrape_grows_by_exactly_one_request(url: str) -> None:
         value(after, "chatbus:prompt_tokens_total", **m)
         == value(before, "chatbus:prompt_tokens_total", **m) + r.usage.prompt_tokens
     )
+
+
+def test_top_shows_the_nodes_live(url: str, nats_url: str, echo: EchoNode) -> None:
+    """`chatbus top` in a pty: both nodes with their models; the real one's finished requests."""
+    top = pexpect.spawn(
+        sys.executable, ["-m", "chatbus", "top", "--nats", nats_url, "--interval", "0.3"],
+        cwd=str(ROOT), env={**os.environ, "COLUMNS": "160"}, encoding="utf-8", timeout=20, dimensions=(40, 160),
+    )  # fmt: skip
+    try:
+        top.expect(MODEL)
+        top.expect("chatbus top")  # a second frame: it refreshes
+        top.expect("chatbus top")
+        frame = top.before  # one whole frame
+        assert ECHO in frame and echo.service.node_id[:34] in frame  # type: ignore[union-attr]
+        row = next(line for line in frame.splitlines() if line.startswith(MODEL))
+        done = int(row.split()[-3])  # DONE FAIL GEN TOK
+        assert done >= 4, row
+        assert "REQ/S" in frame and "KV" in frame and "PREFIX" in frame
+        top.sendintr()
+        top.expect(pexpect.EOF)
+    finally:
+        top.close(force=True)
+    assert top.exitstatus == 130 or top.signalstatus is not None
