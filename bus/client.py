@@ -156,6 +156,7 @@ class BusClient:
         request_id: str | None = None,
         continuation: str = "",
         deadline_s: float = 600.0,
+        trace_id: str = "",
     ) -> ChatStream:
         """Stream a chat answer: iterate for `Chunk`s, then one `Done` or `Failed`."""
         return self._stream(
@@ -169,6 +170,7 @@ class BusClient:
                 keepalive_s=self.keepalive_s,
                 client=self.name,
                 owner=self.owner,
+                trace_id=trace_id,
             )
         )
 
@@ -180,6 +182,7 @@ class BusClient:
         *,
         request_id: str | None = None,
         deadline_s: float = 600.0,
+        trace_id: str = "",
     ) -> ChatStream:
         """Stream a raw completion of `prompt` (no chat template)."""
         return self._stream(
@@ -192,6 +195,7 @@ class BusClient:
                 keepalive_s=self.keepalive_s,
                 client=self.name,
                 owner=self.owner,
+                trace_id=trace_id,
             )
         )
 

@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="embedded server without credentials (default: one per role, see docs/security.md)",
     )
+    up.add_argument(
+        "--log-format", choices=["text", "json"], default=None, help="json: every process logs JSON lines"
+    )
     up.add_argument("--trainer", action="store_true", help="also run a training worker")
     up.add_argument("--judge", action="store_true", help="also run an evaluation worker")
     up.add_argument(
@@ -175,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "up":
+            if args.log_format:  # every child reads it (bus.logfmt)
+                os.environ["CHATBUS_LOG_FORMAT"] = args.log_format
             from chatbus.up import UpConfig, run_up
 
             cfg = UpConfig(

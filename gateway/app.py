@@ -18,7 +18,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bus import BusClient
 from bus.errors import BusError
+from bus.logfmt import bind
 from gateway.config import GatewayConfig
+from gateway.context import RequestContext
 from gateway.errors import ApiError
 from gateway.http import error_response
 from gateway.metrics import HttpMetrics, metrics
@@ -51,12 +53,14 @@ class ApiKeyAuth:
         given = token.strip().encode() if scheme.lower() == "bearer" else b""
         # compare_digest against every key, so timing does not tell which one nearly matched
         if given and sum(hmac.compare_digest(given, k) for k in self.keys) > 0:
+            bind(key="static")
             await self.app(scope, receive, send)
             return
         store = self.ops.keys if await self.ops.ready() else None
         record = store.lookup(given.decode(errors="replace")) if store is not None and given else None
         if record is not None and record.usable(time.time()):
             scope.setdefault("state", {})["api_key"] = record
+            bind(key=record.name)
             await self.app(scope, receive, send)
             return
         if not self.keys and (store is None or not store.active):
@@ -101,7 +105,7 @@ def build_app(client: BusClient, config: GatewayConfig | None = None) -> Starlet
         Route("/v1/token_check", token_check, methods=["POST"]),
     ]
     ops = GatewayOps(client)
-    middleware = [Middleware(HttpMetrics, metrics=ops.metrics)]
+    middleware = [Middleware(RequestContext), Middleware(HttpMetrics, metrics=ops.metrics)]
     if config.cors_origins:
         middleware.append(
             Middleware(

@@ -16,8 +16,10 @@ from starlette.responses import Response
 
 from bus import BusClient, ChatStream, SamplingParams
 from bus.errors import BusError
+from bus.logfmt import bind
 from bus.schemas import GenerateRequest
 from gateway.config import GatewayConfig
+from gateway.context import request_id
 from gateway.errors import ApiError
 from gateway.http import check_bus, check_payload, json_response, read_body, unless_disconnected
 from gateway.openai_format import Choice, Shape, chat_shape, completion_shape
@@ -79,8 +81,12 @@ async def chat_completions(request: Request) -> Response:
     probe = GenerateRequest(request_id="0" * 32, model=req.model, messages=messages, params=params)
     check_payload(client, probe, "messages")
 
+    trace = request_id(request)
+
     def make(i: int) -> Callable[[], ChatStream]:
-        return lambda: client.chat(req.model, messages, _nth(params, i), deadline_s=config.deadline_s)
+        return lambda: client.chat(
+            req.model, messages, _nth(params, i), deadline_s=config.deadline_s, trace_id=trace
+        )
 
     plan = [(Choice(index=i), make(i)) for i in range(req.n)]
     return await _serve(request, req, plan, chat_shape, param="messages")
@@ -98,8 +104,12 @@ async def completions(request: Request) -> Response:
         probe = GenerateRequest(request_id="0" * 32, model=req.model, prompt=prompt, params=params)
         check_payload(client, probe, "prompt")
 
+    trace = request_id(request)
+
     def make(prompt: str, i: int) -> Callable[[], ChatStream]:
-        return lambda: client.complete(req.model, prompt, _nth(params, i), deadline_s=config.deadline_s)
+        return lambda: client.complete(
+            req.model, prompt, _nth(params, i), deadline_s=config.deadline_s, trace_id=trace
+        )
 
     plan = [
         (Choice(index=p * req.n + i, prefix=prompt if req.echo else ""), make(prompt, i))
@@ -118,6 +128,7 @@ async def _serve(
 ) -> Response:
     client, config = _state(request)
     ops: GatewayOps = request.app.state.ops
+    bind(model=req.model)
     lease = await admit(request, req.model)
     headers = lease.headers if lease is not None else {}
     choices = [c for c, _ in plan]

@@ -14,6 +14,7 @@ from pathlib import Path
 from bus.auth import redact
 from bus.connection import connect
 from bus.errors import BusError
+from bus.logfmt import bind, setup_logging
 from node.engine import Engine
 
 __all__ = ["NodeConfig", "main", "serve"]
@@ -41,6 +42,7 @@ class NodeConfig:
     cache_dir: Path = Path(".cache/chatbus/models")
     drain_timeout: float = 30.0
     verbose: bool = False
+    log_format: str = "text"  # or json (bus.logfmt): one object a line, with request ids
 
 
 def say(line: str) -> None:
@@ -98,6 +100,7 @@ async def serve(cfg: NodeConfig) -> None:
             say(f"fetching {cfg.adapter} from the bus")
             adapter_dir = await fetch_adapter(cfg.nats, cfg.adapter, cfg.cache_dir / "adapters")
         engine = await asyncio.to_thread(build_engine, cfg, adapter_dir)
+        bind(node=node_id, model=engine.card.name)  # every log line of this node says so
         service = NodeService(nc, engine, node_id=node_id, max_queued=cfg.max_queued)
         await service.start()
         card = engine.card
@@ -117,7 +120,8 @@ async def serve(cfg: NodeConfig) -> None:
 
 
 def main(cfg: NodeConfig) -> int:
-    logging.basicConfig(level=logging.DEBUG if cfg.verbose else logging.WARNING, format="[node] %(message)s")
+    quiet = logging.INFO if cfg.log_format == "json" else logging.WARNING  # JSON: a line per request
+    setup_logging(logging.DEBUG if cfg.verbose else quiet, cfg.log_format, "[node] %(message)s")
     from node.loader import ModelLoadError
 
     try:

@@ -55,6 +55,7 @@ class _Hist:
 @dataclass
 class _Timing:
     accepted: float
+    trace_id: str = ""  # the client's X-Request-ID, for the log lines
     first: float = 0.0  # the first delta with a token
     last: float = 0.0
     tokens: int = 0  # completion tokens seen so far
@@ -73,8 +74,9 @@ class MetricsRecorder:
     failure: dict[str, int] = field(default_factory=dict)
     _timings: dict[str, _Timing] = field(default_factory=dict)
 
-    def accepted(self, request_id: str) -> None:
-        self._timings.setdefault(request_id, _Timing(time.monotonic()))
+    def accepted(self, request_id: str, trace_id: str = "") -> None:
+        self._timings.setdefault(request_id, _Timing(time.monotonic(), trace_id))
+        log.info("request %s accepted", request_id, extra={"request_id": trace_id or request_id})
 
     def delta(self, delta: Delta, failure_code: str | None = None) -> None:
         """One engine delta of an accepted request; `failure_code` when it ended as a failure."""
@@ -102,6 +104,21 @@ class MetricsRecorder:
 
     def _finished(self, delta: Delta, timing: _Timing, now: float, failure_code: str | None) -> None:
         del self._timings[delta.request_id]
+        log.info(
+            "request %s finished: %s, %d + %d tokens in %.3fs",
+            delta.request_id,
+            failure_code or delta.finish_reason,
+            delta.prompt_tokens,
+            delta.completion_tokens,
+            now - timing.accepted,
+            extra={
+                "request_id": timing.trace_id or delta.request_id,
+                "finish_reason": failure_code or delta.finish_reason,
+                "prompt_tokens": delta.prompt_tokens,
+                "completion_tokens": delta.completion_tokens,
+                "duration_s": round(now - timing.accepted, 4),
+            },
+        )
         self.prompt_tokens += delta.prompt_tokens
         self.generation_tokens += delta.completion_tokens
         if failure_code is not None:

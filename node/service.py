@@ -264,7 +264,7 @@ class NodeService:
                 subjects.token(req.owner, req.request_id),
             )
             self._jobs[req.request_id] = job
-            self.metrics.accepted(req.request_id)
+            self.metrics.accepted(req.request_id, req.trace_id)
             engine_req = EngineRequest(
                 request_id=req.request_id,
                 messages=req.messages,

@@ -3,11 +3,13 @@ counters and histogram counts equal what the responses reported, for every node 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -49,11 +51,15 @@ def echo(nats_url: str) -> Iterator[EchoNode]:
 
 
 @pytest.fixture(scope="module")
-def url(nats_url: str, echo: EchoNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    logs = tmp_path_factory.mktemp("metrics")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("metrics")
+
+
+@pytest.fixture(scope="module")
+def url(nats_url: str, echo: EchoNode, logs: Path) -> Iterator[str]:
     port = _free_port()
-    argv = [sys.executable, "-m", "gateway", "--nats", nats_url, "--port", str(port)]
-    with node_process(nats_url, logs / "node.log", name=MODEL) as node:
+    argv = [sys.executable, "-m", "gateway", "--nats", nats_url, "--port", str(port), "--log-format", "json"]
+    with node_process(nats_url, logs / "node.log", name=MODEL, extra=["--log-format", "json"]) as node:
         gw = spawn(argv, logs / "gateway.log")
         try:
             base = f"http://127.0.0.1:{port}"
@@ -193,3 +199,38 @@ def test_top_shows_the_nodes_live(url: str, nats_url: str, echo: EchoNode) -> No
     finally:
         top.close(force=True)
     assert top.exitstatus == 130 or top.signalstatus is not None
+
+
+def _json_lines(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
+def test_request_id_travels_to_the_node_and_back_in_json_logs(url: str, logs: Path) -> None:
+    rid = "trace-7f3a-0001"
+    body = {"model": MODEL, "messages": FRANCE, "max_tokens": 3, "temperature": 0}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"X-Request-ID": rid}, timeout=60)
+    assert r.status_code == 200 and r.headers["X-Request-ID"] == rid
+    made = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).headers["X-Request-ID"]
+    assert len(made) == 32 and made != rid
+    bad = httpx.get(f"{url}/health", headers={"X-Request-ID": "no spaces allowed"}).headers["X-Request-ID"]
+    assert bad != "no spaces allowed"
+
+    def node_line() -> dict[str, object] | None:
+        return next(
+            (
+                x
+                for x in _json_lines(logs / "node.log")
+                if x.get("request_id") == rid and "finish_reason" in x
+            ),
+            None,
+        )
+
+    deadline = time.monotonic() + 10
+    while (line := node_line()) is None:
+        assert time.monotonic() < deadline, (logs / "node.log").read_text()[-2000:]
+        time.sleep(0.1)
+    assert line["model"] == MODEL and str(line["node"]).startswith(socket.gethostname()[:8])
+    assert line["completion_tokens"] == r.json()["usage"]["completion_tokens"]
+    assert line["level"] == "info" and line["logger"] == "node.metrics"
+    gateway = [x for x in _json_lines(logs / "gateway.log") if x.get("request_id") == rid]
+    assert any(x["model"] == MODEL and "/v1/chat/completions" in str(x["message"]) for x in gateway), gateway
