@@ -33,6 +33,9 @@ __all__ = ["build_app"]
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health"})
+RATE_LIMIT_HEADERS = [
+    f"x-ratelimit-{w}-{k}" for k in ("requests", "tokens") for w in ("limit", "remaining", "reset")
+]
 
 
 class ApiKeyAuth:
@@ -113,7 +116,7 @@ def build_app(client: BusClient, config: GatewayConfig | None = None) -> Starlet
                 allow_origins=list(config.cors_origins),
                 allow_methods=["GET", "POST", "OPTIONS"],
                 allow_headers=["*"],
-                expose_headers=["Retry-After", "X-Request-ID", "x-ratelimit-*"],
+                expose_headers=["Retry-After", "X-Request-ID", *RATE_LIMIT_HEADERS],
             )
         )
     middleware.append(Middleware(ApiKeyAuth, keys=config.api_keys, ops=ops))

@@ -117,15 +117,13 @@ async def tracked(
     """An SSE body counted as an active stream; at its end, failovers and the key's usage are counted.
     `usage()` gives (prompt, completion) tokens of the answer at that point."""
     ops.metrics.streams.inc()
-    done = False
     try:
         async for part in body:
             yield part
-        done = True
     finally:
         ops.metrics.streams.dec()
         count_failovers(ops, streams)
         if lease is not None:
             with anyio.CancelScope(shield=True):
                 prompt, completion = usage()  # type: ignore[operator]
-                await lease.release(prompt, completion, answered=done)
+                await lease.release(prompt, completion)  # started on a node: a request, even if abandoned

@@ -155,7 +155,7 @@ async def _serve(
         finally:
             count_failovers(ops, streams)
             if lease is not None:
-                await lease.release(*used(), answered=body is not None)
+                await lease.release(*used())  # started on a node: a request, even if abandoned
         if body is None:  # the client hung up; the streams were cancelled on their nodes
             return Response(status_code=499)
         return json_response(body, headers=headers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -234,3 +235,13 @@ def test_request_id_travels_to_the_node_and_back_in_json_logs(url: str, logs: Pa
     assert line["level"] == "info" and line["logger"] == "node.metrics"
     gateway = [x for x in _json_lines(logs / "gateway.log") if x.get("request_id") == rid]
     assert any(x["model"] == MODEL and "/v1/chat/completions" in str(x["message"]) for x in gateway), gateway
+
+
+def test_the_grafana_dashboard_charts_only_exported_metrics(url: str) -> None:
+    text = (ROOT / "docs" / "grafana-dashboard.json").read_text()
+    exprs = [t["expr"] for p in json.loads(text)["panels"] for t in p["targets"]]
+    used = {
+        re.sub(r"_(bucket|total|count|sum)$", "", m) for e in exprs for m in re.findall(r"chatbus:\w+", e)
+    }
+    families = {f.name for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+    assert len(used) >= 15 and used <= families, used - families
