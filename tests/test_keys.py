@@ -4,19 +4,32 @@ usage equal to what the responses reported, all through the `chatbus keys` comma
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from fakes import EchoEngine
+from fakes import EchoEngine, echo_node
 from procs import ROOT, spawn, stop, wait_until
 from test_gateway_support import EchoNode, LoopThread
+from test_security import _refusals
+
+from bus import BusClient
+from bus.auth import ROLES, provision, with_credential
+from bus.connection import connect
+from bus.keys import create_key
+from bus.operations import ensure_keys_bucket
+from bus.server import EmbeddedServer
+from bus.setup import prepare_bus
+from chatbus.top import top
+from gateway.operations import GatewayOps
 
 ECHO, SLOW = "echo-keys", "echo-keys-slow"
 STATIC = "sk-static-key"
@@ -46,7 +59,7 @@ def create(nats_url: str, name: str, *flags: str) -> str:
 def echo(nats_url: str) -> Iterator[None]:
     thread = LoopThread()
     try:
-        with EchoNode(thread, nats_url, EchoEngine(ECHO, step_s=0.002)):
+        with EchoNode(thread, nats_url, EchoEngine(ECHO, step_s=0.002, max_running=16)):
             with EchoNode(thread, nats_url, EchoEngine(SLOW, step_s=0.3)):
                 yield
     finally:
@@ -54,14 +67,19 @@ def echo(nats_url: str) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def gateways(nats_url: str, echo: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    """Two gateways on one bus; the first also has a static --api-key."""
-    logs = tmp_path_factory.mktemp("keys")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("keys")
+
+
+@pytest.fixture(scope="module")
+def gateways(nats_url: str, echo: None, logs: Path) -> Iterator[list[str]]:
+    """Two gateways on one bus, logging JSON; the first also has a static --api-key."""
     procs, urls = [], []
     try:
         for i, extra in enumerate((["--api-key", STATIC], [])):
             port = _free_port()
             argv = [sys.executable, "-m", "gateway", "--nats", nats_url, "--port", str(port), *extra]
+            argv += ["--log-format", "json"]
             procs.append(spawn(argv, logs / f"gateway{i}.log"))
             urls.append(f"http://127.0.0.1:{port}")
         for proc, url, i in zip(procs, urls, range(2), strict=True):
@@ -90,11 +108,13 @@ def chat(url: str, key: str, model: str = ECHO, **body: object) -> httpx.Respons
 
 def _not_at_minute_end() -> None:
     """Counters are per minute: start a minute-bound sequence with time to spare in the minute."""
-    if time.time() % 60 > 45:
+    if time.time() % 60 > 52:
         time.sleep(61 - time.time() % 60)
 
 
-def test_sixth_request_in_a_minute_is_refused_on_either_gateway(nats_url: str, gateways: list[str]) -> None:
+def test_sixth_request_in_a_minute_is_refused_on_either_gateway(
+    nats_url: str, gateways: list[str], logs: Path
+) -> None:
     secret = create(nats_url, "team-a", "--rpm", "5")
     _not_at_minute_end()
     remaining = []
@@ -113,6 +133,13 @@ def test_sixth_request_in_a_minute_is_refused_on_either_gateway(nats_url: str, g
     # the static key of the first gateway has no limit
     assert chat(gateways[0], STATIC).status_code == 200
     assert chat(gateways[1], STATIC).status_code == 401  # not the second gateway's key
+    # each gateway's JSON access lines name the key and the model
+    for i in range(2):
+        lines = [
+            json.loads(x) for x in (logs / f"gateway{i}.log").read_text().splitlines() if x.startswith("{")
+        ]
+        refused = [x for x in lines if x.get("key") == "team-a" and '" 429' in x["message"]]
+        assert refused and all(x["model"] == ECHO and x["request_id"] for x in refused), lines[-5:]
 
 
 async def test_racing_gateways_admit_exactly_the_limit(nats_url: str, gateways: list[str]) -> None:
@@ -126,6 +153,7 @@ async def test_racing_gateways_admit_exactly_the_limit(nats_url: str, gateways: 
             )
         )
     assert sorted(r.status_code for r in replies) == [200] * 5 + [429] * 7
+    assert all("5 requests per minute" in r.text for r in replies if r.status_code == 429)
 
 
 def test_revoked_key_stops_on_every_gateway_within_a_second(nats_url: str, gateways: list[str]) -> None:
@@ -200,3 +228,60 @@ def test_managed_keys_close_an_open_gateway(gateways: list[str]) -> None:
     """Once any managed key exists, the gateway without static keys wants one too."""
     r = httpx.get(f"{gateways[1]}/v1/models", timeout=5)
     assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+
+
+# ----------------------------------------------------------------------------- with role credentials
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    state = tmp_path_factory.mktemp("secured")
+    prov = provision(state)
+    server = EmbeddedServer(state / "js", port=0, log_file=state / "nats.log", config=prov.config)
+    server.start()
+    try:
+        yield {role: with_credential(server.url, role, prov.passwords[role]) for role in ROLES}
+    finally:
+        server.stop()
+
+
+async def test_each_role_does_its_part_and_no_more(secured: dict[str, str]) -> None:
+    """Admin makes keys, nodes put metrics, gateways count limits and usage, a UI reads metrics."""
+    urls = secured
+    admin = await connect(urls["admin"], name="test-admin")
+    try:
+        await prepare_bus(admin)
+        _, record = await create_key(await ensure_keys_bucket(admin.jetstream()), "secured", rpm=2)
+    finally:
+        await admin.close()
+    async with echo_node(urls["node"], EchoEngine("echo-secured")) as node:
+        client = await BusClient.connect(urls["gateway"], name="test-gateway")
+        ops = GatewayOps(client)
+        try:
+            assert await ops.ready()
+            lease = await ops.limiter.admit(record, "echo-secured")  # type: ignore[union-attr]
+            await lease.release(3, 4)
+            assert ops.keys.lookup("nope") is None and ops.keys.active  # type: ignore[union-attr]
+        finally:
+            await ops.stop()
+            await client.close()
+        out = io.StringIO()
+        for _ in range(50):  # the node puts its first snapshot within a second
+            out = io.StringIO()
+            await top(urls["ui"], 0, True, out)
+            if node.node_id in out.getvalue() and "echo-secured" in out.getvalue():
+                break
+            await asyncio.sleep(0.1)
+        assert node.node_id in out.getvalue()
+    for role, subject in [
+        ("gateway", "$KV.cb_keys.forged"),
+        ("ui", "$KV.cb_keys.forged"),
+        ("worker", "$KV.cb_keys.forged"),
+        ("node", "$KV.cb_keys.forged"),
+        ("ui", "$KV.cb_metrics.fake-node"),
+        ("gateway", "$KV.cb_metrics.fake-node"),
+        ("ui", "$KV.cb_limits.req.secured.1"),
+        ("worker", "$KV.cb_usage.secured"),
+    ]:
+        assert await _refusals(urls[role], "pub", subject), f"{role} may publish {subject}"
+    assert not await _refusals(urls["gateway"], "pub", "$KV.cb_limits.req.secured.1")
