@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import msgspec
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -149,16 +150,19 @@ async def _serve(
     logprobs = bool(req.logprobs) if isinstance(req, ChatRequest) else req.logprobs is not None
     shape = shape_of(streams[0].request_id, req.model, int(time.time()), logprobs)
     if not req.stream:
-        body = None
         try:
             body = await unless_disconnected(request, _collect(shape, choices, streams))
-        finally:
+        except BaseException:
             count_failovers(ops, streams)
             if lease is not None:
-                await lease.release(*used())  # started on a node: a request, even if abandoned
-        if body is None:  # the client hung up; the streams were cancelled on their nodes
-            return Response(status_code=499)
-        return json_response(body, headers=headers)
+                await lease.release(*used())  # started on a node: a request, even if it failed
+            raise
+        count_failovers(ops, streams)
+        # the client hung up (None): the streams were cancelled on their nodes
+        response = Response(status_code=499) if body is None else json_response(body, headers=headers)
+        if lease is not None:  # counted once the answer is sent: the client does not wait for it
+            response.background = BackgroundTask(lease.release, *used())
+        return response
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     record = ResumeRecord(
         chat=shape.chat,
