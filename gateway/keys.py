@@ -92,6 +92,7 @@ class Lease:
     record: KeyRecord
     model: str
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the response
+    started: float = field(default_factory=time.monotonic)
     _released: bool = False
 
     async def release(
@@ -119,7 +120,7 @@ class Limiter:
         self._usage = usage
         self._gateway = gateway_id
         self._others: dict[str, int] = {}  # other gateways' open streams, by their limits key
-        self._own: dict[str, int] = {}  # ours, by key name
+        self._open: dict[int, Lease] = {}  # our leases not yet released, by id
         self._synced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -146,23 +147,38 @@ class Limiter:
             with contextlib.suppress(BadMessage):
                 self._others[key] = decode(value, int)
 
+    def _own(self, name: str) -> int:
+        return sum(1 for lease in self._open.values() if lease.record.name == name)
+
     def streams(self, name: str) -> int:
         prefix = subjects.limit_streams_of(name)[:-1]
-        return self._own.get(name, 0) + sum(n for k, n in self._others.items() if k.startswith(prefix))
+        return self._own(name) + sum(n for k, n in self._others.items() if k.startswith(prefix))
 
     async def _put_streams(self, name: str) -> None:
-        await self._limits.put(
-            subjects.limit_streams(name, self._gateway), str(self._own.get(name, 0)).encode()
-        )
+        try:
+            await self._limits.put(subjects.limit_streams(name, self._gateway), str(self._own(name)).encode())
+        except Exception as e:  # other gateways see our last count until the next refresh
+            log.warning("could not share the open streams of key %s: %r", name, e)
 
-    async def _refresh(self) -> None:
-        """Re-put our open-stream counts before the bucket's TTL drops them."""
+    async def _refresh(self, max_lease_s: float = 900.0) -> None:
+        """Re-put our open-stream counts before the bucket's TTL drops them. A lease older than any
+        answer may last (the deadline is 600 s by default) was lost without a release (a body that
+        never started): it stops counting."""
         while True:
             await asyncio.sleep(LIMITS_TTL_S / 3)
-            for name, n in list(self._own.items()):
-                if n:
-                    with contextlib.suppress(Exception):
-                        await self._put_streams(name)
+            now, names = time.monotonic(), set()
+            for key, lease in list(self._open.items()):
+                if now - lease.started > max_lease_s:
+                    log.warning(
+                        "key %s: a stream slot held for %.0fs was never released",
+                        lease.record.name,
+                        now - lease.started,
+                    )
+                    del self._open[key]
+                if lease.record.max_streams:
+                    names.add(lease.record.name)
+            for name in names:
+                await self._put_streams(name)
 
     async def admit(self, record: KeyRecord, model: str) -> Lease:
         """A lease for one request of `record` on `model`, or ApiError 403 / 429 (with Retry-After)."""
@@ -196,10 +212,11 @@ class Limiter:
                 self._limits, subjects.limit_window("req", record.name, minute), int, take
             )
             headers |= _headers("requests", record.rpm, record.rpm - count, reset)
-        self._own[record.name] = self._own.get(record.name, 0) + 1
+        lease = Lease(self, record, model, headers)
+        self._open[id(lease)] = lease
         if record.max_streams:
             await self._put_streams(record.name)
-        return Lease(self, record, model, headers)
+        return lease
 
     async def _read(self, key: str) -> int:
         try:
@@ -209,7 +226,7 @@ class Limiter:
 
     async def finish(self, lease: Lease, prompt_tokens: int, completion_tokens: int, answered: bool) -> None:
         name = lease.record.name
-        self._own[name] = max(0, self._own.get(name, 0) - 1)
+        self._open.pop(id(lease), None)
         now = time.time()
         try:
             if lease.record.max_streams:

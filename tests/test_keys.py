@@ -170,6 +170,17 @@ def test_revoked_key_stops_on_every_gateway_within_a_second(nats_url: str, gatew
     assert "revoked" in keys(nats_url, "list")
 
 
+def test_an_expired_key_stops_working(nats_url: str, gateways: list[str]) -> None:
+    secret = create(nats_url, "brief", "--expires", "2s")
+    assert chat(gateways[0], secret).status_code == 200
+    deadline = time.monotonic() + 10
+    while (r := chat(gateways[1], secret)).status_code == 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert r.status_code == 401 and "expired" in r.json()["error"]["message"]
+    assert "expired" in keys(nats_url, "list")
+
+
 def test_usage_equals_reported_tokens_and_models_are_allowed(nats_url: str, gateways: list[str]) -> None:
     secret = create(nats_url, "metered", "--models", ECHO, "--expires", "1d")
     prompt = completion = 0
