@@ -68,9 +68,14 @@ _JOB_STREAMS = (
     f"OBJ_{subjects.ARTIFACTS_BUCKET}",
     f"KV_{subjects.EVAL_TRIGGERS_BUCKET}",
 )
+# Operators' buckets (bus/operations.py): nodes put metrics; gateways read keys, count limits and usage.
+_OPS_KV = tuple(
+    f"KV_{b}"
+    for b in (subjects.METRICS_BUCKET, subjects.KEYS_BUCKET, subjects.LIMITS_BUCKET, subjects.USAGE_BUCKET)
+)
 _STREAMS = {
-    "gateway": (_NODES_KV, _RESUME_KV),
-    "ui": (_NODES_KV, *_JOB_STREAMS, subjects.LOGS_STREAM),
+    "gateway": (_NODES_KV, _RESUME_KV, *_OPS_KV),
+    "ui": (_NODES_KV, *_JOB_STREAMS, subjects.LOGS_STREAM, _OPS_KV[0]),
     "worker": (_NODES_KV, *_JOB_STREAMS),
 }
 
@@ -108,12 +113,14 @@ def node_permissions(
     js = [
         "$JS.API.STREAM.NAMES",  # does CB_TOKENS exist (by subject; names only, no request ids)
         f"$JS.API.STREAM.INFO.{_NODES_KV}",  # opening the node table
+        f"$JS.API.STREAM.INFO.KV_{subjects.METRICS_BUCKET}",  # opening the metrics bucket
     ]
     if adapters:
         for stream in (f"OBJ_{subjects.ARTIFACTS_BUCKET}", f"KV_{subjects.JOBS_BUCKET}"):
             js += [f"$JS.API.STREAM.INFO.{stream}", *subjects.js_read(stream)]
         js.append(subjects.JS_FLOW_CONTROL_ALL)
     pub = [subjects.tokens_all(), *subjects.node_heartbeats(node_id, models), *js]
+    pub.append(f"$KV.{subjects.METRICS_BUCKET}.{'*' if node_id is None else subjects.metrics_key(node_id)}")
     sub = [*subjects.node_serves(node_id, models), f"{subjects.inbox_prefix(user)}.>"]
     return {"publish": {"allow": pub}, "subscribe": {"allow": sub}, "allow_responses": True}
 
@@ -136,6 +143,10 @@ def permissions(role: str, user: str | None = None) -> dict[str, Any]:
     nodes_kv = subjects.kv_all(subjects.NODES_BUCKET)
     asks = [*_ASK, *_jetstream(role, user), "$KV.>"]
     deny = [subjects.tokens_all(), nodes_kv, *no_records]  # nobody but a node forges tokens or nodes
+    # Keys are an admin's to make, metrics a node's to put; limit counters and usage a gateway's.
+    deny += [subjects.kv_all(b) for b in (subjects.KEYS_BUCKET, subjects.METRICS_BUCKET)]
+    if role != "gateway":
+        deny += [subjects.kv_all(b) for b in (subjects.LIMITS_BUCKET, subjects.USAGE_BUCKET)]
     if role == "gateway":
         pub, deny = asks, [*deny, *no_jobs, subjects.kv_all(subjects.JOBS_BUCKET)]
         sub = [inbox]

@@ -163,6 +163,7 @@ class BusClient:
         request_id: str | None = None,
         continuation: str = "",
         deadline_s: float = 600.0,
+        trace_id: str = "",
     ) -> ChatStream:
         """Stream a chat answer: iterate for `Chunk`s, then one `Done` or `Failed`."""
         return self._stream(
@@ -176,6 +177,7 @@ class BusClient:
                 keepalive_s=self.keepalive_s,
                 client=self.name,
                 owner=self.owner,
+                trace_id=trace_id,
             )
         )
 
@@ -187,6 +189,7 @@ class BusClient:
         *,
         request_id: str | None = None,
         deadline_s: float = 600.0,
+        trace_id: str = "",
     ) -> ChatStream:
         """Stream a raw completion of `prompt` (no chat template)."""
         return self._stream(
@@ -199,6 +202,7 @@ class BusClient:
                 keepalive_s=self.keepalive_s,
                 client=self.name,
                 owner=self.owner,
+                trace_id=trace_id,
             )
         )
 

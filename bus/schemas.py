@@ -124,6 +124,7 @@ class GenerateRequest(_Tagged, frozen=True, kw_only=True, tag="gen.request"):
     keepalive_s: float = 30.0  # node cancels if the client is silent this long
     client: str = ""
     owner: str = ""  # the asker's NATS user: tokens go to cb.tok.<owner>.<request_id> ("" = anonymous)
+    trace_id: str = ""  # the HTTP client's X-Request-ID, for the node's logs
 
 
 class Accepted(_Tagged, frozen=True, kw_only=True, tag="gen.accepted"):

@@ -24,6 +24,7 @@ from bus.connection import (
 )
 from bus.errors import BusUnavailable
 from bus.jobs import Jobs
+from bus.operations import ensure_operations_buckets
 
 __all__ = ["node_objects", "prepare_bus"]
 
@@ -38,6 +39,7 @@ async def prepare_bus(nc: NATS) -> None:
     await ensure_logs_stream(js)
     await ensure_triggers_bucket(js)
     await Jobs(nc).start()
+    await ensure_operations_buckets(js)
 
 
 async def node_objects(js: JetStreamContext) -> KeyValue:

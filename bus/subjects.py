@@ -8,11 +8,15 @@ from bus.errors import InvalidName
 
 __all__ = [
     "ANONYMOUS",
+    "KEYS_BUCKET",
+    "LIMITS_BUCKET",
     "MAX_NAME_BYTES",
+    "METRICS_BUCKET",
     "NODES_BUCKET",
     "NODE_QUEUE",
     "RESUME_BUCKET",
     "TOKENS_STREAM",
+    "USAGE_BUCKET",
     "check_name",
     "count",
     "ctl",
@@ -284,3 +288,38 @@ def js_ack(stream: str) -> str:
 def js_destroy(stream: str) -> list[str]:
     """Deleting or purging `stream` (a record nobody but an operator may wipe)."""
     return [f"$JS.API.STREAM.DELETE.{stream}", f"$JS.API.STREAM.PURGE.{stream}"]
+
+
+# ----------------------------------------------------------------------------- operations (metrics, keys)
+
+METRICS_BUCKET = "cb_metrics"  # KV: node id -> bus.schemas_metrics.NodeMetrics, TTL as nodes
+KEYS_BUCKET = "cb_keys"  # KV: key name -> bus.keys.KeyRecord (sha256 of the secret, limits); admin writes
+LIMITS_BUCKET = "cb_limits"  # KV: per-key, per-minute counters and open streams (gateways, CAS)
+USAGE_BUCKET = "cb_usage"  # KV: per-key usage per day and model (gateways, CAS)
+
+
+def metrics_key(node_id: str) -> str:
+    return kv_token(node_id)
+
+
+def key_record(name: str) -> str:
+    return kv_token(name)
+
+
+def limit_window(kind: str, key_name: str, minute: int) -> str:
+    """A counter of `kind` (req | tok) for one key and one minute (unix minutes)."""
+    return f"{kind}.{kv_token(key_name)}.{minute}"
+
+
+def limit_streams(key_name: str, gateway_id: str) -> str:
+    """The streams one gateway has open for one key (each gateway writes only its own)."""
+    return f"streams.{kv_token(key_name)}.{kv_token(gateway_id)}"
+
+
+def limit_streams_of(key_name: str) -> str:
+    return f"streams.{kv_token(key_name)}.*"
+
+
+def usage_key(key_name: str, day: str, model: str) -> str:
+    """Usage of one key on one day (YYYY-MM-DD, UTC) with one model."""
+    return f"{kv_token(key_name)}.{day}.{kv_token(model)}"

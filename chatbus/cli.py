@@ -20,7 +20,7 @@ from bus.setup import prepare_bus
 
 __all__ = ["main"]
 
-PLUGIN_PACKAGES = ("gateway", "tui", "webui", "trainer", "judge")
+PLUGIN_PACKAGES = ("chatbus", "gateway", "tui", "webui", "trainer", "judge")
 
 
 def resolve_nats(flag: str | None, state_dir: Path) -> str:
@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
         "--no-auth",
         action="store_true",
         help="embedded server without credentials (default: one per role, see docs/security.md)",
+    )
+    up.add_argument(
+        "--log-format", choices=["text", "json"], default=None, help="json: every process logs JSON lines"
     )
     up.add_argument("--trainer", action="store_true", help="also run a training worker")
     up.add_argument("--judge", action="store_true", help="also run an evaluation worker")
@@ -182,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "up":
+            if args.log_format:  # every child reads it (bus.logfmt)
+                os.environ["CHATBUS_LOG_FORMAT"] = args.log_format
             from chatbus.up import UpConfig, run_up
 
             cfg = UpConfig(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -17,9 +18,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bus import BusClient
 from bus.errors import BusError
+from bus.logfmt import bind
 from gateway.config import GatewayConfig
+from gateway.context import RequestContext
 from gateway.errors import ApiError
 from gateway.http import error_response
+from gateway.metrics import HttpMetrics, metrics
+from gateway.operations import GatewayOps
 from gateway.routes_generate import chat_completions, completions, resume_chat, resume_completion
 from gateway.routes_info import embeddings, health, list_models, model_detail, token_check
 
@@ -28,36 +33,50 @@ __all__ = ["build_app"]
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health"})
+RATE_LIMIT_HEADERS = [
+    f"x-ratelimit-{w}-{k}" for k in ("requests", "tokens") for w in ("limit", "remaining", "reset")
+]
 
 
 class ApiKeyAuth:
-    """Every path but /health (and CORS preflights) needs `Authorization: Bearer <key>` when keys are set."""
+    """Every path but /health (and CORS preflights) needs `Authorization: Bearer <key>` when keys are set:
+    the gateway's static keys, or managed keys (`chatbus keys`) once any exists on the bus. A managed
+    key's record goes to the request's state as `api_key` (limits and usage, gateway/keys.py)."""
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], ops: GatewayOps) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
+        self.ops = ops
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or not self.keys
-            or scope["path"] in OPEN_PATHS
-            or scope["method"] == "OPTIONS"
-        ):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
         scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-        given = token.strip().encode()
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
         # compare_digest against every key, so timing does not tell which one nearly matched
-        ok = scheme.lower() == "bearer" and sum(hmac.compare_digest(given, k) for k in self.keys) > 0
-        if ok:
+        if given and sum(hmac.compare_digest(given, k) for k in self.keys) > 0:
+            bind(key="static")
             await self.app(scope, receive, send)
             return
-        message = (
-            "missing API key: send 'Authorization: Bearer <key>'"
-            if not token
-            else "invalid API key: it is not one of the gateway's --api-key / CHATBUS_API_KEYS keys"
-        )
+        store = self.ops.keys if await self.ops.ready() else None
+        record = store.lookup(given.decode(errors="replace")) if store is not None and given else None
+        if record is not None and record.usable(time.time()):
+            scope.setdefault("state", {})["api_key"] = record
+            bind(key=record.name)
+            await self.app(scope, receive, send)
+            return
+        if not self.keys and (store is None or not store.active):
+            await self.app(scope, receive, send)  # an open gateway
+            return
+        if record is not None:
+            message = (
+                f"API key {record.name!r} was {'revoked' if record.revoked else 'valid until it expired'}"
+            )
+        elif not token:
+            message = "missing API key: send 'Authorization: Bearer <key>'"
+        else:
+            message = "invalid API key: it is not a gateway key (--api-key) nor a live `chatbus keys` key"
         response = error_response(ApiError(401, message, code="invalid_api_key"))
         response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
@@ -77,6 +96,7 @@ def build_app(client: BusClient, config: GatewayConfig | None = None) -> Starlet
     config = config or GatewayConfig()
     routes = [
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", model_detail, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -87,7 +107,8 @@ def build_app(client: BusClient, config: GatewayConfig | None = None) -> Starlet
         Route("/api/v1/token_check", token_check, methods=["POST"]),
         Route("/v1/token_check", token_check, methods=["POST"]),
     ]
-    middleware = []
+    ops = GatewayOps(client)
+    middleware = [Middleware(RequestContext), Middleware(HttpMetrics, metrics=ops.metrics)]
     if config.cors_origins:
         middleware.append(
             Middleware(
@@ -95,10 +116,10 @@ def build_app(client: BusClient, config: GatewayConfig | None = None) -> Starlet
                 allow_origins=list(config.cors_origins),
                 allow_methods=["GET", "POST", "OPTIONS"],
                 allow_headers=["*"],
-                expose_headers=["Retry-After"],
+                expose_headers=["Retry-After", "X-Request-ID", *RATE_LIMIT_HEADERS],
             )
         )
-    middleware.append(Middleware(ApiKeyAuth, keys=config.api_keys))
+    middleware.append(Middleware(ApiKeyAuth, keys=config.api_keys, ops=ops))
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -111,4 +132,5 @@ def build_app(client: BusClient, config: GatewayConfig | None = None) -> Starlet
     )
     app.state.client = client
     app.state.config = config
+    app.state.ops = ops
     return app

@@ -25,6 +25,8 @@ def _run(args: argparse.Namespace, url: str) -> int:
     argv += ["--max-body-bytes", str(args.max_body_bytes), "--max-n", str(args.max_n)]
     argv += ["--deadline", str(args.deadline), "--keepalive-timeout", str(args.keepalive_timeout)]
     argv += ["--sse-ping", str(args.sse_ping)]
+    if args.log_format:
+        argv += ["--log-format", args.log_format]
     for key in args.api_key:
         argv += ["--api-key", key]
     for origin in args.cors_origin:

@@ -56,6 +56,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
         help="seconds between keep-alive comments on a quiet SSE stream (proxies close idle ones)",
     )
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=None,
+        help="json: one object a line ($CHATBUS_LOG_FORMAT)",
+    )
 
 
 def config_from(args: argparse.Namespace, environ: dict[str, str]) -> GatewayConfig:
@@ -73,7 +79,14 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> GatewayCon
     )
 
 
-async def serve(nats_url: str, host: str, port: int, config: GatewayConfig, log_level: str = "info") -> None:
+async def serve(
+    nats_url: str,
+    host: str,
+    port: int,
+    config: GatewayConfig,
+    log_level: str = "info",
+    log_format: str = "text",
+) -> None:
     """Own a BusClient and a uvicorn server for as long as the server runs."""
     async with contextlib.AsyncExitStack() as stack:
         client = await BusClient.connect(
@@ -81,9 +94,19 @@ async def serve(nats_url: str, host: str, port: int, config: GatewayConfig, log_
         )
         stack.push_async_callback(client.close)
         app = build_app(client, config)
+        await app.state.ops.ready()  # metrics, keys and limits watched from the start
+        stack.push_async_callback(app.state.ops.stop)
+        # JSON logs: uvicorn's loggers (access lines too) go through the root handler of bus.logfmt
+        log_config = None if log_format == "json" else uvicorn.config.LOGGING_CONFIG
         server = uvicorn.Server(
             uvicorn.Config(
-                app, host=host, port=port, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5
+                app,
+                host=host,
+                port=port,
+                log_level=log_level,
+                lifespan="off",
+                timeout_graceful_shutdown=5,
+                log_config=log_config,
             )
         )
         auth = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no API key (open)"

@@ -10,16 +10,20 @@ from typing import Any
 
 import anyio
 import msgspec
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
 from bus import BusClient, ChatStream, SamplingParams
 from bus.errors import BusError
+from bus.logfmt import bind
 from bus.schemas import GenerateRequest
 from gateway.config import GatewayConfig
+from gateway.context import request_id
 from gateway.errors import ApiError
 from gateway.http import check_bus, check_payload, json_response, read_body, unless_disconnected
 from gateway.openai_format import Choice, Shape, chat_shape, completion_shape
+from gateway.operations import GatewayOps, admit, count_failovers, tracked
 from gateway.resume import ChoiceRecord, Recorder, ResumeRecord, key_of, load, resume_point
 from gateway.schemas import (
     ChatRequest,
@@ -77,8 +81,12 @@ async def chat_completions(request: Request) -> Response:
     probe = GenerateRequest(request_id="0" * 32, model=req.model, messages=messages, params=params)
     check_payload(client, probe, "messages")
 
+    trace = request_id(request)
+
     def make(i: int) -> Callable[[], ChatStream]:
-        return lambda: client.chat(req.model, messages, _nth(params, i), deadline_s=config.deadline_s)
+        return lambda: client.chat(
+            req.model, messages, _nth(params, i), deadline_s=config.deadline_s, trace_id=trace
+        )
 
     plan = [(Choice(index=i), make(i)) for i in range(req.n)]
     return await _serve(request, req, plan, chat_shape, param="messages")
@@ -96,8 +104,12 @@ async def completions(request: Request) -> Response:
         probe = GenerateRequest(request_id="0" * 32, model=req.model, prompt=prompt, params=params)
         check_payload(client, probe, "prompt")
 
+    trace = request_id(request)
+
     def make(prompt: str, i: int) -> Callable[[], ChatStream]:
-        return lambda: client.complete(req.model, prompt, _nth(params, i), deadline_s=config.deadline_s)
+        return lambda: client.complete(
+            req.model, prompt, _nth(params, i), deadline_s=config.deadline_s, trace_id=trace
+        )
 
     plan = [
         (Choice(index=p * req.n + i, prefix=prompt if req.echo else ""), make(prompt, i))
@@ -115,19 +127,41 @@ async def _serve(
     param: str,
 ) -> Response:
     client, config = _state(request)
+    ops: GatewayOps = request.app.state.ops
+    bind(model=req.model)
+    lease = await admit(request, req.model)
+    headers = lease.headers if lease is not None else {}
     choices = [c for c, _ in plan]
     streams = [make() for _, make in plan]
-    await start_all(streams, param)
+    try:
+        await start_all(streams, param)
+    except BaseException:
+        if lease is not None:
+            await lease.release(answered=False)
+        raise
+
+    def used() -> tuple[int, int]:
+        return sum(c.prompt_tokens for c in choices), sum(c.completion_tokens for c in choices)
+
     # Usage counts each prompt once, as OpenAI does for n > 1.
     for choice, stream in zip(choices, streams, strict=True):
         choice.prompt_tokens = stream.prompt_tokens if choice.index % req.n == 0 else 0
     logprobs = bool(req.logprobs) if isinstance(req, ChatRequest) else req.logprobs is not None
     shape = shape_of(streams[0].request_id, req.model, int(time.time()), logprobs)
     if not req.stream:
-        body = await unless_disconnected(request, _collect(shape, choices, streams))
-        if body is None:  # the client hung up; the streams were cancelled on their nodes
-            return Response(status_code=499)
-        return json_response(body)
+        try:
+            body = await unless_disconnected(request, _collect(shape, choices, streams))
+        except BaseException:
+            count_failovers(ops, streams)
+            if lease is not None:
+                await lease.release(*used())  # started on a node: a request, even if it failed
+            raise
+        count_failovers(ops, streams)
+        # the client hung up (None): the streams were cancelled on their nodes
+        response = Response(status_code=499) if body is None else json_response(body, headers=headers)
+        if lease is not None:  # counted once the answer is sent: the client does not wait for it
+            response.background = BackgroundTask(lease.release, *used())
+        return response
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     record = ResumeRecord(
         chat=shape.chat,
@@ -143,7 +177,8 @@ async def _serve(
     )
     recorder = Recorder(client, streams[0].request_id, record, streams)
     await recorder.save()
-    return sse_response(sse_body(shape, choices, streams, include_usage, recorder), config.sse_ping_s)
+    events = tracked(ops, sse_body(shape, choices, streams, include_usage, recorder), streams, lease, used)
+    return sse_response(events, config.sse_ping_s, headers)
 
 
 async def _collect(shape: Shape, choices: list[Choice], streams: list[ChatStream]) -> dict[str, Any]:
@@ -203,4 +238,6 @@ async def _resume(request: Request, chat: bool) -> Response:
     shape = Shape(chat, completion_id, record.model, record.created, record.logprobs)
     recorder = Recorder(client, completion_id.removeprefix(prefix), record, streams)
     body = sse_body(shape, choices, streams, record.include_usage, recorder, openings=after is None)
-    return sse_response(body, config.sse_ping_s)
+    ops: GatewayOps = request.app.state.ops
+    ops.metrics.resumes.inc()
+    return sse_response(tracked(ops, body, streams, None, None), config.sse_ping_s)

@@ -74,9 +74,11 @@ class _KeepAlive(ServerSentEvent):
         return b": keep-alive\n"
 
 
-def sse_response(body: AsyncIterator[bytes], ping_s: float) -> EventSourceResponse:
+def sse_response(
+    body: AsyncIterator[bytes], ping_s: float, headers: dict[str, str] | None = None
+) -> EventSourceResponse:
     """The streaming response for an SSE body, with keep-alives every `ping_s` seconds of it."""
-    return EventSourceResponse(body, sep="\n", ping=ping_s, ping_message_factory=_KeepAlive)
+    return EventSourceResponse(body, sep="\n", ping=ping_s, ping_message_factory=_KeepAlive, headers=headers)
 
 
 def _frame(body: dict[str, Any], ident: str | None = None) -> bytes:

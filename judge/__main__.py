@@ -10,6 +10,7 @@ import signal
 import sys
 
 from bus.errors import BusUnavailable
+from bus.logfmt import setup_logging
 from judge.worker import WorkerConfig, serve
 
 
@@ -23,10 +24,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--trigger-poll", type=float, default=2.0, help="seconds between trigger checks")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if a.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    setup_logging(logging.DEBUG if a.verbose else logging.INFO, os.environ.get("CHATBUS_LOG_FORMAT"))
     return WorkerConfig(
         nats=a.nats,
         ack_wait_s=a.ack_wait,

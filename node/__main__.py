@@ -50,6 +50,12 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
     p.add_argument("--cache-dir", type=Path, default=None, help="where converted models are kept")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish answers on shutdown")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("CHATBUS_LOG_FORMAT", "text"),
+        help="json: one object a line, a line per request ($CHATBUS_LOG_FORMAT)",
+    )
     a = p.parse_args(argv)
     from bus.paths import DEFAULT_NATS, default_cache_dir
     from bus.tokens import with_creds
@@ -75,6 +81,7 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
         cache_dir=a.cache_dir or default_cache_dir() / "models",
         drain_timeout=a.drain_timeout,
         verbose=a.verbose,
+        log_format=a.log_format,
     )
 
 

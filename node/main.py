@@ -14,6 +14,7 @@ from pathlib import Path
 from bus.auth import redact
 from bus.connection import connect
 from bus.errors import BusError
+from bus.logfmt import bind, setup_logging
 from bus.tokens import creds_in
 from node.engine import Engine
 
@@ -42,6 +43,7 @@ class NodeConfig:
     cache_dir: Path = Path(".cache/chatbus/models")
     drain_timeout: float = 30.0
     verbose: bool = False
+    log_format: str = "text"  # or json (bus.logfmt): one object a line, with request ids
 
 
 def say(line: str) -> None:
@@ -105,6 +107,7 @@ async def serve(cfg: NodeConfig) -> None:
                 f"credential {creds.name} may serve {', '.join(creds.models)}, not {engine.card.name!r}: "
                 f"pass --name, or ask the operator for a credential with that model"
             )
+        bind(node=node_id, model=engine.card.name)  # every log line of this node says so
         service = NodeService(nc, engine, node_id=node_id, max_queued=cfg.max_queued)
         await service.start()
         card = engine.card
@@ -124,7 +127,8 @@ async def serve(cfg: NodeConfig) -> None:
 
 
 def main(cfg: NodeConfig) -> int:
-    logging.basicConfig(level=logging.DEBUG if cfg.verbose else logging.WARNING, format="[node] %(message)s")
+    quiet = logging.INFO if cfg.log_format == "json" else logging.WARNING  # JSON: a line per request
+    setup_logging(logging.DEBUG if cfg.verbose else quiet, cfg.log_format, "[node] %(message)s")
     from node.loader import ModelLoadError
 
     try:

@@ -50,6 +50,7 @@ from bus.schemas import (
 )
 from bus.setup import node_objects
 from node.engine import Delta, Engine, EngineRequest
+from node.metrics import MetricsRecorder
 
 __all__ = ["NodeService", "new_node_id"]
 
@@ -136,6 +137,7 @@ class NodeService:
         self._kv: KeyValue | None = None
         self._repair: asyncio.Task[None] | None = None
         self._records = RecordPublisher(self.js, on_failure=self._on_bus_failure)
+        self.metrics = MetricsRecorder(engine, self.node_id)
 
     @property
     def model(self) -> str:
@@ -155,6 +157,7 @@ class NodeService:
             asyncio.create_task(self._pump(), name="node-pump"),
             asyncio.create_task(self._heartbeat_loop(), name="node-heartbeat"),
             asyncio.create_task(self._watchdog(), name="node-watchdog"),
+            asyncio.create_task(self.metrics.run(self.js), name="node-metrics"),
         ]
         self._accepting = True
         self._subs = [
@@ -197,6 +200,7 @@ class NodeService:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.metrics.withdraw(self.js)
         await self._records.flush(5)
         await self._records.close()
 
@@ -245,6 +249,7 @@ class NodeService:
                 subjects.token(req.owner, req.request_id),
             )
             self._jobs[req.request_id] = job
+            self.metrics.accepted(req.request_id, req.trace_id)
             engine_req = EngineRequest(
                 request_id=req.request_id,
                 messages=req.messages,
@@ -255,9 +260,11 @@ class NodeService:
             job.prompt_tokens = self.engine.submit(engine_req, self._sink)
         except BusError as e:
             self._jobs.pop(req.request_id, None)
+            self.metrics.forget(req.request_id)
             return reject(e.code, e.message)
         except Exception as e:
             self._jobs.pop(req.request_id, None)
+            self.metrics.forget(req.request_id)
             log.exception("submit failed")
             return reject(Code.INTERNAL, f"node {self.node_id} could not start the request: {e}")
         return Accepted(request_id=req.request_id, node_id=self.node_id, prompt_tokens=job.prompt_tokens)
@@ -274,7 +281,9 @@ class NodeService:
             if job is None:
                 continue
             try:
-                for event in self._events(job, delta):
+                events = self._events(job, delta)
+                self.metrics.delta(delta, next((e.code for e in events if isinstance(e, Failed)), None))
+                for event in events:
                     rid = job.request_id  # the message id makes a publish retried after a lost ack idempotent
                     await self._records.publish(job.subject, encode(event), f"{rid}.{event.seq}")
             except Exception:  # one broken request must not stop every other stream

@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bus import schemas, schemas_jobs
+from bus import schemas, schemas_jobs, schemas_keys, schemas_metrics
 from bus.codec import decode, encode
 from bus.errors import BadMessage
 
@@ -30,6 +30,9 @@ TYPES = {
     "embed_reply": schemas.EmbedReply,
     "job_submit": schemas_jobs.JobSubmit,
     "job_event": schemas_jobs.JobEvent,
+    "node_metrics": schemas_metrics.NodeMetrics,
+    "key_record": schemas_keys.KeyRecord,
+    "key_usage": schemas_keys.KeyUsage,
 }
 
 

@@ -30,7 +30,13 @@ def parse(argv: list[str]) -> WorkerConfig:
         help="seconds before a dead worker's job goes to another worker",
     )
     a = p.parse_args(argv)
-    return WorkerConfig(nats=a.nats, cache_dir=a.cache_dir, work_dir=a.work_dir, ack_wait_s=a.ack_wait)
+    return WorkerConfig(
+        nats=a.nats,
+        cache_dir=a.cache_dir,
+        work_dir=a.work_dir,
+        ack_wait_s=a.ack_wait,
+        log_format=os.environ.get("CHATBUS_LOG_FORMAT", "text"),
+    )
 
 
 if __name__ == "__main__":

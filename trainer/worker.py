@@ -27,6 +27,7 @@ from bus.auth import redact
 from bus.codec import encode
 from bus.connection import connect
 from bus.jobs import JobCancelled, JobContext, JobWorker
+from bus.logfmt import setup_logging
 from trainer.model import DEFAULT_MODEL, base_name
 from trainer.schemas import TrainResult, TrainSpec
 
@@ -42,6 +43,7 @@ class WorkerConfig:
     cache_dir: Path = Path(".cache/chatbus/models")
     work_dir: Path | None = None  # where jobs write their outputs before upload (default: a temp dir)
     ack_wait_s: float = 30.0
+    log_format: str = "text"  # or json (bus.logfmt)
 
 
 def say(line: str) -> None:
@@ -175,7 +177,7 @@ async def serve(cfg: WorkerConfig) -> None:
 
 
 def main(cfg: WorkerConfig) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.WARNING, cfg.log_format, "%(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(cfg))
     except Exception as e:  # BusUnavailable and friends: one line that says what to do

@@ -9,6 +9,7 @@ import secrets
 import sys
 from pathlib import Path
 
+from bus.logfmt import setup_logging
 from webui.config import Limits, WebConfig
 
 
@@ -46,9 +47,8 @@ def parse(argv: list[str] | None = None) -> WebConfig:
     p.add_argument("--max-input-chars", type=int, default=Limits.max_input_chars, help="longest message")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if a.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s"
-    )
+    level = logging.DEBUG if a.verbose else logging.INFO
+    setup_logging(level, os.environ.get("CHATBUS_LOG_FORMAT"), "%(asctime)s %(name)s %(message)s")
     return WebConfig(
         nats=a.nats,
         host=a.host,
