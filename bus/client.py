@@ -27,6 +27,7 @@ from bus.jobs import Jobs
 from bus.nodes import ModelEntry, NodeTable
 from bus.schemas import (
     ChatMessage,
+    Constraint,
     CountReply,
     CountRequest,
     EmbedReply,
@@ -36,6 +37,7 @@ from bus.schemas import (
     NodeInfo,
     Rejected,
     SamplingParams,
+    ToolSpec,
 )
 from bus.schemas_jobs import JobEvent, JobKind
 from bus.stream import Attempt, ChatStream, new_request_id
@@ -156,8 +158,14 @@ class BusClient:
         request_id: str | None = None,
         continuation: str = "",
         deadline_s: float = 600.0,
+        constraint: Constraint | None = None,
+        tools: list[ToolSpec] | None = None,
     ) -> ChatStream:
-        """Stream a chat answer: iterate for `Chunk`s, then one `Done` or `Failed`."""
+        """Stream a chat answer: iterate for `Chunk`s, then one `Done` or `Failed`.
+
+        `constraint` makes the output match a schema or grammar (bus/constraints.py builds them);
+        `tools` are shown to the model through its chat template.
+        """
         return self._stream(
             GenerateRequest(
                 request_id=request_id or new_request_id(),
@@ -169,6 +177,8 @@ class BusClient:
                 keepalive_s=self.keepalive_s,
                 client=self.name,
                 owner=self.owner,
+                constraint=constraint,
+                tools=tools or [],
             )
         )
 

@@ -17,6 +17,7 @@ __all__ = [
     "NoNodeAvailable",
     "NodeBusy",
     "NodeTimeout",
+    "Unsupported",
     "error_for",
 ]
 
@@ -34,6 +35,7 @@ class Code(str, Enum):
     INTERNAL = "internal"
     SHUTTING_DOWN = "shutting_down"
     BUS_UNAVAILABLE = "bus_unavailable"
+    UNSUPPORTED = "unsupported"
 
 
 class BusError(Exception):
@@ -56,6 +58,12 @@ class BadRequest(BusError):
 
 class ContextLengthExceeded(BadRequest):
     code = Code.CONTEXT_LENGTH
+
+
+class Unsupported(BadRequest):
+    """A request this node cannot honour as asked (an unknown constraint kind or version, ...)."""
+
+    code = Code.UNSUPPORTED
 
 
 class ModelNotFound(BusError):
@@ -111,6 +119,7 @@ _BY_CODE: dict[Code, type[BusError]] = {
     Code.TIMEOUT: NodeTimeout,
     Code.CANCELLED: Cancelled,
     Code.BUS_UNAVAILABLE: BusUnavailable,
+    Code.UNSUPPORTED: Unsupported,
 }
 
 
