@@ -46,7 +46,8 @@ def tool_call_constraint(tools: list[ToolSpec], parallel: bool = False) -> Const
         {"name": "<one of tools>", "arguments": <JSON valid against its parameters>}
         </tool_call>
 
-    The name and keys are fixed text, so the model only chooses the function and its arguments.
+    The name and keys are fixed text, so the model only chooses the function and its arguments;
+    bus/tool_calls.py parses the result.
     """
     if not tools:
         raise BadRequest("a tool call constraint needs at least one tool")

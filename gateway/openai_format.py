@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bus.schemas import TokenLogprob
-from gateway.tool_calls import CallParser, Output
+from bus.tool_calls import CallParser, Output, parse_all
 
 __all__ = ["Choice", "Shape", "chat_shape", "completion_shape", "usage_json"]
 
@@ -161,16 +161,11 @@ class Shape:
             lp = _chat_logprobs(c.logprobs) if self.logprobs else None
             message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
             if c.calls is not None:
-                parser = CallParser()  # the same parser the stream uses, fed once
-                out = parser.feed(text)
-                rest = parser.flush()
-                out.content += rest.content
-                for call in rest.calls:
-                    out.add(call)
+                out = parse_all(text)  # the same parser the stream uses, fed once
                 message["content"] = out.content or None
                 if out.calls:
                     message["tool_calls"] = _tool_calls(out, streamed=False)
-                c.calls = parser
+                c.calls.count = len(out.calls)
             return {"index": c.index, "message": message, "logprobs": lp, "finish_reason": c.final_reason()}
         lp = _completion_logprobs(c.logprobs, len(c.prefix)) if self.logprobs else None
         return {"index": c.index, "text": c.prefix + text, "logprobs": lp, "finish_reason": c.finish_reason}

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from bus import BusClient, ChatStream, SamplingParams
 from bus.errors import BadRequest, BusError, ContextLengthExceeded
 from bus.schemas import GenerateRequest
+from bus.tool_calls import CallParser
 from gateway.config import GatewayConfig
 from gateway.errors import ApiError
 from gateway.http import check_bus, check_payload, json_response, read_body, unless_disconnected
@@ -32,7 +33,6 @@ from gateway.schemas import (
     parse,
 )
 from gateway.streaming import apply, close_all, sse_body, start_all, usage_of
-from gateway.tool_calls import CallParser
 from gateway.tools import plan_of
 
 __all__ = ["chat_completions", "completions", "resume_chat", "resume_completion"]

@@ -3,7 +3,7 @@
 Every schema is compiled here with the node's own compiler (bus/constraints.py, torch-free), so a
 schema, tool or grammar the compiler cannot handle is a 400 naming the parameter and the construct.
 Tool calls come back as text in the Hermes/Qwen form the node's template teaches (node/prompting.py);
-gateway/tool_calls.py parses them out of the stream.
+bus/tool_calls.py parses them out of the stream.
 """
 
 from __future__ import annotations

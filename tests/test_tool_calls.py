@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from bus.tool_calls import CallParser, Output, readable
 from gateway.errors import ApiError
-from gateway.tool_calls import CallParser, Output
 from gateway.tools import plan_of
 
 TWO_CALLS = (
@@ -109,3 +109,12 @@ def test_bad_tool_and_format_parameters_are_400s(args: tuple, param: str, words:
     with pytest.raises(ApiError) as e:
         plan_of(*args)
     assert e.value.status == 400 and e.value.param == param and words in e.value.message
+
+
+def test_readable_formats_json_answers_and_tool_calls_for_the_uis() -> None:
+    assert readable('{"a": [1, 2]}') == '```json\n{\n  "a": [\n    1,\n    2\n  ]\n}\n```'
+    shown = readable(TWO_CALLS)
+    assert shown.startswith("Let me check.\n\n**Tool call** `get_weather`\n```json\n{\n")
+    assert "**Tool call** `search`" in shown
+    assert readable("just text, <tool_call> unclosed") == "just text, <tool_call> unclosed"
+    assert readable("42") == "42"  # a bare number is an answer, not a JSON document

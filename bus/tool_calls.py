@@ -1,4 +1,7 @@
-"""Hermes/Qwen `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` text → OpenAI tool calls, incrementally.
+"""Hermes/Qwen `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` text → tool calls, incrementally.
+
+The format bus/constraints.tool_call_constraint forces and node/prompting.py teaches; the gateway
+turns it into OpenAI tool_calls, the UIs into readable Markdown (`readable`).
 
 `CallParser.feed(text)` returns what became final: content text, new calls (id + name) and argument
 text. Arguments stream as the model writes them when the call starts `{"name": "...", "arguments":`
@@ -14,7 +17,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-__all__ = ["CallDelta", "CallParser", "Output"]
+__all__ = ["CallDelta", "CallParser", "Output", "parse_all", "readable"]
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
@@ -166,3 +169,39 @@ class CallParser:
         self.count += 1
         text = arguments if isinstance(arguments, str) else json.dumps(arguments)
         out.add(CallDelta(self._index, id=f"call_{uuid.uuid4().hex[:24]}", name=name, arguments=text))
+
+
+def parse_all(text: str) -> Output:
+    """A whole answer's content and calls (what a stream of the same text adds up to)."""
+    parser = CallParser()
+    out = parser.feed(text)
+    rest = parser.flush()
+    out.content += rest.content
+    for call in rest.calls:
+        out.add(call)
+    return out
+
+
+def _pretty(text: str) -> str | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return json.dumps(value, indent=2, ensure_ascii=False) if isinstance(value, dict | list) else None
+
+
+def readable(text: str) -> str:
+    """Markdown for people: a JSON answer pretty-printed, tool calls as a name and their arguments."""
+    pretty = _pretty(text.strip())
+    if pretty is not None:
+        return f"```json\n{pretty}\n```"
+    if OPEN not in text:
+        return text
+    out = parse_all(text)
+    if not out.calls:
+        return text
+    parts = [out.content] if out.content else []
+    for call in out.calls:
+        args = _pretty(call.arguments) or call.arguments
+        parts.append(f"**Tool call** `{call.name}`\n```json\n{args}\n```")
+    return "\n\n".join(parts)
