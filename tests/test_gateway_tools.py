@@ -175,3 +175,56 @@ def test_bad_tools_and_schemas_are_400s_that_never_reach_a_node(
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
     assert len(engine.submitted) == before
+
+
+# ----------------------------------------------------------------------------- /v1/responses
+
+FLAT_WEATHER = {"type": "function", **WEATHER["function"]}  # type: ignore[dict-item]
+
+
+def test_responses_text_tools_and_format(gw: Gateway, engine: EchoEngine) -> None:
+    client = sdk(gw)
+    r = client.responses.create(model="echo", input="hello there", instructions="be brief")
+    assert (
+        r.output_text == "hello there" and r.status == "completed" and r.usage and r.usage.output_tokens == 2
+    )
+    assert engine.submitted[-1].messages[0].role == "system"  # type: ignore[index]
+    called = client.responses.create(model="echo", input=f"Sure. {CALL_TEXT}", tools=[FLAT_WEATHER])  # type: ignore[list-item]
+    kinds = [item.type for item in called.output]
+    assert kinds == ["message", "function_call"] and called.output_text == "Sure."
+    call = called.output[1]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+    history = [
+        {"role": "user", "content": "weather?"},
+        {"type": "function_call", "call_id": call.call_id, "name": "get_weather", "arguments": "{}"},  # type: ignore[union-attr]
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny today"},  # type: ignore[union-attr]
+    ]
+    assert (
+        client.responses.create(model="echo", input=history, tools=[FLAT_WEATHER]).output_text
+        == "sunny today"
+    )  # type: ignore[arg-type,list-item]
+    fmt = {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}
+    client.responses.create(model="echo", input="{}", text=fmt)  # type: ignore[arg-type]
+    assert engine.submitted[-1].constraint is not None
+
+
+def test_responses_stream_events_accumulate_in_the_sdk(gw: Gateway) -> None:
+    with sdk(gw).responses.stream(model="echo", input=f"Sure. {CALL_TEXT}", tools=[FLAT_WEATHER]) as stream:  # type: ignore[list-item]
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert "response.output_text.delta" in kinds and "response.function_call_arguments.delta" in kinds
+    assert final.output_text == "Sure." and final.output[1].name == "get_weather"  # type: ignore[union-attr]
+    assert json.loads(final.output[1].arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+
+
+def test_responses_refuse_what_they_cannot_do(gw: Gateway, engine: EchoEngine) -> None:
+    before = len(engine.submitted)
+    for extra, param in [
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0]"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"not": {}}}}}, "text.format"),
+    ]:
+        r = httpx.post(f"{gw.url}/v1/responses", json={"model": "echo", "input": "hi", **extra}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert len(engine.submitted) == before

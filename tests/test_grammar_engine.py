@@ -174,3 +174,22 @@ def test_tools_and_tool_turns_reach_the_template(loaded32: LoadedModel) -> None:
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
     assert '<tool_response>\n{"temp": 21}\n</tool_response>' in text
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_logit_bias_moves_the_greedy_choice(engine: HFEngine, loaded32: LoadedModel) -> None:
+    plain = run(
+        engine, chat("lb0", "What is the capital of France?", SamplingParams(temperature=0, max_tokens=3))
+    )
+    first = loaded32.tokenizer(plain.text("lb0"), add_special_tokens=False)["input_ids"][0]
+    banned = SamplingParams(temperature=0, max_tokens=3, logit_bias={first: -100.0})
+    assert (
+        loaded32.tokenizer(run(engine, chat("lb1", "What is the capital of France?", banned)).text("lb1"))[
+            "input_ids"
+        ][0]
+        != first
+    )
+    forced_id = loaded32.tokenizer(" London", add_special_tokens=False)["input_ids"][0]
+    forced = SamplingParams(temperature=0, max_tokens=1, logit_bias={forced_id: 100.0})
+    out = run(engine, chat("lb2", "What is the capital of France?", forced))
+    assert out.text("lb2").strip() == loaded32.tokenizer.decode([forced_id]).strip()
+    assert out.text("lb2").strip().startswith("Lon")
