@@ -5,7 +5,7 @@ nothing of batching, KV caches or NATS. The library is llguidance (bench/grammar
 docs/benchmarks.md say why: no torch dependency, so the gateway compiles the very same grammar to
 reject bad schemas early, and a mask costs tens of µs against a ~50 ms decode step).
 
-Per model, a `GrammarCompiler` builds llguidance's tokenizer view once (~0.5 s, on first use) and
+Per model, a `GrammarCompiler` builds llguidance's tokenizer view once (~0.5 s, in the background) and
 keeps one matcher per compiled grammar; each row gets a cheap deep copy of it. Once a grammar is
 complete the mask allows only the end-of-sequence tokens, so the engine finishes the row with
 "stop" through its ordinary EOS path.
@@ -86,12 +86,24 @@ class GrammarCompiler:
     def for_hf(cls, tokenizer: Any, vocab_size: int, eos_ids: list[int]) -> GrammarCompiler:
         """For a Hugging Face fast tokenizer (the llguidance view is built on first use)."""
 
+        eos = list(eos_ids) or [int(tokenizer.eos_token_id)]  # a bench may run with EOS disabled
+
         def make() -> Any:
             import llguidance.hf
 
-            return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos_ids)
+            return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
 
-        return cls(make, vocab_size, eos_ids)
+        compiler = cls(make, vocab_size, eos)
+        # Built in the background (no torch in it), so the first constrained request does not wait
+        # ~0.5 s on the node's event loop.
+        threading.Thread(target=compiler.warm, name="grammar-tokenizer", daemon=True).start()
+        return compiler
+
+    def warm(self) -> None:
+        """Build the tokenizer view now (otherwise the first row() does)."""
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = self._make_tokenizer()
 
     def row(self, constraint: Constraint | None, continuation: str = "") -> RowGrammar | None:
         """A fresh RowGrammar for `constraint` (None for none), past `continuation` if any.

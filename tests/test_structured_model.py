@@ -67,7 +67,8 @@ def _leaf(rng: random.Random) -> dict[str, Any]:
         low = rng.randint(-50, 50)
         return {"type": "integer", "minimum": low, "maximum": low + rng.randint(1, 100)}
     if kind == "number":
-        return {"type": "number", "minimum": 0, "maximum": rng.choice([1, 10, 1000])}
+        # multipleOf bounds the digits: without it 135M may write 10.000000... until max_tokens
+        return {"type": "number", "minimum": 0, "maximum": rng.choice([1, 10, 1000]), "multipleOf": 0.01}
     if kind == "enum":
         return {"type": "string", "enum": rng.sample(["red", "green", "blue", "cat", "dog", "yes", "no"], 3)}
     return {"type": "boolean"}
@@ -118,10 +119,12 @@ def _valid(value: Any, schema: dict[str, Any]) -> bool:
     if kind == "boolean":
         return isinstance(value, bool)
     number = int if kind == "integer" else (int, float)
+    step = schema.get("multipleOf")
     return (
         isinstance(value, number)
         and not isinstance(value, bool)
         and schema["minimum"] <= value <= schema["maximum"]
+        and (step is None or abs(round(value / step) * step - value) < 1e-9)
     )
 
 
@@ -133,6 +136,7 @@ def test_generator_and_validator_agree() -> None:
     assert all(word in kinds for word in ('"enum"', '"array"', '"minimum"', '"required"', '"properties": {"'))
     assert not _valid({}, {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]})
     assert not _valid(7, {"type": "integer", "minimum": 0, "maximum": 5})
+    assert not _valid(0.125, {"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.01})
 
 
 @pytest.mark.timeout(1200)  # sixty requests queue on one CPU node
