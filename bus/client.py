@@ -29,6 +29,7 @@ from bus.jobs import Jobs
 from bus.nodes import ModelEntry, NodeTable
 from bus.schemas import (
     ChatMessage,
+    Constraint,
     CountReply,
     CountRequest,
     EmbedReply,
@@ -38,6 +39,7 @@ from bus.schemas import (
     NodeInfo,
     Rejected,
     SamplingParams,
+    ToolSpec,
 )
 from bus.schemas_jobs import JobEvent, JobKind
 from bus.stream import Attempt, ChatStream, new_request_id
@@ -164,8 +166,14 @@ class BusClient:
         continuation: str = "",
         deadline_s: float = 600.0,
         trace_id: str = "",
+        constraint: Constraint | None = None,
+        tools: list[ToolSpec] | None = None,
     ) -> ChatStream:
-        """Stream a chat answer: iterate for `Chunk`s, then one `Done` or `Failed`."""
+        """Stream a chat answer: iterate for `Chunk`s, then one `Done` or `Failed`.
+
+        `constraint` makes the output match a schema or grammar (bus/constraints.py builds them);
+        `tools` are shown to the model through its chat template.
+        """
         return self._stream(
             GenerateRequest(
                 request_id=request_id or new_request_id(),
@@ -178,6 +186,8 @@ class BusClient:
                 client=self.name,
                 owner=self.owner,
                 trace_id=trace_id,
+                constraint=constraint,
+                tools=tools or [],
             )
         )
 

@@ -18,6 +18,7 @@ __all__ = [
     "NoNodeAvailable",
     "NodeBusy",
     "NodeTimeout",
+    "Unsupported",
     "error_for",
 ]
 
@@ -35,6 +36,7 @@ class Code(str, Enum):
     INTERNAL = "internal"
     SHUTTING_DOWN = "shutting_down"
     BUS_UNAVAILABLE = "bus_unavailable"
+    UNSUPPORTED = "unsupported"
 
 
 class BusError(Exception):
@@ -65,6 +67,12 @@ class InvalidName(BadRequest, ValueError):
 
 class ContextLengthExceeded(BadRequest):
     code = Code.CONTEXT_LENGTH
+
+
+class Unsupported(BadRequest):
+    """A request this node cannot honour as asked (an unknown constraint kind or version, ...)."""
+
+    code = Code.UNSUPPORTED
 
 
 class ModelNotFound(BusError):
@@ -121,6 +129,7 @@ _BY_CODE: dict[Code, type[BusError]] = {
     Code.TIMEOUT: NodeTimeout,
     Code.CANCELLED: Cancelled,
     Code.BUS_UNAVAILABLE: BusUnavailable,
+    Code.UNSUPPORTED: Unsupported,
 }
 
 

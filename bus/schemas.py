@@ -12,6 +12,7 @@ from typing import Literal
 import msgspec
 
 __all__ = [
+    "CONSTRAINT_VERSION",
     "MAX_STOP_STRINGS",
     "MAX_TOP_LOGPROBS",
     "PENALTY_RANGE",
@@ -21,6 +22,7 @@ __all__ = [
     "Cancel",
     "ChatMessage",
     "Chunk",
+    "Constraint",
     "CountReply",
     "CountRequest",
     "Done",
@@ -38,6 +40,8 @@ __all__ = [
     "SamplingParams",
     "StreamEvent",
     "TokenLogprob",
+    "ToolCall",
+    "ToolSpec",
     "TopLogprob",
     "Usage",
 ]
@@ -54,9 +58,44 @@ class _Tagged(_Wire, frozen=True, kw_only=True, tag_field="type"):
 # ----------------------------------------------------------------------------- generation
 
 
+class ToolCall(_Wire, frozen=True, kw_only=True):
+    """A call an assistant message made: `arguments` is the JSON text as the model wrote it."""
+
+    id: str
+    name: str
+    arguments: str = "{}"
+
+
 class ChatMessage(_Wire, frozen=True, kw_only=True):
     role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: list[ToolCall] = msgspec.field(default_factory=list)  # assistant turns that called tools
+    tool_call_id: str = ""  # a tool turn: the call it answers
+    name: str = ""  # a tool turn: the function's name
+
+
+class ToolSpec(_Wire, frozen=True, kw_only=True):
+    """A function the model may call, shown to it through the chat template's `tools`."""
+
+    name: str
+    description: str = ""
+    parameters: str = ""  # its JSON Schema, as JSON text ("" = no parameters)
+
+
+CONSTRAINT_VERSION = 1  # the newest Constraint.v a node of this release honours
+
+
+class Constraint(_Wire, frozen=True, kw_only=True):
+    """What the generated text must match, enforced token by token (bus/constraints.py compiles it).
+
+    `kind` is "json_schema" (text: the schema as JSON), "regex" or "lark" (an llguidance Lark
+    grammar, which may embed `%json {...}`). A node that does not know `kind` or `v` rejects the
+    request with code "unsupported" rather than generate unconstrained text.
+    """
+
+    v: int = 1
+    kind: str
+    text: str
 
 
 MAX_STOP_STRINGS = 32  # a node rejects more (each one is searched for after every decode step)
@@ -80,6 +119,7 @@ class SamplingParams(_Wire, frozen=True, kw_only=True):
     frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
+    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)  # token id → added to its logit
 
     def problems(self) -> list[str]:
         """What is out of range, one sentence per field naming the allowed range; empty when valid.
@@ -125,6 +165,8 @@ class GenerateRequest(_Tagged, frozen=True, kw_only=True, tag="gen.request"):
     client: str = ""
     owner: str = ""  # the asker's NATS user: tokens go to cb.tok.<owner>.<request_id> ("" = anonymous)
     trace_id: str = ""  # the HTTP client's X-Request-ID, for the node's logs
+    constraint: Constraint | None = None  # constrained decoding (structured outputs, forced tool calls)
+    tools: list[ToolSpec] = msgspec.field(default_factory=list)  # rendered by the chat template
 
 
 class Accepted(_Tagged, frozen=True, kw_only=True, tag="gen.accepted"):

@@ -27,6 +27,7 @@ from gateway.metrics import HttpMetrics, metrics
 from gateway.operations import GatewayOps
 from gateway.routes_generate import chat_completions, completions, resume_chat, resume_completion
 from gateway.routes_info import embeddings, health, list_models, model_detail, token_check
+from gateway.routes_responses import responses
 
 __all__ = ["build_app"]
 
@@ -101,6 +102,7 @@ def build_app(client: BusClient, config: GatewayConfig | None = None) -> Starlet
         Route("/v1/models/{model_id:path}", model_detail, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
         Route("/v1/chat/completions/{completion_id}/stream", resume_chat, methods=["GET"]),
         Route("/v1/completions/{completion_id}/stream", resume_completion, methods=["GET"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bus.schemas import TokenLogprob
+from bus.tool_calls import CallParser, Output, parse_all
 
 __all__ = ["Choice", "Shape", "chat_shape", "completion_shape", "usage_json"]
 
@@ -22,6 +23,13 @@ class Choice:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     seq: int = 0  # the last bus event folded in (the SSE event id says it)
+    calls: CallParser | None = None  # tools were offered: tool calls are parsed out of the text
+
+    def final_reason(self) -> str | None:
+        """OpenAI's finish_reason: "tool_calls" when the answer ended after calling tools."""
+        if self.calls is not None and self.calls.count and self.finish_reason == "stop":
+            return "tool_calls"
+        return self.finish_reason
 
 
 def usage_json(prompt: int, completion: int) -> dict[str, int]:
@@ -36,6 +44,28 @@ def _chat_logprobs(items: list[TokenLogprob]) -> dict[str, Any]:
         {**one(t.token, t.logprob), "top_logprobs": [one(x.token, x.logprob) for x in t.top]} for t in items
     ]
     return {"content": content, "refusal": None}
+
+
+def _tool_calls(out: Output, streamed: bool) -> list[dict[str, Any]]:
+    calls = []
+    for call in out.calls:
+        function: dict[str, str] = {"arguments": call.arguments}
+        item: dict[str, Any] = {"index": call.index} if streamed else {}
+        if call.id:
+            item.update(id=call.id, type="function")
+            function["name"] = call.name
+        item["function"] = function
+        calls.append(item)
+    return calls
+
+
+def _parsed_delta(out: Output) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    if out.content:
+        delta["content"] = out.content
+    if out.calls:
+        delta["tool_calls"] = _tool_calls(out, streamed=True)
+    return delta
 
 
 def _completion_logprobs(items: list[TokenLogprob], offset: int) -> dict[str, Any]:
@@ -88,7 +118,8 @@ class Shape:
             return {"index": choice.index, "text": choice.prefix, "logprobs": None, "finish_reason": None}
         return None
 
-    def delta(self, choice: Choice, text: str, logprobs: list[TokenLogprob] | None) -> dict[str, Any]:
+    def delta(self, choice: Choice, text: str, logprobs: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        """The chunk choice for new text; None when nothing is final yet (a tool call being parsed)."""
         lp: dict[str, Any] | None = None
         if self.logprobs and logprobs:
             if self.chat:
@@ -96,17 +127,23 @@ class Shape:
             else:
                 done = len(choice.prefix) + sum(map(len, choice.text)) - len(text)
                 lp = _completion_logprobs(logprobs, done)
+        if self.chat and choice.calls is not None:
+            delta = _parsed_delta(choice.calls.feed(text))
+            if not delta and lp is None:
+                return None
+            return {"index": choice.index, "delta": delta, "logprobs": lp, "finish_reason": None}
         if self.chat:
             return {"index": choice.index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}
         return {"index": choice.index, "text": text, "logprobs": lp, "finish_reason": None}
 
     def closing(self, choice: Choice) -> dict[str, Any]:
         if self.chat:
+            delta = _parsed_delta(choice.calls.flush()) if choice.calls is not None else {}
             return {
                 "index": choice.index,
-                "delta": {},
+                "delta": delta,
                 "logprobs": None,
-                "finish_reason": choice.finish_reason,
+                "finish_reason": choice.final_reason(),
             }
         return {"index": choice.index, "text": "", "logprobs": None, "finish_reason": choice.finish_reason}
 
@@ -122,8 +159,14 @@ class Shape:
         text = "".join(c.text)
         if self.chat:
             lp = _chat_logprobs(c.logprobs) if self.logprobs else None
-            message = {"role": "assistant", "content": text, "refusal": None}
-            return {"index": c.index, "message": message, "logprobs": lp, "finish_reason": c.finish_reason}
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            if c.calls is not None:
+                out = parse_all(text)  # the same parser the stream uses, fed once
+                message["content"] = out.content or None
+                if out.calls:
+                    message["tool_calls"] = _tool_calls(out, streamed=False)
+                c.calls.count = len(out.calls)
+            return {"index": c.index, "message": message, "logprobs": lp, "finish_reason": c.final_reason()}
         lp = _completion_logprobs(c.logprobs, len(c.prefix)) if self.logprobs else None
         return {"index": c.index, "text": c.prefix + text, "logprobs": lp, "finish_reason": c.finish_reason}
 

@@ -15,9 +15,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from bus import BusClient, ChatStream, SamplingParams
-from bus.errors import BusError
+from bus.errors import BadRequest, BusError, ContextLengthExceeded
 from bus.logfmt import bind
 from bus.schemas import GenerateRequest
+from bus.tool_calls import CallParser
 from gateway.config import GatewayConfig
 from gateway.context import request_id
 from gateway.errors import ApiError
@@ -35,6 +36,7 @@ from gateway.schemas import (
     parse,
 )
 from gateway.streaming import apply, close_all, sse_body, sse_response, start_all, usage_of
+from gateway.tools import plan_of
 
 __all__ = ["chat_completions", "completions", "resume_chat", "resume_completion"]
 
@@ -75,21 +77,42 @@ async def chat_completions(request: Request) -> Response:
     req = parse(await read_body(request, config.max_body_bytes), ChatRequest)
     params = chat_sampling(req)
     messages = chat_messages(req.messages)
+    tools = plan_of(req.tools, req.tool_choice, req.parallel_tool_calls, req.response_format)
     _check_n(req.n, config)
     check_bus(client)
     _check_max_tokens(client, req.model, params)
-    probe = GenerateRequest(request_id="0" * 32, model=req.model, messages=messages, params=params)
+    probe = GenerateRequest(
+        request_id="0" * 32,
+        model=req.model,
+        messages=messages,
+        params=params,
+        constraint=tools.constraint,
+        tools=tools.tools,
+    )
     check_payload(client, probe, "messages")
 
     trace = request_id(request)
 
     def make(i: int) -> Callable[[], ChatStream]:
         return lambda: client.chat(
-            req.model, messages, _nth(params, i), deadline_s=config.deadline_s, trace_id=trace
+            req.model,
+            messages,
+            _nth(params, i),
+            deadline_s=config.deadline_s,
+            trace_id=trace,
+            constraint=tools.constraint,
+            tools=tools.tools,
         )
 
-    plan = [(Choice(index=i), make(i)) for i in range(req.n)]
-    return await _serve(request, req, plan, chat_shape, param="messages")
+    plan = [
+        (Choice(index=i, calls=CallParser() if tools.parse_calls else None), make(i)) for i in range(req.n)
+    ]
+    try:
+        return await _serve(request, req, plan, chat_shape, param="messages")
+    except BadRequest as e:  # a node refused the constraint (an older node, or a compiler limit)
+        if tools.constraint is None or isinstance(e, ContextLengthExceeded):
+            raise
+        raise ApiError(400, e.message, code=e.code.value, param=tools.param) from None
 
 
 async def completions(request: Request) -> Response:

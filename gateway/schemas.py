@@ -1,7 +1,8 @@
 """OpenAI request bodies as msgspec structs: strict parsing, validation, conversion to bus params.
 
 Unknown fields are rejected (as OpenAI does) and known OpenAI features that no chatbus engine can
-honour (tools, response_format, logit_bias, ...) get a 400 that names them: never silently ignored.
+honour (functions, audio, ...) get a 400 that names them: never silently ignored. Tools and
+response_format are checked in gateway/tools.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from bus.errors import InvalidName
-from bus.schemas import MAX_STOP_STRINGS, ChatMessage, SamplingParams
+from bus.schemas import MAX_STOP_STRINGS, ChatMessage, SamplingParams, ToolCall
 from bus.subjects import check_name
 from gateway.errors import ApiError
 
@@ -189,8 +190,6 @@ def _unsupported(param: str, what: str) -> ApiError:
 
 
 def _check_unsupported(req: ChatRequest | CompletionRequest) -> None:
-    if req.logit_bias:
-        raise _unsupported("logit_bias", "the engines have no logit bias")
     if req.store:
         raise _unsupported("store", "completions are not stored")
     if req.service_tier not in (None, "auto", "default"):
@@ -205,12 +204,9 @@ def _check_unsupported(req: ChatRequest | CompletionRequest) -> None:
         if req.echo and req.logprobs is not None:
             raise _unsupported("logprobs with echo", "prompt logprobs are not computed")
         return
-    for name in ("tools", "tool_choice", "functions", "function_call"):
+    for name in ("functions", "function_call"):
         if getattr(req, name) not in (None, [], "none"):
-            raise _unsupported(name, "no tool or function calling yet")
-    fmt = req.response_format
-    if fmt not in (None, {"type": "text"}):
-        raise _unsupported("response_format", "no JSON mode or structured outputs; only {'type': 'text'}")
+            raise _unsupported(name, "deprecated; use tools and tool_choice")
     for name in ("audio", "modalities", "prediction", "reasoning_effort", "web_search_options"):
         if getattr(req, name) not in (None, ["text"]):
             raise _unsupported(name, "text generation only")
@@ -222,6 +218,24 @@ def _check_range(param: str, value: float | None, low: float, high: float, *, op
     if value > high or value < low or (open_low and value == low):
         bracket = "(" if open_low else "["
         raise _bad(param, f"{param} must be in {bracket}{low}, {high}], got {value}")
+
+
+MAX_LOGIT_BIAS = 1024  # entries
+
+
+def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
+    if not raw:
+        return {}
+    if len(raw) > MAX_LOGIT_BIAS:
+        raise _bad("logit_bias", f"at most {MAX_LOGIT_BIAS} logit_bias entries, got {len(raw)}")
+    bias = {}
+    for key, value in raw.items():
+        if not key.isdigit() or int(key) >= 2**31:
+            raise _bad("logit_bias", f"logit_bias keys are token ids (non-negative integers), got {key!r}")
+        if not -100 <= value <= 100:
+            raise _bad("logit_bias", f"logit_bias values must be in [-100, 100], got {value}")
+        bias[int(key)] = float(value)
+    return bias
 
 
 def _sampling(
@@ -261,6 +275,7 @@ def _sampling(
         frequency_penalty=req.frequency_penalty or 0.0,
         logprobs=logprobs,
         top_logprobs=top,
+        logit_bias=_logit_bias(req.logit_bias),
     )
 
 
@@ -284,39 +299,87 @@ def completion_sampling(req: CompletionRequest) -> SamplingParams:
     return _sampling(req, limit, req.logprobs is not None, req.logprobs or 0)
 
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 
 
-def _text_of(i: int, m: Message) -> str:
+def _text_of(param: str, m: Message) -> str:
     if m.content is None:
-        raise _bad(f"messages[{i}].content", "message content is required (tool calls are not supported)")
+        if m.role == "assistant" and m.tool_calls:
+            return ""
+        raise _bad(f"{param}.content", "message content is required (but for assistant tool calls)")
     if isinstance(m.content, str):
         return m.content
     texts = []
     for j, part in enumerate(m.content):
         extra = part.image_url is not None or part.input_audio is not None or part.file is not None
         if part.type != "text" or part.text is None or extra:
-            raise _unsupported(f"messages[{i}].content[{j}]", f"content part {part.type!r}: text only")
+            raise _unsupported(f"{param}.content[{j}]", f"content part {part.type!r}: text only")
         texts.append(part.text)
     return "".join(texts)
+
+
+def _tool_calls(param: str, raw: Any) -> list[ToolCall]:
+    if not isinstance(raw, list) or not raw:
+        raise _bad(f"{param}.tool_calls", "tool_calls must be a non-empty list")
+    calls = []
+    for j, call in enumerate(raw):
+        where = f"{param}.tool_calls[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(call, dict)
+            or call.get("type", "function") != "function"
+            or not isinstance(call.get("id"), str)
+            or not isinstance(fn, dict)
+            or not isinstance(fn.get("name"), str)
+            or not isinstance(fn.get("arguments", ""), str)
+        ):
+            raise _bad(
+                where,
+                f'{where} must be {{"id": str, "type": "function", "function": {{"name": str, "arguments": str}}}}',
+            )
+        calls.append(ToolCall(id=call["id"], name=fn["name"], arguments=fn.get("arguments") or "{}"))
+    return calls
+
+
+def _message(param: str, m: Message) -> ChatMessage:
+    role = _ROLES.get(m.role)
+    if role is None:
+        raise _unsupported(
+            f"{param}.role", f"role {m.role!r}; use system, developer, user, assistant or tool"
+        )
+    for name in ("function_call", "audio"):
+        if getattr(m, name):
+            raise _unsupported(f"{param}.{name}", "deprecated function calling and audio are not supported")
+    if m.tool_calls and role != "assistant":
+        raise _bad(f"{param}.tool_calls", "only assistant messages carry tool_calls")
+    if role == "tool":
+        if not isinstance(m.tool_call_id, str) or not m.tool_call_id:
+            raise _bad(f"{param}.tool_call_id", "a tool message needs the tool_call_id it answers")
+        return ChatMessage(
+            role="tool", content=_text_of(param, m), tool_call_id=m.tool_call_id, name=m.name or ""
+        )
+    if m.tool_call_id:
+        raise _bad(f"{param}.tool_call_id", "only tool messages carry a tool_call_id")
+    if m.name:
+        raise _unsupported(f"{param}.name", "the chat template has no participant names")
+    calls = _tool_calls(param, m.tool_calls) if m.tool_calls else []
+    return ChatMessage(role=role, content=_text_of(param, m), tool_calls=calls)  # type: ignore[arg-type]
 
 
 def chat_messages(messages: list[Message], param: str = "messages") -> list[ChatMessage]:
     if not messages:
         raise _bad(param, "messages must not be empty")
-    out = []
-    for i, m in enumerate(messages):
-        role = _ROLES.get(m.role)
-        if role is None:
-            raise _unsupported(
-                f"{param}[{i}].role", f"role {m.role!r}; use system, developer, user or assistant"
-            )
-        for name in ("tool_calls", "tool_call_id", "function_call", "audio"):
-            if getattr(m, name):
-                raise _unsupported(f"{param}[{i}].{name}", "no tool or function calling yet")
-        if m.name:
-            raise _unsupported(f"{param}[{i}].name", "the chat template has no participant names")
-        out.append(ChatMessage(role=role, content=_text_of(i, m)))  # type: ignore[arg-type]
+    out = [_message(f"{param}[{i}]", m) for i, m in enumerate(messages)]
+    answered = {c.id for m in out for c in m.tool_calls}
+    for i, m in enumerate(out):
+        if m.role == "tool" and m.tool_call_id not in answered:
+            raise _bad(f"{param}[{i}].tool_call_id", f"no assistant tool call has id {m.tool_call_id!r}")
     return out
 
 

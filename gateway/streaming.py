@@ -136,8 +136,11 @@ async def sse_body(
                 yield _frame(error_reply(error).body)
                 return
             if isinstance(event, Chunk):
-                if event.text or event.logprobs:
-                    yield chunk([shape.delta(choice, event.text, event.logprobs)])
+                part = (
+                    shape.delta(choice, event.text, event.logprobs) if event.text or event.logprobs else None
+                )
+                if part is not None:
+                    yield chunk([part])
             elif isinstance(event, Done):
                 left -= 1
                 yield chunk([shape.closing(choice)])

@@ -9,6 +9,7 @@ from typing import Protocol
 import openai
 
 from bus.client import BusClient
+from bus.constraints import json_schema_constraint
 from bus.errors import (
     BusError,
     BusUnavailable,
@@ -19,7 +20,8 @@ from bus.errors import (
     NoNodeAvailable,
     error_for,
 )
-from bus.schemas import ChatMessage, Done, Failed, SamplingParams
+from bus.schemas import ChatMessage, Constraint, Done, Failed, SamplingParams
+from judge.verdicts import Verdict, verdict_instruction, verdict_schema, verdict_text
 
 __all__ = ["BusJudge", "JudgeBackend", "JudgeFailure", "OpenAIJudge", "ask_bus", "make_judge"]
 
@@ -37,7 +39,9 @@ class JudgeFailure(Exception):
 class JudgeBackend(Protocol):
     name: str
 
-    async def ask(self, system: str, user: str) -> str: ...
+    async def ask(self, system: str, user: str, verdict: Verdict | None = None) -> str:
+        """The judgment text; `verdict` says which bracketed verdict it must contain."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -51,11 +55,16 @@ def _kind_of(e: BusError) -> str:
 
 
 async def ask_bus(
-    client: BusClient, model: str, messages: list[ChatMessage], params: SamplingParams, timeout_s: float
+    client: BusClient,
+    model: str,
+    messages: list[ChatMessage],
+    params: SamplingParams,
+    timeout_s: float,
+    constraint: Constraint | None = None,
 ) -> str:
     """One whole answer from a bus model; waits out busy nodes; raises JudgeFailure."""
     for attempt in range(BUSY_RETRIES + 1):
-        stream = client.chat(model, messages, params, deadline_s=timeout_s)
+        stream = client.chat(model, messages, params, deadline_s=timeout_s, constraint=constraint)
         try:
             async with asyncio.timeout(timeout_s):
                 await stream.start()
@@ -79,7 +88,10 @@ async def ask_bus(
 
 
 class BusJudge:
-    """A judge served on the bus; greedy, so the same answers get the same verdict."""
+    """A judge served on the bus; greedy, so the same answers get the same verdict.
+
+    Its verdicts are constrained to JSON (judge/verdicts.py), so every one of them parses.
+    """
 
     def __init__(self, client: BusClient, model: str, max_tokens: int, timeout_s: float) -> None:
         self.client = client
@@ -87,9 +99,15 @@ class BusJudge:
         self.params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
         self.timeout_s = timeout_s
 
-    async def ask(self, system: str, user: str) -> str:
+    async def ask(self, system: str, user: str, verdict: Verdict | None = None) -> str:
+        constraint = None
+        if verdict is not None:
+            user = f"{user}\n\n{verdict_instruction(verdict)}"
+            schema = verdict_schema(verdict, self.params.max_tokens or 1024)
+            constraint = json_schema_constraint(schema)
         messages = [ChatMessage(role="system", content=system), ChatMessage(role="user", content=user)]
-        return await ask_bus(self.client, self.name, messages, self.params, self.timeout_s)
+        reply = await ask_bus(self.client, self.name, messages, self.params, self.timeout_s, constraint)
+        return reply if verdict is None else verdict_text(reply, verdict)
 
     async def aclose(self) -> None:
         return None
@@ -106,7 +124,8 @@ class OpenAIJudge:
             base_url=base_url, api_key=api_key or "none", timeout=timeout_s, max_retries=1
         )
 
-    async def ask(self, system: str, user: str) -> str:
+    async def ask(self, system: str, user: str, verdict: Verdict | None = None) -> str:
+        """`verdict` is not enforced here: any endpoint must work, JSON mode or not."""
         try:
             reply = await self.sdk.chat.completions.create(
                 model=self.name,

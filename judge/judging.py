@@ -151,7 +151,7 @@ class Judging:
             }
             kind = None
             try:
-                record["judgment"] = await self.judge.ask(system, user)
+                record["judgment"] = await self.judge.ask(system, user, "rating")
                 record["score"] = parse_rating(record["judgment"])
             except (JudgeFailure, Unparseable) as e:
                 kind = e.kind if isinstance(e, JudgeFailure) else "unparseable"
@@ -192,7 +192,7 @@ class Judging:
                 system, user = prompt.render(**self._pair_fields(q, a, b))
                 record[f"{game}_user_prompt"], record[f"{game}_judgment"] = user, ""
                 try:
-                    record[f"{game}_judgment"] = await self.judge.ask(system, user)
+                    record[f"{game}_judgment"] = await self.judge.ask(system, user, "choice")
                     choice = parse_choice(record[f"{game}_judgment"])
                     record[f"{game}_winner"] = pair_winner(choice, swapped=game == "g2")
                 except (JudgeFailure, Unparseable) as e:

@@ -1,10 +1,30 @@
-"""Reading a judge's reply: a [[rating]] or an [[A]]/[[B]]/[[C]] verdict, and the position-swap rule."""
+"""Reading a judge's reply: a [[rating]] or an [[A]]/[[B]]/[[C]] verdict, and the position-swap rule.
+
+A judge on the bus is constrained to a JSON verdict (`verdict_schema`) that `verdict_text` turns back
+into the bracketed form, so even a tiny judge model's every judgment parses.
+"""
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any, Literal
 
-__all__ = ["Unparseable", "combine_games", "pair_winner", "parse_choice", "parse_rating"]
+__all__ = [
+    "Unparseable",
+    "Verdict",
+    "combine_games",
+    "pair_winner",
+    "parse_choice",
+    "parse_rating",
+    "verdict_instruction",
+    "verdict_schema",
+    "verdict_text",
+]
+
+Verdict = Literal["rating", "choice"]
+_OVERHEAD_TOKENS = 16  # the JSON around the explanation
+_MAX_EXPLANATION = 1000  # characters
 
 _RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 _RATING_LOOSE = re.compile(r"\[\s*(\d+(?:\.\d+)?)\s*\]")  # "[7]": a judge that lost one bracket
@@ -58,3 +78,43 @@ def combine_games(g1_winner: str, g2_winner: str) -> str:
     if g1_winner == g2_winner:
         return g1_winner
     return "tie"
+
+
+def verdict_schema(kind: Verdict, max_tokens: int) -> dict[str, Any]:
+    """The JSON a constrained judge writes: an explanation that fits `max_tokens`, then the verdict.
+
+    The explanation allows only characters that are each at least one token and need no escaping,
+    so `max_tokens - overhead` characters always leave room for the verdict.
+    """
+    room = max(0, min(_MAX_EXPLANATION, max_tokens - _OVERHEAD_TOKENS))
+    verdict: dict[str, Any] = (
+        {"type": "integer", "minimum": 1, "maximum": 10} if kind == "rating" else {"enum": ["A", "B", "C"]}
+    )
+    return {
+        "type": "object",
+        "properties": {
+            "explanation": {"type": "string", "pattern": f"^[A-Za-z0-9 ,.;:!?'()-]{{0,{room}}}$"},
+            kind: verdict,
+        },
+        "required": ["explanation", kind],
+        "additionalProperties": False,
+    }
+
+
+def verdict_instruction(kind: Verdict) -> str:
+    """What to tell a constrained judge about the JSON it must write."""
+    if kind == "rating":
+        return 'Reply with a JSON object: {"explanation": "<short evaluation>", "rating": <1 to 10>}.'
+    return 'Reply with a JSON object: {"explanation": "<short comparison>", "choice": "A", "B" or "C" (tie)}.'
+
+
+def verdict_text(reply: str, kind: Verdict) -> str:
+    """A constrained judge's JSON reply as the bracketed judgment parse_rating/parse_choice read."""
+    try:
+        data = json.loads(reply)
+        explanation, value = str(data["explanation"]), data[kind]
+    except (ValueError, KeyError, TypeError):
+        return reply  # cut short (max_tokens): left to the parser, which counts it
+    explanation = explanation.replace("[[", "[").replace("]]", "]")
+    label = "Rating" if kind == "rating" else "Verdict"
+    return f"{explanation}\n\n{label}: [[{value}]]"

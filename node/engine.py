@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from bus.schemas import ChatMessage, ModelCard, SamplingParams, TokenLogprob
+from bus.schemas import ChatMessage, Constraint, ModelCard, SamplingParams, TokenLogprob, ToolSpec
 
 __all__ = ["Delta", "Engine", "EngineRequest", "EngineStats", "Sink"]
 
@@ -26,6 +26,8 @@ class EngineRequest:
     prompt: str | None = None  # raw completion: tokenized as is
     params: SamplingParams = field(default_factory=SamplingParams)
     continuation: str = ""  # assistant text already streamed (failover): appended to the prompt
+    constraint: Constraint | None = None  # the output must match it (node/grammar.py)
+    tools: list[ToolSpec] = field(default_factory=list)  # given to the chat template
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,11 @@ from typing import Any, TypeVar
 import torch
 
 from bus.errors import BadRequest, ContextLengthExceeded, NodeBusy
-from bus.schemas import ChatMessage, ModelCard, SamplingParams, TokenLogprob, TopLogprob
+from bus.schemas import ChatMessage, ModelCard, SamplingParams, TokenLogprob, ToolSpec, TopLogprob
 from node.engine import Delta, EngineRequest, EngineStats, FinishReason, Sink
+from node.grammar import GrammarCompiler
 from node.loader import LoadedModel
+from node.prompting import render_chat
 from node.sampling import Choice, TokenChooser, choose_tokens
 from node.scheduler import KVBatch
 
@@ -147,6 +149,7 @@ class HFEngine:
         self._prefill_chunk = max(1, prefill_chunk)
         self._eos = set(loaded.eos_ids)
         self._vocab = int(loaded.model.get_output_embeddings().weight.shape[0])
+        self._grammars = GrammarCompiler.for_hf(loaded.tokenizer, self._vocab, loaded.eos_ids)
         self._cond = threading.Condition()
         self._queue: deque[_Seq] = deque()  # guarded by _cond
         self._cancels: set[str] = set()  # guarded by _cond
@@ -199,7 +202,7 @@ class HFEngine:
 
     def submit(self, request: EngineRequest, sink: Sink) -> int:
         _validate(request.params)
-        ids = self._encode(request.messages, request.prompt, request.continuation)
+        ids = self._encode(request.messages, request.prompt, request.continuation, request.tools)
         room = self._m.context_length - len(ids)
         wanted = request.params.max_tokens
         if room < (wanted or 1):
@@ -212,7 +215,13 @@ class HFEngine:
             sink=sink,
             prompt=ids,
             max_new=min(wanted or room, room),
-            chooser=TokenChooser(request.params, ids, self._vocab, torch.device(self._m.device)),
+            chooser=TokenChooser(
+                request.params,
+                ids,
+                self._vocab,
+                torch.device(self._m.device),
+                grammar=self._grammars.row(request.constraint, request.continuation),
+            ),
             stream=TextStream(self._m.tokenizer, ids[-_TAIL:], request.params.stop),
         )
         with self._cond:
@@ -497,7 +506,13 @@ class HFEngine:
 
     # ------------------------------------------------------------------------- prompts
 
-    def _encode(self, messages: list[ChatMessage] | None, prompt: str | None, continuation: str) -> list[int]:
+    def _encode(
+        self,
+        messages: list[ChatMessage] | None,
+        prompt: str | None,
+        continuation: str,
+        tools: list[ToolSpec] | None = None,
+    ) -> list[int]:
         """Token ids exactly as they will be prefilled (chat template, then any continuation)."""
         tok = self._m.tokenizer
         if (messages is None) == (prompt is None):
@@ -505,21 +520,13 @@ class HFEngine:
         if messages is not None:
             if not messages:
                 raise BadRequest("messages is empty")
-            text = self._render(messages) + continuation
+            text = render_chat(tok, messages, tools) + continuation
             ids = tok(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tok((prompt or "") + continuation)["input_ids"]
         if not ids:
             raise BadRequest("prompt is empty")
         return list(ids)
-
-    def _render(self, messages: list[ChatMessage]) -> str:
-        tok = self._m.tokenizer
-        turns = [{"role": m.role, "content": m.content} for m in messages]
-        if getattr(tok, "chat_template", None):
-            return str(tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
-        # The model has no template (DESIGN: only then a plain one).
-        return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant: "
 
 
 def _validate(p: SamplingParams) -> None:

@@ -1,7 +1,9 @@
-"""Choosing the next token per sequence: penalties, temperature, top-k/top-p, seeds, logprobs.
+"""Choosing the next token per sequence: penalties, logit bias, grammar, temperature, top-k/top-p, seeds.
 
 Rows that are plain greedy share one batched argmax; every other row is processed on its own (its own
-torch.Generator, so a seeded request gives the same text whatever else is in the batch).
+torch.Generator, so a seeded request gives the same text whatever else is in the batch). A row with a
+grammar (node/grammar.py) has its logits masked before choosing and advances the grammar after, so
+an unconstrained row pays nothing for it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bus.schemas import SamplingParams
+from node.grammar import RowGrammar
 
 __all__ = ["Choice", "TokenChooser", "choose_tokens"]
 
@@ -26,8 +29,21 @@ class Choice:
 class TokenChooser:
     """Per-request sampling state: parameters, RNG and the token counts the penalties need."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, device: torch.device):
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_ids: list[int],
+        vocab_size: int,
+        device: torch.device,
+        grammar: RowGrammar | None = None,
+    ):
         self.params = params
+        self.grammar = grammar
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        bias = {t: b for t, b in params.logit_bias.items() if 0 <= t < vocab_size and b}
+        if bias:
+            ids = torch.tensor(list(bias), dtype=torch.long, device=device)
+            self.bias = ids, torch.tensor(list(bias.values()), dtype=torch.float32, device=device)
         self.greedy = params.temperature <= 0 or params.top_k == 1
         self.want_logprobs = params.logprobs or params.top_logprobs > 0
         self.penalised = (
@@ -51,9 +67,17 @@ class TokenChooser:
     @property
     def fast(self) -> bool:
         """True when a batched argmax is the whole job."""
-        return self.greedy and not self.penalised and not self.want_logprobs
+        return (
+            self.greedy
+            and not self.penalised
+            and not self.want_logprobs
+            and self.grammar is None
+            and self.bias is None
+        )
 
     def observe(self, token: int) -> None:
+        if self.grammar is not None:
+            self.grammar.advance(token)
         if self.counts is not None and self.seen is not None and token < self.counts.shape[0]:
             self.counts[token] += 1
             self.seen[token] = True
@@ -63,6 +87,10 @@ class TokenChooser:
         p = self.params
         if self.penalised:
             logits = self._penalise(logits)
+        if self.bias is not None:
+            logits = logits.index_add(0, self.bias[0], self.bias[1].to(logits.dtype))
+        if self.grammar is not None:
+            logits = self.grammar.mask(logits)
         if self.greedy:
             token = int(logits.argmax())
         else:

@@ -256,6 +256,8 @@ class NodeService:
                 prompt=req.prompt,
                 params=req.params,
                 continuation=req.continuation,
+                constraint=req.constraint,
+                tools=req.tools,
             )
             job.prompt_tokens = self.engine.submit(engine_req, self._sink)
         except BusError as e:

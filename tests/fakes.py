@@ -34,6 +34,7 @@ class EchoEngine:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.running_ids: set[str] = set()
+        self.submitted: list[EngineRequest] = []  # every request that reached this engine
 
     card = property(lambda self: self._card)
     device = property(lambda self: "cpu")
@@ -58,6 +59,7 @@ class EchoEngine:
         return len(text.split())
 
     def submit(self, request: EngineRequest, sink: Sink) -> int:
+        self.submitted.append(request)
         n = self.count_tokens(request.messages, request.prompt)
         if n > self._card.context_length:
             raise ContextLengthExceeded(

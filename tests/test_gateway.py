@@ -246,10 +246,13 @@ async def test_bad_requests_are_400_with_the_param(gw: Gateway) -> None:
     assert error_of(await post(gw, chat, {**base, "foo": 1}), 400, "unknown_parameter")["param"] == "foo"
     assert error_of(await post(gw, chat, {**base, "temperature": 5}), 400)["param"] == "temperature"
     assert error_of(await post(gw, chat, {**base, "temperature": "hot"}), 400)["param"] == "temperature"
-    assert error_of(await post(gw, chat, {**base, "tools": [{"type": "function"}]}), 400)["param"] == "tools"
-    fmt = {**base, "response_format": {"type": "json_object"}}
-    assert error_of(await post(gw, chat, fmt), 400, "unsupported_parameter")["param"] == "response_format"
-    assert error_of(await post(gw, chat, {**base, "logit_bias": {"1": 2}}), 400)["param"] == "logit_bias"
+    assert (
+        error_of(await post(gw, chat, {**base, "tools": [{"type": "function"}]}), 400)["param"] == "tools[0]"
+    )
+    fmt = {**base, "response_format": {"type": "yaml"}}
+    assert error_of(await post(gw, chat, fmt), 400, "invalid_value")["param"] == "response_format"
+    assert error_of(await post(gw, chat, {**base, "logit_bias": {"x": 2}}), 400)["param"] == "logit_bias"
+    assert error_of(await post(gw, chat, {**base, "functions": [{"name": "f"}]}), 400)["param"] == "functions"
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     assert error_of(await post(gw, chat, {"model": "echo", "messages": image}), 400)
     assert error_of(await post(gw, chat, {**base, "n": 99}), 400)["param"] == "n"

@@ -16,6 +16,7 @@ SAMPLES = json.loads((Path(__file__).parent / "wire" / "v1.json").read_text())
 
 TYPES = {
     "gen_request": schemas.GenerateRequest,
+    "gen_request_tools": schemas.GenerateRequest,
     "accepted": schemas.GenerateReply,
     "rejected": schemas.GenerateReply,
     "chunk": schemas.StreamEvent,

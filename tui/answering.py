@@ -12,6 +12,7 @@ from textual.widgets import Markdown
 from bus.errors import BusError, Code, ModelNotFound, NoNodeAvailable
 from bus.schemas import Chunk, Done, Failed
 from bus.stream import ChatStream
+from bus.tool_calls import readable
 from tui.widgets import Answer, PromptInput, UserTurn
 
 if TYPE_CHECKING:
@@ -106,6 +107,9 @@ def _finish(
 ) -> None:
     text = stream.text
     answer.text = text
+    shown = readable(text)
+    if shown != text:  # a JSON answer or tool calls: show them formatted once the answer is whole
+        answer.markdown.update(shown)
     if text:
         app.conv.add_assistant(text)
     if isinstance(final, Done):

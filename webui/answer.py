@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from bus import BusError, ChatMessage, ChatStream, Chunk, Done, Failed, SamplingParams
 from bus.schemas import Usage
 from bus.schemas_logs import ChatLog, Mode
+from bus.tool_calls import readable
 from webui.services import Services
 
 __all__ = ["Answer", "AnswerResult", "new_id"]
@@ -83,6 +84,7 @@ class Answer:
                 await self._stream.cancel()
 
     async def run(self, on_text: Callable[[str], None]) -> AnswerResult:
+        """Stream the answer; `on_text` gets it for display (JSON and tool calls made readable)."""
         start = time.time()
         result = AnswerResult()
         stream = self._stream = self._s.client.chat(self.model, self.messages, self.params)
@@ -96,7 +98,7 @@ class Answer:
                     result.text += ev.text
                     if time.monotonic() - last_update >= self._min_update_s:
                         last_update = time.monotonic()
-                        on_text(result.text)
+                        on_text(readable(result.text))
                 elif isinstance(ev, Done):
                     result.finish_reason, result.usage = ev.finish_reason, ev.usage
                 elif isinstance(ev, Failed):
@@ -106,7 +108,7 @@ class Answer:
         finally:
             result.node_id = stream.node_id
             await stream.aclose()
-        on_text(result.text)
+        on_text(readable(result.text))
         await self._log(result, start)
         return result
 
