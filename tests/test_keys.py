@@ -18,6 +18,7 @@ import openai
 import pytest
 from fakes import EchoEngine, echo_node
 from procs import ROOT, spawn, stop, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 from test_gateway_support import EchoNode, LoopThread
 from test_security import _refusals
 
@@ -106,6 +107,16 @@ def chat(url: str, key: str, model: str = ECHO, **body: object) -> httpx.Respons
     )
 
 
+def scrape(url: str, key: str) -> dict[tuple[str, ...], float]:
+    """/metrics as {(name, "label=value", ...): value}."""
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10).text
+    return {
+        (s.name, *sorted(f"{k}={v}" for k, v in s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def _not_at_minute_end() -> None:
     """Counters are per minute: start a minute-bound sequence with time to spare in the minute."""
     if time.time() % 60 > 52:
@@ -133,6 +144,13 @@ def test_sixth_request_in_a_minute_is_refused_on_either_gateway(
     # the static key of the first gateway has no limit
     assert chat(gateways[0], STATIC).status_code == 200
     assert chat(gateways[1], STATIC).status_code == 401  # not the second gateway's key
+    # each gateway counts its refusals, by route and by key
+    for url in gateways:
+        counts = scrape(url, secret)
+        assert counts[("chatbus:gateway_rate_limited_total", "key=team-a", "reason=rate_limit_exceeded")] == 1
+        assert counts[("chatbus:http_requests_total", "route=/v1/chat/completions", "status=429")] == 1
+    refused = {k: v for k, v in scrape(gateways[1], secret).items() if "status=401" in k and "_total" in k[0]}
+    assert refused == {("chatbus:http_requests_total", "route=/v1/chat/completions", "status=401"): 1}
     # each gateway's JSON access lines name the key and the model
     for i in range(2):
         lines = [
