@@ -25,7 +25,7 @@ from test_security import _refusals
 from bus import BusClient
 from bus.auth import ROLES, provision, with_credential
 from bus.connection import connect
-from bus.keys import create_key
+from bus.keys import create_key, revoke_key
 from bus.operations import ensure_keys_bucket
 from bus.server import EmbeddedServer
 from bus.setup import prepare_bus
@@ -314,3 +314,45 @@ async def test_each_role_does_its_part_and_no_more(secured: dict[str, str]) -> N
     ]:
         assert await _refusals(urls[role], "pub", subject), f"{role} may publish {subject}"
     assert not await _refusals(urls["gateway"], "pub", "$KV.cb_limits.req.secured.1")
+
+
+async def test_a_revocation_after_a_server_restart_is_seen(tmp_path: Path) -> None:
+    """The key table's watch starts over once the gateway's connection is back (the restarted server
+    forgot its consumer): a key revoked afterwards stops working on the gateway."""
+    server = EmbeddedServer(data_dir=tmp_path / "js", port=0, log_file=tmp_path / "nats.log")
+    server.start()
+    try:
+        client = await BusClient.connect(server.url, name="test-gateway-restart")
+        ops = GatewayOps(client)
+        try:
+            assert await ops.ready()
+            admin = await connect(server.url, name="test-admin")
+            kv = await ensure_keys_bucket(admin.jetstream())
+            secret, _ = await create_key(kv, "survivor")
+            await admin.close()
+            store = ops.keys
+            assert store is not None
+            for _ in range(50):
+                if store.lookup(secret) is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert store.lookup(secret) is not None
+            server.kill()
+            server.start()  # same port, same data dir
+            for _ in range(200):
+                if client.nc.is_connected and client.reconnects():
+                    break
+                await asyncio.sleep(0.05)
+            admin = await connect(server.url, name="test-admin")
+            await revoke_key(await ensure_keys_bucket(admin.jetstream()), "survivor")
+            await admin.close()
+            for _ in range(100):
+                if store.lookup(secret).revoked:  # type: ignore[union-attr]
+                    break
+                await asyncio.sleep(0.1)
+            assert store.lookup(secret).revoked  # type: ignore[union-attr]
+        finally:
+            await ops.stop()
+            await client.close()
+    finally:
+        server.stop()
