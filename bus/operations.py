@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError
@@ -80,15 +81,36 @@ async def ensure_operations_buckets(js: JetStreamContext) -> None:
     await ensure_usage_bucket(js)
 
 
+Reconnects = Callable[[], int]
+
+
 async def follow(
-    kv: KeyValue, keys: str, apply: Callable[[str, bytes | None], None], synced: asyncio.Event
+    kv: KeyValue,
+    keys: str,
+    apply: Callable[[str, bytes | None], None],
+    synced: asyncio.Event,
+    reconnects: Reconnects | None = None,
+    silence_s: float | None = None,
 ) -> None:
-    """Follow `keys` in `kv` forever: apply(key, value or None) for each change; restart on errors."""
+    """Follow `keys` in `kv` forever: apply(key, value or None) for each change. The watch starts
+    over (replaying the current values) on errors, after the connection was re-established (the
+    server may have forgotten our consumer: a revoked key must not go unseen) and, with `silence_s`,
+    when nothing came for that long."""
     while True:
         watcher = None
+        count = reconnects() if reconnects else 0
         try:
             watcher = await kv.watch(keys)
-            async for entry in watcher:
+            quiet = 0.0
+            while reconnects is None or reconnects() == count:
+                try:
+                    entry = await watcher.updates(timeout=1.0)
+                except NatsTimeout:
+                    quiet += 1.0
+                    if silence_s is not None and quiet >= silence_s:
+                        break
+                    continue
+                quiet = 0.0
                 if entry is None:
                     synced.set()
                     continue
@@ -107,14 +129,17 @@ async def follow(
 class MetricsView:
     """The latest snapshot of every node, from a watch on `cb_metrics` (stale ones dropped)."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, reconnects: Reconnects | None = None) -> None:
         self._kv = kv
+        self._reconnects = reconnects
         self._seen: dict[str, tuple[NodeMetrics, float]] = {}
         self._synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float = 5.0) -> None:
-        self._task = asyncio.create_task(follow(self._kv, ">", self._apply, self._synced))
+        # Nodes put a snapshot every METRICS_S: a silent watch is restarted well within the node TTL.
+        watch = follow(self._kv, ">", self._apply, self._synced, self._reconnects, silence_s=3 * METRICS_S)
+        self._task = asyncio.create_task(watch)
         await asyncio.wait_for(self._synced.wait(), timeout)
 
     async def stop(self) -> None:

@@ -33,7 +33,7 @@ from bus import subjects
 from bus.codec import decode
 from bus.errors import BadMessage
 from bus.keys import add_usage, cas_update, digest
-from bus.operations import LIMITS_TTL_S, follow
+from bus.operations import LIMITS_TTL_S, Reconnects, follow
 from bus.schemas_keys import KeyRecord
 from gateway.errors import ApiError
 
@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 class KeyStore:
     """Every managed key by the sha256 of its secret, kept from a watch on `cb_keys`."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, reconnects: Reconnects | None = None) -> None:
         self._kv = kv
+        self._reconnects = reconnects
         self._by_name: dict[str, KeyRecord] = {}
         self._synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -57,7 +58,7 @@ class KeyStore:
         return bool(self._by_name)
 
     async def start(self, timeout: float = 5.0) -> None:
-        self._task = asyncio.create_task(follow(self._kv, ">", self._apply, self._synced))
+        self._task = asyncio.create_task(follow(self._kv, ">", self._apply, self._synced, self._reconnects))
         await asyncio.wait_for(self._synced.wait(), timeout)
 
     async def stop(self) -> None:
@@ -115,18 +116,25 @@ def _reset_s(now: float) -> float:
 class Limiter:
     """Admits requests of managed keys against their limits; counts their usage."""
 
-    def __init__(self, limits: KeyValue, usage: KeyValue, gateway_id: str) -> None:
+    def __init__(
+        self, limits: KeyValue, usage: KeyValue, gateway_id: str, reconnects: Reconnects | None = None
+    ) -> None:
+        self._reconnects = reconnects
         self._limits = limits
         self._usage = usage
         self._gateway = gateway_id
-        self._others: dict[str, int] = {}  # other gateways' open streams, by their limits key
+        # other gateways' open streams by their limits key, and when we heard it: KV expiry tells
+        # watchers nothing, so a count not refreshed within the bucket's TTL (a dead gateway) is dropped
+        self._others: dict[str, tuple[int, float]] = {}
         self._open: dict[int, Lease] = {}  # our leases not yet released, by id
         self._synced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, timeout: float = 5.0) -> None:
         self._tasks = [
-            asyncio.create_task(follow(self._limits, "streams.>", self._apply, self._synced)),
+            asyncio.create_task(
+                follow(self._limits, "streams.>", self._apply, self._synced, self._reconnects)
+            ),
             asyncio.create_task(self._refresh()),
         ]
         await asyncio.wait_for(self._synced.wait(), timeout)
@@ -145,14 +153,16 @@ class Limiter:
             self._others.pop(key, None)
         else:
             with contextlib.suppress(BadMessage):
-                self._others[key] = decode(value, int)
+                self._others[key] = (decode(value, int), time.monotonic())
 
     def _own(self, name: str) -> int:
         return sum(1 for lease in self._open.values() if lease.record.name == name)
 
     def streams(self, name: str) -> int:
         prefix = subjects.limit_streams_of(name)[:-1]
-        return self._own(name) + sum(n for k, n in self._others.items() if k.startswith(prefix))
+        fresh = time.monotonic() - LIMITS_TTL_S
+        others = (n for k, (n, at) in self._others.items() if k.startswith(prefix) and at > fresh)
+        return self._own(name) + sum(others)
 
     async def _put_streams(self, name: str) -> None:
         try:

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bus import BusClient
@@ -146,8 +147,18 @@ class HttpMetrics:
         try:
             await self.app(scope, receive, sending)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "other"
-            self.metrics.http.labels(route, str(status)).inc()
+            self.metrics.http.labels(_route_of(scope), str(status)).inc()
+
+
+def _route_of(scope: Scope) -> str:
+    """The route template the router matched, or would have (a request refused before routing)."""
+    route = scope.get("route")
+    if route is None:
+        for candidate in getattr(scope.get("app"), "routes", []):
+            if candidate.matches(scope)[0] != Match.NONE:
+                route = candidate
+                break
+    return getattr(route, "path", None) or "other"
 
 
 async def metrics(request: Request) -> Response:

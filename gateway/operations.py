@@ -17,6 +17,7 @@ from starlette.requests import Request
 from bus import BusClient, ChatStream
 from bus.errors import BusUnavailable
 from bus.operations import (
+    MetricsView,
     ensure_keys_bucket,
     ensure_limits_bucket,
     ensure_metrics_bucket,
@@ -24,7 +25,7 @@ from bus.operations import (
 )
 from gateway.errors import ApiError
 from gateway.keys import KeyStore, Lease, Limiter
-from gateway.metrics import BusCollector, GatewayMetrics, MetricsView
+from gateway.metrics import BusCollector, GatewayMetrics
 
 __all__ = ["GatewayOps", "admit", "count_failovers", "tracked"]
 
@@ -66,9 +67,11 @@ class GatewayOps:
 
     async def start(self) -> None:
         js = self.client.js
-        view = MetricsView(await ensure_metrics_bucket(js))
-        keys = KeyStore(await ensure_keys_bucket(js))
-        limiter = Limiter(await ensure_limits_bucket(js), await ensure_usage_bucket(js), self.gateway_id)
+        again = self.client.reconnects
+        view = MetricsView(await ensure_metrics_bucket(js), again)
+        keys = KeyStore(await ensure_keys_bucket(js), again)
+        limits, usage = await ensure_limits_bucket(js), await ensure_usage_bucket(js)
+        limiter = Limiter(limits, usage, self.gateway_id, again)
         try:
             await view.start()
             await keys.start()

@@ -18,13 +18,14 @@ import openai
 import pytest
 from fakes import EchoEngine, echo_node
 from procs import ROOT, spawn, stop, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 from test_gateway_support import EchoNode, LoopThread
 from test_security import _refusals
 
 from bus import BusClient
 from bus.auth import ROLES, provision, with_credential
 from bus.connection import connect
-from bus.keys import create_key
+from bus.keys import create_key, revoke_key
 from bus.operations import ensure_keys_bucket
 from bus.server import EmbeddedServer
 from bus.setup import prepare_bus
@@ -106,6 +107,16 @@ def chat(url: str, key: str, model: str = ECHO, **body: object) -> httpx.Respons
     )
 
 
+def scrape(url: str, key: str) -> dict[tuple[str, ...], float]:
+    """/metrics as {(name, "label=value", ...): value}."""
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10).text
+    return {
+        (s.name, *sorted(f"{k}={v}" for k, v in s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def _not_at_minute_end() -> None:
     """Counters are per minute: start a minute-bound sequence with time to spare in the minute."""
     if time.time() % 60 > 52:
@@ -133,6 +144,13 @@ def test_sixth_request_in_a_minute_is_refused_on_either_gateway(
     # the static key of the first gateway has no limit
     assert chat(gateways[0], STATIC).status_code == 200
     assert chat(gateways[1], STATIC).status_code == 401  # not the second gateway's key
+    # each gateway counts its refusals, by route and by key
+    for url in gateways:
+        counts = scrape(url, secret)
+        assert counts[("chatbus:gateway_rate_limited_total", "key=team-a", "reason=rate_limit_exceeded")] == 1
+        assert counts[("chatbus:http_requests_total", "route=/v1/chat/completions", "status=429")] == 1
+    refused = {k: v for k, v in scrape(gateways[1], secret).items() if "status=401" in k and "_total" in k[0]}
+    assert refused == {("chatbus:http_requests_total", "route=/v1/chat/completions", "status=401"): 1}
     # each gateway's JSON access lines name the key and the model
     for i in range(2):
         lines = [
@@ -296,3 +314,45 @@ async def test_each_role_does_its_part_and_no_more(secured: dict[str, str]) -> N
     ]:
         assert await _refusals(urls[role], "pub", subject), f"{role} may publish {subject}"
     assert not await _refusals(urls["gateway"], "pub", "$KV.cb_limits.req.secured.1")
+
+
+async def test_a_revocation_after_a_server_restart_is_seen(tmp_path: Path) -> None:
+    """The key table's watch starts over once the gateway's connection is back (the restarted server
+    forgot its consumer): a key revoked afterwards stops working on the gateway."""
+    server = EmbeddedServer(data_dir=tmp_path / "js", port=0, log_file=tmp_path / "nats.log")
+    server.start()
+    try:
+        client = await BusClient.connect(server.url, name="test-gateway-restart")
+        ops = GatewayOps(client)
+        try:
+            assert await ops.ready()
+            admin = await connect(server.url, name="test-admin")
+            kv = await ensure_keys_bucket(admin.jetstream())
+            secret, _ = await create_key(kv, "survivor")
+            await admin.close()
+            store = ops.keys
+            assert store is not None
+            for _ in range(50):
+                if store.lookup(secret) is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert store.lookup(secret) is not None
+            server.kill()
+            server.start()  # same port, same data dir
+            for _ in range(200):
+                if client.nc.is_connected and client.reconnects():
+                    break
+                await asyncio.sleep(0.05)
+            admin = await connect(server.url, name="test-admin")
+            await revoke_key(await ensure_keys_bucket(admin.jetstream()), "survivor")
+            await admin.close()
+            for _ in range(100):
+                if store.lookup(secret).revoked:  # type: ignore[union-attr]
+                    break
+                await asyncio.sleep(0.1)
+            assert store.lookup(secret).revoked  # type: ignore[union-attr]
+        finally:
+            await ops.stop()
+            await client.close()
+    finally:
+        server.stop()
