@@ -46,6 +46,7 @@ def issue(
     *,
     models: list[str] | None = None,
     adapters: bool = False,
+    kinds: list[str] | None = None,
     url: str | None = None,
     out: Path | None = None,
 ) -> tuple[Issued, Path]:
@@ -64,6 +65,7 @@ def issue(
         password=secrets.token_urlsafe(24),
         models=sorted(set(models)) if models else None,
         adapters=adapters,
+        kinds=sorted(set(kinds)) if kinds else None,
         created=time.time(),
     )
     save_issued(state_dir, {**creds, name: cred})

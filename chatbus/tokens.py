@@ -32,6 +32,13 @@ def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.Arg
             create.add_argument(
                 "--adapters", action="store_true", help="it may read the artifact store (to serve --adapter)"
             )
+        else:
+            create.add_argument(
+                "--kind",
+                action="append",
+                choices=["train", "eval"],
+                help="jobs it takes (repeatable; default both)",
+            )
         create.add_argument("--url", default=None, help="the bus URL to put in the file (default: this bus)")
         create.add_argument("--out", type=Path, default=None, help="where to write the file")
         listing = actions.add_parser("list", help=f"the {role} credentials issued here")
@@ -49,10 +56,11 @@ def run(args: argparse.Namespace, role: str) -> int:
         if not creds:
             print(f"no {role} credentials issued; `chatbus {role}-token create --name NAME` makes one")
         for c in sorted(creds, key=lambda c: c.created):
-            allowed = ",".join(c.models) if c.models else "any"
+            allowed = ",".join(c.models or c.kinds or []) or "any"
             extra = "  adapters" if c.adapters else ""
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.created))
-            print(f"{c.name:<24} user {c.user:<32} models {allowed}{extra}  issued {when}")
+            what = "models" if role == "node" else "jobs"
+            print(f"{c.name:<24} user {c.user:<32} {what} {allowed}{extra}  issued {when}")
         return 0
     if args.action == "create":
         models = getattr(args, "models", None)
@@ -63,6 +71,7 @@ def run(args: argparse.Namespace, role: str) -> int:
                 role,
                 models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
                 adapters=getattr(args, "adapters", False),
+                kinds=getattr(args, "kind", None),
                 url=args.url,
                 out=args.out,
             )

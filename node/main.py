@@ -90,6 +90,8 @@ async def serve(cfg: NodeConfig) -> None:
     from node.service import NodeService, new_node_id
 
     creds = creds_in(cfg.nats)  # a credential of its own: the node id is its name
+    if creds and cfg.node_id not in (None, creds.name):
+        raise BusError(f"with credential {creds.name} the node id is {creds.name!r}: leave out --node-id")
     node_id = cfg.node_id or (creds.name if creds else new_node_id())
     nc = await connect(cfg.nats, name=f"chatbus-node {node_id}")  # fail fast before a long load
     try:

@@ -12,6 +12,7 @@ import tarfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
 from fakes import EchoEngine, echo_node, user, wait_for
@@ -22,7 +23,7 @@ from bus.auth import ROLES, Provisioned, provision, with_credential
 from bus.codec import encode
 from bus.connection import connect
 from bus.errors import BadRequest, BusError, BusUnavailable
-from bus.jobs import Jobs
+from bus.jobs import JobContext, Jobs, JobWorker
 from bus.paths import write_nats_url
 from bus.schemas import ModelCard, NodeInfo
 from bus.server import EmbeddedServer
@@ -43,6 +44,7 @@ def secured(state: Path) -> Iterator[tuple[EmbeddedServer, Provisioned]]:
     for name, models in ISSUED.items():
         issue(state, name, models=models)
     issue(state, "judge1", "worker")
+    issue(state, "evals", "worker", kinds=["eval"])
     prov = provision(state)
     server = EmbeddedServer(state / "js", port=0, log_file=state / "nats.log", config=prov.config)
     server.start()
@@ -57,7 +59,7 @@ def urls(secured: tuple[EmbeddedServer, Provisioned], state: Path) -> dict[str, 
     write_nats_url(state, out["ui"])  # as `chatbus up` does: `node-token revoke` finds the bus here
     creds = state / "auth" / "creds"
     out |= {name: with_creds(server.url, creds / f"node-{name}.creds") for name in ISSUED}
-    return out | {"judge1": with_creds(server.url, creds / "worker-judge1.creds")}
+    return out | {w: with_creds(server.url, creds / f"worker-{w}.creds") for w in ("judge1", "evals")}
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +283,47 @@ async def test_a_revoked_node_is_cut_off_while_another_keeps_serving(
             assert "rev" not in {n.node_id for n in client.nodes()}
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize(
+    ("subject", "why"),
+    [
+        ("$JS.API.CONSUMER.CREATE.CB_JOBS.cb-train-workers.cb.job.train.>", "take train jobs"),
+        (
+            "$JS.API.CONSUMER.CREATE.CB_JOBS.cb-eval-workers.cb.job.train.>",
+            "filter its consumer on train jobs",
+        ),
+        ("$JS.API.CONSUMER.DURABLE.CREATE.CB_JOBS.cb-eval-workers", "create its consumer with any filter"),
+        ("$JS.API.CONSUMER.MSG.NEXT.CB_JOBS.cb-train-workers", "pull train jobs"),
+        ("$JS.ACK.CB_JOBS.cb-train-workers.1.1.1.1.0", "acknowledge a train job"),
+        ("cb.tok.x", "forge tokens"),
+    ],
+)
+async def test_a_worker_of_one_kind_takes_only_those_jobs(
+    ready: None, urls: dict[str, str], subject: str, why: str
+) -> None:
+    assert await _refused(urls["evals"], "pub", subject), f"an eval worker could {why}"
+
+
+async def test_an_eval_worker_runs_eval_jobs(ready: None, urls: dict[str, str]) -> None:
+    ui = await connect(urls["ui"], name="test-ui-evals")
+    nc = await connect(urls["evals"], name="test-evals")
+
+    async def handler(ctx: JobContext) -> msgspec.Raw:
+        return msgspec.Raw(b'{"ok": true}')
+
+    worker = JobWorker(nc, "eval", handler)
+    running = asyncio.create_task(worker.run())
+    try:
+        jobs = await Jobs(ui).start()
+        job_id = await jobs.submit("eval", msgspec.Struct())
+        events = [e async for e in jobs.events(job_id)]
+        assert events[-1].state == "done" and events[-1].result == {"ok": True}, events
+    finally:
+        worker.stop()
+        await running
+        await ui.close()
+        await nc.close()
 
 
 async def test_a_revoked_worker_is_cut_off(
