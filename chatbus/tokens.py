@@ -50,43 +50,51 @@ def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.Arg
 
 
 def run(args: argparse.Namespace, role: str) -> int:
-    state: Path = args.state_dir
-    if args.action == "list":
-        creds = [c for c in issued(state).values() if c.role == role]
-        if not creds:
-            print(f"no {role} credentials issued; `chatbus {role}-token create --name NAME` makes one")
-        for c in sorted(creds, key=lambda c: c.created):
-            allowed = ",".join(c.models or c.kinds or []) or "any"
-            extra = "  adapters" if c.adapters else ""
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.created))
-            what = "models" if role == "node" else "jobs"
-            print(f"{c.name:<24} user {c.user:<32} {what} {allowed}{extra}  issued {when}")
-        return 0
-    if args.action == "create":
-        models = getattr(args, "models", None)
-        try:
-            cred, path = issue(
-                state,
-                args.name,
-                role,
-                models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
-                adapters=getattr(args, "adapters", False),
-                kinds=getattr(args, "kind", None),
-                url=args.url,
-                out=args.out,
-            )
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"{role} credential {cred.name} (NATS user {cred.user}) written to {path}")
-        if role == "node":
-            print(f"on the node's machine: chatbus node --creds {path.name} --nats nats://BUS-HOST:4222")
-        else:
-            print(
-                f"on the worker's machine: CHATBUS_NATS='nats://BUS-HOST:4222?creds={path.name}' python -m trainer"
-            )
-        _say_reload(state)
-        return 0
+    action = {"list": _list, "create": _create, "revoke": _revoke}[args.action]
+    return action(args, role, args.state_dir)
+
+
+def _list(args: argparse.Namespace, role: str, state: Path) -> int:
+    creds = [c for c in issued(state).values() if c.role == role]
+    if not creds:
+        print(f"no {role} credentials issued; `chatbus {role}-token create --name NAME` makes one")
+    for c in sorted(creds, key=lambda c: c.created):
+        allowed = ",".join(c.models or c.kinds or []) or "any"
+        extra = "  adapters" if c.adapters else ""
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.created))
+        what = "models" if role == "node" else "jobs"
+        print(f"{c.name:<24} user {c.user:<32} {what} {allowed}{extra}  issued {when}")
+    return 0
+
+
+def _create(args: argparse.Namespace, role: str, state: Path) -> int:
+    models = getattr(args, "models", None)
+    try:
+        cred, path = issue(
+            state,
+            args.name,
+            role,
+            models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
+            adapters=getattr(args, "adapters", False),
+            kinds=getattr(args, "kind", None),
+            url=args.url,
+            out=args.out,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{role} credential {cred.name} (NATS user {cred.user}) written to {path}")
+    if role == "node":
+        print(f"on the node's machine: chatbus node --creds {path.name} --nats nats://BUS-HOST:4222")
+    else:
+        print(
+            f"on the worker's machine: CHATBUS_NATS='nats://BUS-HOST:4222?creds={path.name}' python -m trainer"
+        )
+    _say_reload(state)
+    return 0
+
+
+def _revoke(args: argparse.Namespace, role: str, state: Path) -> int:
     try:
         cred = revoke(state, args.name)
     except KeyError:
