@@ -80,10 +80,11 @@ _STREAMS = {
 }
 
 
-def _jetstream(role: str, user: str) -> list[str]:
+def _jetstream(role: str, user: str, kinds: list[str] | None = None) -> list[str]:
     """The JetStream API calls an asking role may make: create, inspect and read its own streams
     (never update, delete or purge one, which could source or republish another stream into it),
-    and on the token stream only consumers filtered on its own `cb.tok.<user>.>`."""
+    and on the token stream only consumers filtered on its own `cb.tok.<user>.>`. A worker with
+    `kinds` uses the job queue only through its kinds' consumers."""
     allowed = [
         "$JS.API.INFO",
         "$JS.API.STREAM.NAMES",
@@ -93,11 +94,11 @@ def _jetstream(role: str, user: str) -> list[str]:
         *subjects.js_consume_own(subjects.TOKENS_STREAM, subjects.tokens_of(user)),
     ]
     for stream in _STREAMS[role]:
-        allowed += [
-            f"$JS.API.STREAM.INFO.{stream}",
-            f"$JS.API.STREAM.CREATE.{stream}",
-            *subjects.js_read(stream),
-        ]
+        allowed += [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}"]
+        if stream != subjects.JOBS_STREAM or kinds is None:
+            allowed += subjects.js_read(stream)
+    for kind in kinds or []:
+        allowed += subjects.js_job_queue(kind)
     return allowed
 
 
@@ -125,9 +126,9 @@ def node_permissions(
     return {"publish": {"allow": pub}, "subscribe": {"allow": sub}, "allow_responses": True}
 
 
-def permissions(role: str, user: str | None = None) -> dict[str, Any]:
+def permissions(role: str, user: str | None = None, kinds: list[str] | None = None) -> dict[str, Any]:
     """The nats-server `permissions` block of `role` for the NATS user `user` (default: the role's
-    own user; {} for admin: everything)."""
+    own user; {} for admin: everything); a worker with `kinds` takes only those kinds of jobs."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
     user = user or role
@@ -141,7 +142,7 @@ def permissions(role: str, user: str | None = None) -> dict[str, Any]:
     # What a gateway keeps to resume streams holds users' prompts: gateways only.
     resume = [*subjects.js_read(_RESUME_KV), subjects.kv_all(subjects.RESUME_BUCKET)]
     nodes_kv = subjects.kv_all(subjects.NODES_BUCKET)
-    asks = [*_ASK, *_jetstream(role, user), "$KV.>"]
+    asks = [*_ASK, *_jetstream(role, user, kinds), "$KV.>"]
     deny = [subjects.tokens_all(), nodes_kv, *no_records]  # nobody but a node forges tokens or nodes
     # Keys are an admin's to make, metrics a node's to put; limit counters and usage a gateway's.
     deny += [subjects.kv_all(b) for b in (subjects.KEYS_BUCKET, subjects.METRICS_BUCKET)]
@@ -164,7 +165,8 @@ def permissions(role: str, user: str | None = None) -> dict[str, Any]:
     else:  # worker
         # A worker drops its checkpoints from the artifacts (an object delete purges their chunks).
         own = subjects.js_destroy(f"OBJ_{subjects.ARTIFACTS_BUCKET}")[1]
-        pub = [*asks, subjects.job_events_all(), subjects.JS_ACK_ALL, "$O.>", own]
+        acks = [subjects.JS_ACK_ALL] if kinds is None else []  # else in _jetstream: its kinds' only
+        pub = [*asks, subjects.job_events_all(), *acks, "$O.>", own]
         sub = [inbox, subjects.job_control_all()]
         deny = [d for d in deny if d != own] + resume
     return {"publish": {"allow": pub, "deny": deny}, "subscribe": {"allow": sub}}
@@ -188,6 +190,7 @@ class Issued:
     password: str
     models: list[str] | None = None  # a node: the models it may serve (None: any)
     adapters: bool = False  # a node: may read the artifact store (to serve a trained adapter)
+    kinds: list[str] | None = None  # a worker: the kinds of jobs it takes (None: train and eval)
     created: float = 0.0
 
     @property
@@ -197,7 +200,7 @@ class Issued:
     def permissions(self) -> dict[str, Any]:
         if self.role == "node":
             return node_permissions(self.user, self.name, self.models, self.adapters)
-        return permissions(self.role, self.user)
+        return permissions(self.role, self.user, self.kinds)
 
 
 def issued(state_dir: Path) -> dict[str, Issued]:

@@ -53,8 +53,11 @@ HEARTBEAT_S = 2.0
 TOKENS_MAX_AGE_S = 600.0  # token streams are replayable (resume) for this long
 
 
-async def connect(url: str, *, name: str, timeout: float = 5.0) -> NATS:
-    """Connect, or raise BusUnavailable with a message that says what to do.
+async def connect(
+    url: str, *, name: str, timeout: float = 5.0, on_refused: Callable[[], None] | None = None
+) -> NATS:
+    """Connect, or raise BusUnavailable with a message that says what to do; `on_refused` is called
+    when the server refuses our credential later, on a reconnect (it was revoked).
 
     `url` may list several servers of a cluster, comma-separated. Pings every 5 s (the default 120 s
     hides a dead server for minutes) and reconnects forever, to any server of the cluster.
@@ -70,8 +73,12 @@ async def connect(url: str, *, name: str, timeout: float = 5.0) -> NATS:
     refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
     async def on_error(e: Exception) -> None:
-        if "authorization" in str(e).lower() and not refused.done():
-            refused.set_result(e)  # a wrong password never heals: say so now, not after the timeout
+        if "authorization" in str(e).lower():
+            if not connecting.done():
+                if not refused.done():
+                    refused.set_result(e)  # a wrong password never heals: say so now, not after the timeout
+            elif on_refused is not None:
+                on_refused()
         log.debug("nats: %s", e)
 
     async def on_disconnect() -> None:

@@ -359,8 +359,9 @@ class JobWorker:
 
     async def run(self) -> None:
         await self.jobs.start()
-        durable = f"cb-{self.kind}-workers"
+        durable = subjects.job_workers(self.kind)
         config = ConsumerConfig(
+            name=durable,  # a named create carries its filter in the subject: permissions can pin a kind
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait_s,

@@ -147,6 +147,23 @@ def jobs_all() -> str:
     return f"{PREFIX}.job.>"
 
 
+def job_workers(kind: str) -> str:
+    """The durable consumer the workers of one kind share on JOBS_STREAM."""
+    return f"cb-{safe_token(kind)}-workers"
+
+
+def js_job_queue(kind: str) -> list[str]:
+    """What a worker of one kind does with the job queue: create (a named create, filter in the
+    subject), inspect and pull its kind's consumer, and acknowledge what it pulled."""
+    durable = job_workers(kind)
+    return [
+        f"$JS.API.CONSUMER.CREATE.{JOBS_STREAM}.{durable}.{jobs_of(kind)}",
+        f"$JS.API.CONSUMER.INFO.{JOBS_STREAM}.{durable}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{JOBS_STREAM}.{durable}",
+        f"$JS.ACK.{JOBS_STREAM}.{durable}.>",
+    ]
+
+
 def job_events(job_id: str) -> str:
     return f"{PREFIX}.jobevt.{safe_token(job_id, 'job_id')}"
 

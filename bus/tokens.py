@@ -22,7 +22,7 @@ from bus.paths import DEFAULT_NATS, private_dir, read_nats_url, write_private
 
 __all__ = ["Creds", "creds_in", "issue", "read_creds", "reload_server", "revoke", "with_creds"]
 
-KINDS = ("node", "worker")
+ISSUED_ROLES = ("node", "worker")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _FORMAT = "chatbus-credential/1"
 
@@ -46,6 +46,7 @@ def issue(
     *,
     models: list[str] | None = None,
     adapters: bool = False,
+    kinds: list[str] | None = None,
     url: str | None = None,
     out: Path | None = None,
 ) -> tuple[Issued, Path]:
@@ -53,8 +54,8 @@ def issue(
     server config is rewritten and reloaded, so it works at once."""
     if not _NAME.match(name):
         raise ValueError(f"credential names are 1-63 letters, digits, '-' or '_', got {name!r}")
-    if role not in KINDS:
-        raise ValueError(f"role must be one of {', '.join(KINDS)}, got {role!r}")
+    if role not in ISSUED_ROLES:
+        raise ValueError(f"role must be one of {', '.join(ISSUED_ROLES)}, got {role!r}")
     creds = issued(state_dir)
     if name in creds:
         raise ValueError(f"{name!r} exists already: revoke it first, or pick another name")
@@ -64,6 +65,7 @@ def issue(
         password=secrets.token_urlsafe(24),
         models=sorted(set(models)) if models else None,
         adapters=adapters,
+        kinds=sorted(set(kinds)) if kinds else None,
         created=time.time(),
     )
     save_issued(state_dir, {**creds, name: cred})

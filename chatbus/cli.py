@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--nats-port", type=int, default=4222, help="port of the embedded server (next free if taken)"
     )
+    up.add_argument(
+        "--nats-host",
+        default="127.0.0.1",
+        help="address of the embedded server (0.0.0.0: nodes on other machines join with `chatbus node-token`)",
+    )
     up.add_argument("--gateway-host", default="127.0.0.1")
     up.add_argument("--gateway-port", type=int, default=8000)
     up.add_argument("--no-gateway", action="store_true")
@@ -195,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 state_dir=args.state_dir,
                 cache_dir=args.cache_dir,
                 nats_port=args.nats_port,
+                nats_host=args.nats_host,
                 gateway=not args.no_gateway,
                 gateway_host=args.gateway_host,
                 gateway_port=args.gateway_port,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from pathlib import Path
 from bus import subjects
 from bus.auth import issued, local_url, redact
 from bus.connection import connect
+from bus.errors import BusUnavailable
 from bus.tokens import issue, revoke
 
 __all__ = ["add_commands", "forget_node"]
@@ -32,6 +32,13 @@ def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.Arg
             create.add_argument(
                 "--adapters", action="store_true", help="it may read the artifact store (to serve --adapter)"
             )
+        else:
+            create.add_argument(
+                "--kind",
+                action="append",
+                choices=["train", "eval"],
+                help="jobs it takes (repeatable; default both)",
+            )
         create.add_argument("--url", default=None, help="the bus URL to put in the file (default: this bus)")
         create.add_argument("--out", type=Path, default=None, help="where to write the file")
         listing = actions.add_parser("list", help=f"the {role} credentials issued here")
@@ -43,41 +50,51 @@ def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.Arg
 
 
 def run(args: argparse.Namespace, role: str) -> int:
-    state: Path = args.state_dir
-    if args.action == "list":
-        creds = [c for c in issued(state).values() if c.role == role]
-        if not creds:
-            print(f"no {role} credentials issued; `chatbus {role}-token create --name NAME` makes one")
-        for c in sorted(creds, key=lambda c: c.created):
-            allowed = ",".join(c.models) if c.models else "any"
-            extra = "  adapters" if c.adapters else ""
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.created))
-            print(f"{c.name:<24} user {c.user:<32} models {allowed}{extra}  issued {when}")
-        return 0
-    if args.action == "create":
-        models = getattr(args, "models", None)
-        try:
-            cred, path = issue(
-                state,
-                args.name,
-                role,
-                models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
-                adapters=getattr(args, "adapters", False),
-                url=args.url,
-                out=args.out,
-            )
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"{role} credential {cred.name} (NATS user {cred.user}) written to {path}")
-        if role == "node":
-            print(f"on the node's machine: chatbus node --creds {path.name} --nats nats://BUS-HOST:4222")
-        else:
-            print(
-                f"on the worker's machine: CHATBUS_NATS='nats://BUS-HOST:4222?creds={path.name}' python -m trainer"
-            )
-        _say_reload(state)
-        return 0
+    action = {"list": _list, "create": _create, "revoke": _revoke}[args.action]
+    return action(args, role, args.state_dir)
+
+
+def _list(args: argparse.Namespace, role: str, state: Path) -> int:
+    creds = [c for c in issued(state).values() if c.role == role]
+    if not creds:
+        print(f"no {role} credentials issued; `chatbus {role}-token create --name NAME` makes one")
+    for c in sorted(creds, key=lambda c: c.created):
+        allowed = ",".join(c.models or c.kinds or []) or "any"
+        extra = "  adapters" if c.adapters else ""
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.created))
+        what = "models" if role == "node" else "jobs"
+        print(f"{c.name:<24} user {c.user:<32} {what} {allowed}{extra}  issued {when}")
+    return 0
+
+
+def _create(args: argparse.Namespace, role: str, state: Path) -> int:
+    models = getattr(args, "models", None)
+    try:
+        cred, path = issue(
+            state,
+            args.name,
+            role,
+            models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
+            adapters=getattr(args, "adapters", False),
+            kinds=getattr(args, "kind", None),
+            url=args.url,
+            out=args.out,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{role} credential {cred.name} (NATS user {cred.user}) written to {path}")
+    if role == "node":
+        print(f"on the node's machine: chatbus node --creds {path.name} --nats nats://BUS-HOST:4222")
+    else:
+        print(
+            f"on the worker's machine: CHATBUS_NATS='nats://BUS-HOST:4222?creds={path.name}' python -m trainer"
+        )
+    _say_reload(state)
+    return 0
+
+
+def _revoke(args: argparse.Namespace, role: str, state: Path) -> int:
     try:
         cred = revoke(state, args.name)
     except KeyError:
@@ -106,14 +123,18 @@ async def forget_node(state: Path, node_id: str) -> None:
     url = local_url(state, "admin")
     if url is None:
         return
-    with contextlib.suppress(Exception):  # no bus runs, or no heartbeat is left
+    try:
         nc = await connect(url, name="chatbus-node-token", timeout=3)
-        try:
-            kv = await nc.jetstream().key_value(subjects.NODES_BUCKET)
-            prefix = f"{subjects.kv_token(node_id)}."
-            for key in await kv.keys():
-                if key.startswith(prefix):
-                    await kv.delete(key)
-                    print(f"removed {key} from the node table on {redact(url)}")
-        finally:
-            await nc.close()
+    except BusUnavailable:
+        return  # no bus runs: nothing to remove
+    try:
+        kv = await nc.jetstream().key_value(subjects.NODES_BUCKET)
+        prefix = f"{subjects.kv_token(node_id)}."
+        for key in await kv.keys():
+            if key.startswith(prefix):
+                await kv.delete(key)
+                print(f"removed {key} from the node table on {redact(url)}")
+    except Exception as e:  # clients drop it anyway once its heartbeats stop (within their TTL)
+        print(f"could not remove {node_id} from the node table ({e!r}); it goes when its heartbeats expire")
+    finally:
+        await nc.close()

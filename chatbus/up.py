@@ -29,6 +29,8 @@ from node.service import new_node_id
 
 __all__ = ["Child", "UpConfig", "run_up"]
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 
 @dataclass(frozen=True)
 class UpConfig:
@@ -37,6 +39,7 @@ class UpConfig:
     state_dir: Path
     cache_dir: Path
     nats_port: int = 4222
+    nats_host: str = "127.0.0.1"  # 0.0.0.0: nodes on other machines join (with a credential of their own)
     gateway: bool = True
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000
@@ -188,13 +191,24 @@ async def run_up(cfg: UpConfig) -> int:
     url = cfg.nats
     if url is None:
         config = provision(cfg.state_dir).config if cfg.auth else None
+        if not cfg.auth and cfg.nats_host not in _LOOPBACK:
+            say(
+                f"error: --no-auth would open the bus to everyone who reaches {cfg.nats_host}; drop one of them"
+            )
+            return 2
         server = EmbeddedServer(
             cfg.state_dir / "jetstream",
             port=cfg.nats_port,
+            host=cfg.nats_host,
             log_file=cfg.state_dir / "nats.log",
             config=config,
         )
         url = server.start()
+        if cfg.nats_host not in _LOOPBACK:  # our own parts connect locally
+            url = f"nats://127.0.0.1:{server.port}"
+            say(
+                f"the bus listens on {cfg.nats_host}:{server.port}: join with `chatbus node-token create` (docs/security.md)"
+            )
     urls = _role_urls(cfg, server, url)
     if server is not None:
         await server.wait_jetstream(url=urls["admin"])

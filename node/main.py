@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -92,8 +93,13 @@ async def serve(cfg: NodeConfig) -> None:
     from node.service import NodeService, new_node_id
 
     creds = creds_in(cfg.nats)  # a credential of its own: the node id is its name
+    if creds and cfg.node_id not in (None, creds.name):
+        raise BusError(f"with credential {creds.name} the node id is {creds.name!r}: leave out --node-id")
     node_id = cfg.node_id or (creds.name if creds else new_node_id())
-    nc = await connect(cfg.nats, name=f"chatbus-node {node_id}")  # fail fast before a long load
+    revoked = asyncio.Event()
+    nc = await connect(
+        cfg.nats, name=f"chatbus-node {node_id}", on_refused=revoked.set
+    )  # fail fast before a long load
     try:
         adapter_dir = None
         if cfg.adapter:
@@ -118,12 +124,19 @@ async def serve(cfg: NodeConfig) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        waits = [asyncio.ensure_future(e.wait()) for e in (stop, revoked)]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in waits:
+            waiting.cancel()
+        if revoked.is_set():  # `chatbus node-token revoke`: nothing to drain to, the bus is gone for us
+            await service.drain(0)
+            raise BusError(f"{node_id}: the bus refuses this node's credential now (revoked?); stopped")
         say(f"{node_id} draining (up to {cfg.drain_timeout:.0f}s)")
         await service.drain(cfg.drain_timeout)
         say(f"{node_id} stopped")
     finally:
-        await nc.close()
+        with contextlib.suppress(ConnectionError):  # nats-py, closing while a refused reconnect dies
+            await nc.close()
 
 
 def main(cfg: NodeConfig) -> int:
