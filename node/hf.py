@@ -40,75 +40,32 @@ from typing import Any, TypeVar
 import torch
 
 from bus.errors import BadRequest, ContextLengthExceeded, NodeBusy
-from bus.schemas import ChatMessage, ModelCard, SamplingParams, TokenLogprob, TopLogprob
+from bus.prefixes import prefix_hashes
+from bus.schemas import ChatMessage, ModelCard, TokenLogprob, TopLogprob
 from node.engine import Delta, EngineRequest, EngineStats, FinishReason, Sink
+from node.kvcache import GROW, SLOT_STEP, memory_budget
 from node.loader import LoadedModel
+from node.packing import can_pack, pack_linears
+from node.prefix_cache import BLOCK, KV, PrefixCache
+from node.prompts import encode, validate
 from node.sampling import Choice, TokenChooser, choose_tokens
 from node.scheduler import KVBatch
+from node.slotbatch import SlotBatch
+from node.slotforward import SlotForward, supported
+from node.textstream import TextStream
 
 T = TypeVar("T")
 
-__all__ = ["HFEngine"]
+__all__ = ["HFEngine", "TextStream"]
 
 log = logging.getLogger(__name__)
 
 _TAIL = 4  # prompt tokens decoded with the output, so the first token keeps its leading space
 _RATE_WINDOW_S = 5.0
+_ADVERTISED = 64  # prefix hashes in EngineStats.cached_prefixes
+_SAVE_AT_PREFILL = 4 * BLOCK  # newly prefilled tokens worth keeping before the request ends
 
-
-class TextStream:
-    """Generated ids → text deltas that never end in a partial UTF-8 char or a possible stop prefix."""
-
-    def __init__(self, tokenizer: Any, prompt_tail: list[int], stops: list[str]) -> None:
-        self._tokenizer = tokenizer
-        self._ids = list(prompt_tail)
-        self._prefix = 0  # window start: decoding from a little earlier keeps spaces right
-        self._read = len(self._ids)  # ids before this are already in `text`
-        self._stops = [s for s in stops if s]
-        self.text = ""  # everything decoded so far (cut at a stop string once one is found)
-        self._sent = 0
-        self.stopped = False
-
-    def push(self, token: int) -> str:
-        if self.stopped:
-            return ""
-        self._ids.append(token)
-        self._decode(final=False)
-        return self._release(final=False)
-
-    def flush(self) -> str:
-        """At the end: whatever was held back, minus an incomplete trailing character."""
-        self._decode(final=True)
-        return self._release(final=True)
-
-    def _decode(self, final: bool) -> None:
-        decode = self._tokenizer.decode
-        before = decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
-        after = decode(self._ids[self._prefix :], skip_special_tokens=True)
-        if final:
-            after = after.rstrip("\ufffd")
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before) :]
-            self._prefix, self._read = self._read, len(self._ids)
-
-    def _release(self, final: bool) -> str:
-        end = len(self.text)
-        if self._stops and not self.stopped:
-            hits = [i for s in self._stops if (i := self.text.find(s, self._sent)) >= 0]
-            if hits:
-                end = min(hits)
-                self.text, self.stopped = self.text[:end], True
-            elif not final:
-                end -= self._held(self.text[self._sent :])
-        out, self._sent = self.text[self._sent : end], end
-        return out
-
-    def _held(self, tail: str) -> int:
-        """Length of the longest suffix of `tail` that could still grow into a stop string."""
-        for size in range(min(len(tail), max(map(len, self._stops)) - 1), 0, -1):
-            if any(s.startswith(tail[-size:]) for s in self._stops):
-                return size
-        return 0
+Batch = KVBatch | SlotBatch
 
 
 @dataclass(eq=False)
@@ -121,8 +78,13 @@ class _Seq:
     max_new: int
     chooser: TokenChooser
     stream: TextStream
-    kv: KVBatch | None = None  # its own cache while a long prompt is prefilled chunk by chunk
+    reserve: int  # KV columns it may reach: prompt + max_new
+    kv: Batch | None = None  # its own cache while a long prompt is prefilled chunk by chunk
+    prefix: KV | None = None  # cached keys/values of prompt[:cached]
+    cached: int = 0
     prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    reason: FinishReason | None = None
     next_token: int = -1
     completion: int = 0
     unsent_tokens: int = 0
@@ -140,6 +102,8 @@ class HFEngine:
         max_running: int = 16,
         max_queued: int = 64,
         prefill_chunk: int = 128,
+        kv_cache_memory: int | str | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         self._m = loaded
         self._max_running = max_running
@@ -155,7 +119,12 @@ class HFEngine:
         # Owned by the worker thread only:
         self._prefilling: list[_Seq] = []  # out of the queue, not yet running (see _prefill_some)
         self._running: list[_Seq] = []
-        self._batch = KVBatch(loaded.device)
+        self._budget = memory_budget(kv_cache_memory)
+        self._slot_forward = self._fast_path(loaded.model)
+        self._token_bytes = _token_bytes(loaded.model)
+        self._prefixes = PrefixCache(self._budget if prefix_cache and self._slot_forward else 0)
+        self._advertised: list[int] = []  # the prefix cache's chat hashes, replaced by the worker
+        self._batch = self._new_batch()
         self._steps: deque[tuple[float, int]] = deque()
         # Other torch work (embeddings) runs on the worker thread too, between two steps: torch used
         # from a second thread of the process halves every later decode step on our 2-core CPU
@@ -195,11 +164,11 @@ class HFEngine:
             self._finish_everything("cancelled")
 
     def count_tokens(self, messages: list[ChatMessage] | None, prompt: str | None) -> int:
-        return len(self._encode(messages, prompt, ""))
+        return len(encode(self._m.tokenizer, messages, prompt, ""))
 
     def submit(self, request: EngineRequest, sink: Sink) -> int:
-        _validate(request.params)
-        ids = self._encode(request.messages, request.prompt, request.continuation)
+        validate(request.params)
+        ids = encode(self._m.tokenizer, request.messages, request.prompt, request.continuation)
         room = self._m.context_length - len(ids)
         wanted = request.params.max_tokens
         if room < (wanted or 1):
@@ -207,11 +176,18 @@ class HFEngine:
             raise ContextLengthExceeded(
                 f"prompt has {len(ids)} tokens, {asked}, model context is {self._m.context_length}"
             )
+        max_new = min(wanted or room, room)
+        need = (len(ids) + max_new + GROW) * self._token_bytes
+        if need > self._budget:
+            raise NodeBusy(
+                f"the request needs {need >> 20} MiB of KV cache, this node has {self._budget >> 20} MiB"
+            )
         seq = _Seq(
             request=request,
             sink=sink,
             prompt=ids,
-            max_new=min(wanted or room, room),
+            max_new=max_new,
+            reserve=len(ids) + max_new,
             chooser=TokenChooser(request.params, ids, self._vocab, torch.device(self._m.device)),
             stream=TextStream(self._m.tokenizer, ids[-_TAIL:], request.params.stop),
         )
@@ -234,7 +210,9 @@ class HFEngine:
             queued = len(self._queue)
         active = [*self._running, *self._prefilling]  # a finished row may not be dropped yet
         running = sum(1 for s in active if not s.finished)
-        return EngineStats(running=running, queued=queued, tokens_per_s=self._rate())
+        return EngineStats(
+            running=running, queued=queued, tokens_per_s=self._rate(), cached_prefixes=self._advertised
+        )
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Mean-pooled, L2-normalised last hidden states, all texts in one right-padded forward."""
@@ -323,14 +301,15 @@ class HFEngine:
         for seq in self._running:
             if seq.request.request_id in ids:
                 self._finish(seq, "cancelled")
-        self._drop_finished()
+        self._running = self._drop_finished(self._batch, self._running)
 
     def _prefill_some(self) -> None:
         """One prefill forward: a group of whole prompts, or the next chunk of a long one."""
         if not self._prefilling:
             self._prefilling = self._take_group()
-            if len(self._prefilling) == 1 and len(self._prefilling[0].prompt) > self._prefill_chunk:
-                self._prefilling[0].kv = KVBatch(self._m.device)
+            first = self._prefilling[0] if len(self._prefilling) == 1 else None
+            if first is not None and len(first.prompt) - first.cached > self._prefill_chunk:
+                first.kv = self._start_batch([first])
         if not self._prefilling:
             return
         if self._prefilling[0].kv is not None:
@@ -339,78 +318,130 @@ class HFEngine:
             self._prefill_group(self._prefilling)
 
     def _take_group(self) -> list[_Seq]:
-        """Queued requests, first come first served, while their padded prompts fit `prefill_chunk`."""
+        """Queued requests, first come first served, while their padded prompts fit `prefill_chunk`
+        and the KV cache they may grow to fits the budget (the prefix cache gives way, LRU first)."""
         group: list[_Seq] = []
         longest = 0
         with self._cond:
             while self._queue and len(self._running) + len(group) < self._max_running:
-                size = len(self._queue[0].prompt)
+                seq = self._queue[0]
+                if seq.prefix is None and seq.cached == 0 and self._prefixes.budget:
+                    hit = self._prefixes.lookup(seq.prompt)
+                    if hit is not None:
+                        seq.cached, seq.prefix = hit
+                size = len(seq.prompt) - seq.cached
                 if group and (len(group) + 1) * max(longest, size) > self._prefill_chunk:
                     break  # a prompt longer than the budget is taken alone, and chunked
+                need = self._kv_need([*group, seq])
+                if need > self._budget and (self._running or group):
+                    break  # waits for running rows to finish; never evicts them
+                self._prefixes.shrink_to(self._budget - need)
                 group.append(self._queue.popleft())
                 longest = max(longest, size)
+        self._advertise()
         return group
 
+    def _kv_need(self, joining: list[_Seq]) -> int:
+        """Bytes the running batch may reach once `joining` is in, plus their own prefill batch."""
+        rows = [*self._running, *joining]
+        slots = -(-len(rows) // SLOT_STEP) * SLOT_STEP
+        columns = max(s.reserve for s in rows) + GROW
+        joining_columns = max(s.reserve for s in joining) + GROW
+        return (slots * columns + len(joining) * joining_columns) * self._token_bytes
+
+    def _start_batch(self, seqs: list[_Seq]) -> Batch:
+        """A new batch for these rows, started from their cached prefixes where they have one."""
+        batch = self._new_batch()
+        if isinstance(batch, SlotBatch):
+            batch.start_rows([s.prefix for s in seqs])
+        for seq in seqs:
+            seq.prefilled, seq.prefix = seq.cached, None
+        return batch
+
     def _prefill_group(self, group: list[_Seq]) -> None:
-        """Whole prompts in one left-padded forward (the batch `generate` would build for them)."""
-        longest = max(len(seq.prompt) for seq in group)
-        ids = torch.zeros(len(group), longest, dtype=torch.long)  # pad id 0: masked, never attended
-        mask = torch.zeros(len(group), longest, dtype=torch.long)
-        for row, seq in enumerate(group):
-            ids[row, longest - len(seq.prompt) :] = torch.tensor(seq.prompt)
-            mask[row, longest - len(seq.prompt) :] = 1
-        kv = KVBatch(self._m.device)
+        """Whole prompts (past their cached prefixes) in one padded forward."""
+        batch = self._start_batch(group)
+        rest = [seq.prompt[seq.cached :] for seq in group]
         started = time.perf_counter()
-        logits = kv.forward(self._m.model, ids.to(self._m.device), mask)
+        logits = batch.extend(rest)
         log.debug(
-            "prefill: %d rows × %d columns in %.1f ms",
+            "prefill: %d rows × %d columns in %.1f ms (%d cached tokens)",
             len(group),
-            longest,
+            max(len(r) for r in rest),
             1000 * (time.perf_counter() - started),
+            sum(s.cached for s in group),
         )
-        self._join(group, kv, logits)
+        self._join(group, batch, logits)
 
     def _prefill_chunk_of(self, seq: _Seq) -> None:
         """The next `prefill_chunk` tokens of a long prompt, alone: running streams wait one chunk."""
         assert seq.kv is not None
         take = min(self._prefill_chunk, len(seq.prompt) - seq.prefilled)
-        chunk = torch.tensor([seq.prompt[seq.prefilled : seq.prefilled + take]], device=self._m.device)
-        logits = seq.kv.forward(self._m.model, chunk)
+        logits = seq.kv.extend([seq.prompt[seq.prefilled : seq.prefilled + take]])
         seq.prefilled += take
         log.debug("prefill: 1 row, chunk of %d tokens (%d/%d)", take, seq.prefilled, len(seq.prompt))
         if seq.prefilled == len(seq.prompt):
             kv, seq.kv = seq.kv, None
             self._join([seq], kv, logits)
 
-    def _join(self, seqs: list[_Seq], kv: KVBatch, logits: torch.Tensor) -> None:
+    def _join(self, seqs: list[_Seq], kv: Batch, logits: torch.Tensor) -> None:
         """First tokens from the prefill logits; the rows that go on join the running batch."""
+        for row, seq in enumerate(seqs):
+            if len(seq.prompt) - seq.cached >= _SAVE_AT_PREFILL:  # a shared system prompt, a long turn
+                self._save(kv, row, seq, seq.prompt, [])
         for seq, choice in zip(seqs, choose_tokens(logits, [s.chooser for s in seqs]), strict=True):
             seq.prefilled = len(seq.prompt)
             self._accept(seq, choice)
-        keep = [row for row, seq in enumerate(seqs) if not seq.finished]
-        kv.keep(keep)
-        self._batch.merge(kv)
-        self._running.extend(seqs[row] for row in keep)
+        self._drop_finished(kv, seqs)
+        self._batch.merge(kv)  # type: ignore[arg-type]  # both are the engine's one kind
+        self._running.extend(seq for seq in seqs if not seq.finished)
         self._prefilling = []
 
     def _decode_step(self) -> None:
         if not self._running:
             return
         started = time.perf_counter()
-        ids = torch.tensor([[s.next_token] for s in self._running], device=self._m.device)
-        logits = self._batch.forward(self._m.model, ids)
+        logits = self._batch.decode([s.next_token for s in self._running])
         choices = choose_tokens(logits, [s.chooser for s in self._running])
         for seq, choice in zip(self._running, choices, strict=True):
             self._accept(seq, choice)
         self._steps.append((time.perf_counter(), len(choices)))
         log.debug("decode step: %d rows in %.1f ms", len(choices), 1000 * (time.perf_counter() - started))
-        self._drop_finished()
+        self._running = self._drop_finished(self._batch, self._running)
 
-    def _drop_finished(self) -> None:
-        keep = [i for i, s in enumerate(self._running) if not s.finished]
-        if len(keep) < len(self._running):
-            self._batch.keep(keep)
-            self._running = [self._running[i] for i in keep]
+    def _drop_finished(self, batch: Batch, seqs: list[_Seq]) -> list[_Seq]:
+        """Drop finished rows from `batch` (keeping what they computed in the prefix cache)."""
+        keep = [i for i, s in enumerate(seqs) if not s.finished]
+        if len(keep) < len(seqs):
+            for row, seq in enumerate(seqs):
+                if seq.finished and seq.reason in ("stop", "length", "cancelled"):
+                    self._save(batch, row, seq, seq.prompt + seq.generated, [_reply(seq)])
+            batch.keep(keep)
+            self._advertise()
+        return [seqs[i] for i in keep]
+
+    def _save(self, batch: Batch, row: int, seq: _Seq, tokens: list[int], reply: list[ChatMessage]) -> None:
+        if not isinstance(batch, SlotBatch) or not self._prefixes.budget:
+            return
+        messages = seq.request.messages
+        chats = prefix_hashes([*messages, *reply]) if messages and not seq.request.continuation else []
+        self._prefixes.insert(tokens, batch.export(row), chats)
+
+    def _advertise(self) -> None:
+        self._advertised = self._prefixes.chat_hashes(_ADVERTISED)
+
+    def _fast_path(self, model: Any) -> SlotForward | None:
+        if not supported(model):
+            return None
+        weight = model.get_input_embeddings().weight
+        if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and can_pack():
+            pack_linears(model)
+        return SlotForward(model)
+
+    def _new_batch(self) -> Batch:
+        if self._slot_forward is not None:
+            return SlotBatch(self._slot_forward)
+        return KVBatch(self._m.device, self._m.model)
 
     # ------------------------------------------------------------------------- output
 
@@ -419,6 +450,7 @@ class HFEngine:
         seq.completion += 1
         seq.unsent_tokens += 1
         seq.next_token = choice.token
+        seq.generated.append(choice.token)
         if choice.logprob is not None:
             seq.unsent_logprobs.append(self._logprob(choice))
         reason: FinishReason | None = None
@@ -438,7 +470,7 @@ class HFEngine:
     def _finish(self, seq: _Seq, reason: FinishReason, text: str = "", error: str = "") -> None:
         if seq.finished:
             return
-        seq.finished = True
+        seq.finished, seq.reason = True, reason
         delta = Delta(
             request_id=seq.request.request_id,
             text=text,
@@ -475,7 +507,7 @@ class HFEngine:
             self._finish(seq, "error", error=error)
             seq.kv = None
         self._running, self._prefilling = [], []
-        self._batch = KVBatch(self._m.device)
+        self._batch = self._new_batch()
 
     def _finish_everything(self, reason: FinishReason) -> None:
         with self._cond:
@@ -484,7 +516,7 @@ class HFEngine:
             self._finish(seq, reason)
             seq.kv = None
         self._running, self._prefilling = [], []
-        self._batch = KVBatch(self._m.device)
+        self._batch = self._new_batch()
 
     def _rate(self) -> float:
         now = time.perf_counter()
@@ -495,42 +527,16 @@ class HFEngine:
             return 0.0
         return sum(n for _, n in steps[1:]) / max(now - steps[0][0], 1e-3)
 
-    # ------------------------------------------------------------------------- prompts
 
-    def _encode(self, messages: list[ChatMessage] | None, prompt: str | None, continuation: str) -> list[int]:
-        """Token ids exactly as they will be prefilled (chat template, then any continuation)."""
-        tok = self._m.tokenizer
-        if (messages is None) == (prompt is None):
-            raise BadRequest("pass exactly one of messages (chat) or prompt (completion)")
-        if messages is not None:
-            if not messages:
-                raise BadRequest("messages is empty")
-            text = self._render(messages) + continuation
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tok((prompt or "") + continuation)["input_ids"]
-        if not ids:
-            raise BadRequest("prompt is empty")
-        return list(ids)
-
-    def _render(self, messages: list[ChatMessage]) -> str:
-        tok = self._m.tokenizer
-        turns = [{"role": m.role, "content": m.content} for m in messages]
-        if getattr(tok, "chat_template", None):
-            return str(tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
-        # The model has no template (DESIGN: only then a plain one).
-        return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant: "
+def _reply(seq: _Seq) -> ChatMessage:
+    return ChatMessage(role="assistant", content=seq.stream.text)
 
 
-def _validate(p: SamplingParams) -> None:
-    problems = [
-        (p.temperature < 0, "temperature must be >= 0"),
-        (not 0 < p.top_p <= 1, "top_p must be in (0, 1]"),
-        (p.top_k < 0, "top_k must be >= 0"),
-        (p.max_tokens is not None and p.max_tokens < 1, "max_tokens must be >= 1"),
-        (p.repetition_penalty <= 0, "repetition_penalty must be > 0"),
-        (not 0 <= p.top_logprobs <= 20, "top_logprobs must be in [0, 20]"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise BadRequest(message)
+def _token_bytes(model: Any) -> int:
+    """KV bytes per token: keys and values of every layer."""
+    config = getattr(model.config, "get_text_config", lambda: model.config)()
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    itemsize = model.get_input_embeddings().weight.element_size()
+    return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * itemsize
