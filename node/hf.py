@@ -124,6 +124,7 @@ class HFEngine:
         self._token_bytes = _token_bytes(loaded.model)
         self._prefixes = PrefixCache(self._budget if prefix_cache and self._slot_forward else 0)
         self._advertised: list[int] = []  # the prefix cache's chat hashes, replaced by the worker
+        self._joining: tuple[Batch, list[_Seq]] | None = None  # rows of a prefill getting first tokens
         self._batch = self._new_batch()
         self._steps: deque[tuple[float, int]] = deque()
         # Other torch work (embeddings) runs on the worker thread too, between two steps: torch used
@@ -389,9 +390,11 @@ class HFEngine:
         for row, seq in enumerate(seqs):
             if len(seq.prompt) - seq.cached >= _SAVE_AT_PREFILL:  # a shared system prompt, a long turn
                 self._save(kv, row, seq, seq.prompt, [])
+        self._joining = (kv, seqs)
         for seq, choice in zip(seqs, choose_tokens(logits, [s.chooser for s in seqs]), strict=True):
             seq.prefilled = len(seq.prompt)
             self._accept(seq, choice)
+        self._joining = None
         self._drop_finished(kv, seqs)
         self._batch.merge(kv)  # type: ignore[arg-type]  # both are the engine's one kind
         self._running.extend(seq for seq in seqs if not seq.finished)
@@ -410,15 +413,22 @@ class HFEngine:
         self._running = self._drop_finished(self._batch, self._running)
 
     def _drop_finished(self, batch: Batch, seqs: list[_Seq]) -> list[_Seq]:
-        """Drop finished rows from `batch` (keeping what they computed in the prefix cache)."""
         keep = [i for i, s in enumerate(seqs) if not s.finished]
         if len(keep) < len(seqs):
-            for row, seq in enumerate(seqs):
-                if seq.finished and seq.reason in ("stop", "length", "cancelled"):
-                    self._save(batch, row, seq, seq.prompt + seq.generated, [_reply(seq)])
             batch.keep(keep)
-            self._advertise()
         return [seqs[i] for i in keep]
+
+    def _save_finished(self, seq: _Seq) -> None:
+        """Keep a finishing row's KV in the prefix cache (before its last delta: a client's next turn
+        may come at once, and the node already advertises it)."""
+        where = None
+        if self._joining is not None and seq in self._joining[1]:
+            where = (self._joining[0], self._joining[1].index(seq))
+        elif seq in self._running:
+            where = (self._batch, self._running.index(seq))
+        if where is not None:
+            self._save(where[0], where[1], seq, seq.prompt + seq.generated, [_reply(seq)])
+            self._advertise()
 
     def _save(self, batch: Batch, row: int, seq: _Seq, tokens: list[int], reply: list[ChatMessage]) -> None:
         if not isinstance(batch, SlotBatch) or not self._prefixes.budget:
@@ -471,6 +481,8 @@ class HFEngine:
         if seq.finished:
             return
         seq.finished, seq.reason = True, reason
+        if reason in ("stop", "length", "cancelled"):
+            self._save_finished(seq)
         delta = Delta(
             request_id=seq.request.request_id,
             text=text,

@@ -210,13 +210,19 @@ def _native_bf16() -> bool:
 @functools.cache
 def _bf16_speedup() -> float:
     """float32 time / bf16 time of decode-sized matmuls (1 and 16 rows), each run as the engine runs
-    it: float32 input-major, bf16 prepacked for oneDNN where torch can. ~0.1 s, once per process."""
-    from node.packing import can_pack
+    it: float32 input-major, bf16 prepacked for oneDNN where torch can. ~0.1 s, once per process.
+    Single-threaded, on whatever thread loads the model (see node.packing.one_thread)."""
+    from node.packing import can_pack, one_thread
 
+    with one_thread():
+        return _measure_bf16_speedup(can_pack())
+
+
+def _measure_bf16_speedup(packable: bool) -> float:
     weight = torch.randn(2048, 1024)
     input_major = weight.t().contiguous().t()
     bf16 = weight.bfloat16()
-    packed = torch.ops.mkldnn._reorder_linear_weight(bf16) if can_pack() else None
+    packed = torch.ops.mkldnn._reorder_linear_weight(bf16) if packable else None
 
     def run_bf16(x: torch.Tensor) -> torch.Tensor:
         if packed is None:

@@ -9,11 +9,25 @@ replaces the weight (no second copy) except where the weight is shared (a tied L
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["PackedLinear", "can_pack", "pack_linears"]
+__all__ = ["PackedLinear", "can_pack", "one_thread", "pack_linears"]
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch single-threaded for a moment: a parallel region on a thread other than the engine's
+    leaves a second OpenMP team that halves every later decode step (docs/benchmarks.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def can_pack() -> bool:
@@ -56,6 +70,7 @@ def pack_linears(model: Any) -> int:
             if type(child) is torch.nn.Linear and weight is not None:
                 if weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
                     swaps.append((parent, name, child))
-    for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child, keep_weight=id(child.weight) in shared))
+    with one_thread():
+        for parent, name, child in swaps:
+            setattr(parent, name, PackedLinear(child, keep_weight=id(child.weight) in shared))
     return len(swaps)

@@ -1,8 +1,8 @@
 """A bounded, least-recently-used cache of prompt KV prefixes, matched in blocks of tokens.
 
-An entry is a copy of one row's keys/values for its first n tokens (n a multiple of BLOCK). Each block
-boundary of an entry is indexed by a chained hash of the tokens up to it, so a new prompt finds the
-longest cached block-aligned prefix of itself in O(prompt / BLOCK). Entries are copies, never views of
+An entry is a copy of one row's keys/values for its first n tokens. Each block boundary of an entry is
+indexed by a chained hash of the tokens up to it, so a new prompt finds the entry sharing the most
+whole blocks with it in O(prompt / BLOCK), then the match goes on token by token into the last block. Entries are copies, never views of
 a running row, so evicting one never waits on (or disturbs) a sequence being decoded. An entry that is
 a prefix of a newer one (turn N of a conversation when turn N + 1 is saved) is dropped as redundant.
 Each entry also carries the bus.prefix_hashes of the chat it came from, which the node advertises.
@@ -27,6 +27,7 @@ KV = tuple[list[torch.Tensor], list[torch.Tensor]]  # keys, values: [kv_heads, n
 class _Entry:
     key: int
     blocks: list[int]  # chained block hashes
+    tokens: list[int]
     kv: KV
     nbytes: int
     chats: list[int] = field(default_factory=list)  # bus.prefix_hashes of the messages held
@@ -62,31 +63,37 @@ class PrefixCache:
                 entry = holders[-1]
                 self._entries.move_to_end(entry.key)
                 n = k * BLOCK
+                stop = min(len(entry.tokens), len(tokens) - 1)
+                while n < stop and entry.tokens[n] == tokens[n]:  # the last partial block, token by token
+                    n += 1
                 self.hits += 1
                 self.hit_tokens += n
                 return n, ([t[:, :n] for t in entry.kv[0]], [t[:, :n] for t in entry.kv[1]])
         return None
 
     def insert(self, tokens: list[int], kv: KV, chats: list[int]) -> None:
-        """Keep the block-aligned part of `tokens`' keys/values `kv` (as long as tokens)."""
-        blocks = min(len(tokens), int(kv[0][0].shape[1])) // BLOCK
+        """Keep `tokens`' keys/values `kv` (as many columns as tokens, or fewer: then that many)."""
+        n = min(len(tokens), int(kv[0][0].shape[1]))
+        blocks = n // BLOCK
         if blocks == 0 or self.budget <= 0:
             return
-        n = blocks * BLOCK
-        keys = [t[:, :n].clone() for t in kv[0]]
-        values = [t[:, :n].clone() for t in kv[1]]
-        nbytes = sum(t.numel() * t.element_size() for t in [*keys, *values])
+        chain = _chain(tokens, blocks)
+        for holder in self._index.get(chain[-1], []):
+            if holder.tokens[:n] == tokens[:n]:  # already held, by this entry or a longer one
+                holder.chats = list(dict.fromkeys([*holder.chats, *chats]))
+                self._entries.move_to_end(holder.key)
+                return
+        nbytes = sum(t[:, :n].numel() * t.element_size() for t in [*kv[0], *kv[1]])
         if nbytes > self.budget:
             return
-        chain = _chain(tokens, blocks)
-        for holder in list(self._index.get(chain[-1], [])):  # the same prefix again: replaced
-            self._remove(holder)
         for state in chain:  # older entries that are a prefix of this one: redundant now
             for holder in list(self._index.get(state, [])):
                 if holder.blocks[-1] == state:
                     self._remove(holder)
         self.shrink_to(self.budget - nbytes)
-        entry = _Entry(next(self._ids), chain, (keys, values), nbytes, chats)
+        keys = [t[:, :n].clone() for t in kv[0]]
+        values = [t[:, :n].clone() for t in kv[1]]
+        entry = _Entry(next(self._ids), chain, list(tokens[:n]), (keys, values), nbytes, chats)
         self._entries[entry.key] = entry
         for state in chain:
             self._index.setdefault(state, []).append(entry)
