@@ -2,28 +2,38 @@
 
 Why our own loop: on CPU, transformers' continuous batching is ~3× slower than one padded batch and
 TextIteratorStreamer costs ~15 ms a token (FACTS.md). One worker thread owns the model; each
-iteration applies cancels, runs one prefill forward, merges what it finished into the running batch
-(node/scheduler.py), then runs one decode step for every running sequence. Sinks are called from
-that thread.
+iteration applies cancels, runs one prefill forward, merges what it finished into the running batch,
+then runs one decode step for every running sequence. Sinks are called from that thread.
 
-Prefill: waiting requests are taken first come first served and prefilled together in one
-left-padded forward while rows × longest prompt (padding included) fits `prefill_chunk` tokens; a
-longer prompt is prefilled alone, `prefill_chunk` tokens per iteration. Either way running streams
-wait at most one such forward between two decode steps. From transformers we use what `generate`
-uses for a padded batch — a 2D attention mask and explicit position ids over a DynamicCache, and
-`logits_to_keep=1` so the 49k-word LM head runs for each row's last token only — but not `generate`
-itself, which cannot add rows to a batch that is already decoding.
+The batch: for Llama-family models (node/slotforward.py) a preallocated slot KV cache
+(node/kvcache.py, node/slotbatch.py) that each step writes in place, with the model's own modules run
+by a forward of ours (bf16 linears prepacked for oneDNN, node/packing.py); for any other model
+transformers' forward over a left-padded DynamicCache (node/scheduler.py). Both offer the same
+extend / decode / keep / merge, so this loop does not know which it drives.
+
+Prefill: waiting requests are taken first come first served and prefilled together in one padded
+forward while rows × longest uncached prompt part fits `prefill_chunk` tokens; a longer one is
+prefilled alone, `prefill_chunk` tokens per iteration. Either way running streams wait at most one such
+forward between two decode steps. A prompt whose start is in the prefix cache (node/prefix_cache.py:
+the previous turn of a conversation, a shared system prompt) starts from a copy of those keys/values
+and feeds only the rest. A finishing row's keys/values go into that cache before its last delta, and
+EngineStats.cached_prefixes names the conversations held (bus.prefix_hashes), for cache-aware routing.
+
+KV memory is a budget (`kv_cache_memory`, default a quarter of RAM): running rows reserve their prompt
+plus max_tokens; a request that could never fit is rejected busy at submit, one that does not fit now
+waits in the queue, and the prefix cache gives way (least recently used first, copies only, so never
+a running row).
 
 Why group prefills: on the 2-core CPU a forward costs ~50 ms whatever its size (weight reads at
 small batch) plus ~1 ms per prompt token, so 16 chat prompts of ~40 tokens cost ~1.4 s one by one
-and ~0.7 s together. Why 128 tokens by default: such a forward (~170 ms, three chat prompts) already
-pays the fixed cost off, costs about two decode steps of a full batch, and every row of a group waits
-for the whole group — bigger groups delay the first rows and make requests finish in bigger
-lockstep cohorts (docs/benchmarks.md). Why decode steps are not folded into the prefill forward (as
-vLLM does): in a padded DynamicCache each decode row would gain a padding column per prefill token,
-to save one ~50 ms fixed cost per prefill; batching alone met the engine's TTFT target.
-A group's rows equal running alone up to numerical ties (padding changes the matmul shapes;
-tests/test_engine.py checks that in float32).
+and ~0.7 s together; 128 tokens already pays the fixed cost off, and every row of a group waits for
+the whole group (docs/benchmarks.md).
+
+Answers: in float32, greedy output equals `model.generate`'s token for token, alone, in a batch and
+from a cached prefix (tests/test_engine_cache.py), up to numerical ties: where the reference's top-2
+logit gap is under 1e-4, either token is right. In bf16 the same holds for each shape of matmul, but
+rounding differs between shapes (a batch of 16 vs 1, 35 vs 2,000 columns), so near-ties may flip
+with what else runs; that is bf16's tolerance, not a bug, and why equality is tested in float32.
 """
 
 from __future__ import annotations
@@ -34,24 +44,20 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 
 from bus.errors import BadRequest, ContextLengthExceeded, NodeBusy
-from bus.prefixes import prefix_hashes
 from bus.schemas import ChatMessage, ModelCard, TokenLogprob, TopLogprob
 from node.engine import Delta, EngineRequest, EngineStats, FinishReason, Sink
-from node.kvcache import GROW, SLOT_STEP, memory_budget
+from node.kvmemory import KVMemory
 from node.loader import LoadedModel
-from node.packing import can_pack, pack_linears
-from node.prefix_cache import BLOCK, KV, PrefixCache
+from node.prefix_cache import BLOCK
 from node.prompts import encode, validate
 from node.sampling import Choice, TokenChooser, choose_tokens
-from node.scheduler import KVBatch
-from node.slotbatch import SlotBatch
-from node.slotforward import SlotForward, supported
+from node.sequence import Seq
+from node.slotbatch import Batch
 from node.textstream import TextStream
 
 T = TypeVar("T")
@@ -62,34 +68,7 @@ log = logging.getLogger(__name__)
 
 _TAIL = 4  # prompt tokens decoded with the output, so the first token keeps its leading space
 _RATE_WINDOW_S = 5.0
-_ADVERTISED = 64  # prefix hashes in EngineStats.cached_prefixes
 _SAVE_AT_PREFILL = 4 * BLOCK  # newly prefilled tokens worth keeping before the request ends
-
-Batch = KVBatch | SlotBatch
-
-
-@dataclass(eq=False)
-class _Seq:
-    """One request's life inside the engine."""
-
-    request: EngineRequest
-    sink: Sink
-    prompt: list[int]
-    max_new: int
-    chooser: TokenChooser
-    stream: TextStream
-    reserve: int  # KV columns it may reach: prompt + max_new
-    kv: Batch | None = None  # its own cache while a long prompt is prefilled chunk by chunk
-    prefix: KV | None = None  # cached keys/values of prompt[:cached]
-    cached: int = 0
-    prefilled: int = 0
-    generated: list[int] = field(default_factory=list)
-    reason: FinishReason | None = None
-    next_token: int = -1
-    completion: int = 0
-    unsent_tokens: int = 0
-    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
-    finished: bool = False
 
 
 class HFEngine:
@@ -112,20 +91,16 @@ class HFEngine:
         self._eos = set(loaded.eos_ids)
         self._vocab = int(loaded.model.get_output_embeddings().weight.shape[0])
         self._cond = threading.Condition()
-        self._queue: deque[_Seq] = deque()  # guarded by _cond
+        self._queue: deque[Seq] = deque()  # guarded by _cond
         self._cancels: set[str] = set()  # guarded by _cond
         self._stopping = False
         self._thread: threading.Thread | None = None
         # Owned by the worker thread only:
-        self._prefilling: list[_Seq] = []  # out of the queue, not yet running (see _prefill_some)
-        self._running: list[_Seq] = []
-        self._budget = memory_budget(kv_cache_memory)
-        self._slot_forward = self._fast_path(loaded.model)
-        self._token_bytes = _token_bytes(loaded.model)
-        self._prefixes = PrefixCache(self._budget if prefix_cache and self._slot_forward else 0)
-        self._advertised: list[int] = []  # the prefix cache's chat hashes, replaced by the worker
-        self._joining: tuple[Batch, list[_Seq]] | None = None  # rows of a prefill getting first tokens
-        self._batch = self._new_batch()
+        self._prefilling: list[Seq] = []  # out of the queue, not yet running (see _prefill_some)
+        self._running: list[Seq] = []
+        self._kv = KVMemory(loaded, kv_cache_memory, prefix_cache)
+        self._joining: tuple[Batch, list[Seq]] | None = None  # rows of a prefill getting first tokens
+        self._batch = self._kv.new_batch()
         self._steps: deque[tuple[float, int]] = deque()
         # Other torch work (embeddings) runs on the worker thread too, between two steps: torch used
         # from a second thread of the process halves every later decode step on our 2-core CPU
@@ -178,12 +153,8 @@ class HFEngine:
                 f"prompt has {len(ids)} tokens, {asked}, model context is {self._m.context_length}"
             )
         max_new = min(wanted or room, room)
-        need = (len(ids) + max_new + GROW) * self._token_bytes
-        if need > self._budget:
-            raise NodeBusy(
-                f"the request needs {need >> 20} MiB of KV cache, this node has {self._budget >> 20} MiB"
-            )
-        seq = _Seq(
+        self._kv.check(len(ids) + max_new)
+        seq = Seq(
             request=request,
             sink=sink,
             prompt=ids,
@@ -212,7 +183,7 @@ class HFEngine:
         active = [*self._running, *self._prefilling]  # a finished row may not be dropped yet
         running = sum(1 for s in active if not s.finished)
         return EngineStats(
-            running=running, queued=queued, tokens_per_s=self._rate(), cached_prefixes=self._advertised
+            running=running, queued=queued, tokens_per_s=self._rate(), cached_prefixes=self._kv.advertised
         )
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
@@ -310,7 +281,7 @@ class HFEngine:
             self._prefilling = self._take_group()
             first = self._prefilling[0] if len(self._prefilling) == 1 else None
             if first is not None and len(first.prompt) - first.cached > self._prefill_chunk:
-                first.kv = self._start_batch([first])
+                first.kv = self._kv.start_batch([first])
         if not self._prefilling:
             return
         if self._prefilling[0].kv is not None:
@@ -318,50 +289,28 @@ class HFEngine:
         else:
             self._prefill_group(self._prefilling)
 
-    def _take_group(self) -> list[_Seq]:
+    def _take_group(self) -> list[Seq]:
         """Queued requests, first come first served, while their padded prompts fit `prefill_chunk`
         and the KV cache they may grow to fits the budget (the prefix cache gives way, LRU first)."""
-        group: list[_Seq] = []
+        group: list[Seq] = []
         longest = 0
         with self._cond:
             while self._queue and len(self._running) + len(group) < self._max_running:
                 seq = self._queue[0]
-                if seq.prefix is None and seq.cached == 0 and self._prefixes.budget:
-                    hit = self._prefixes.lookup(seq.prompt)
-                    if hit is not None:
-                        seq.cached, seq.prefix = hit
+                self._kv.lookup(seq)
                 size = len(seq.prompt) - seq.cached
                 if group and (len(group) + 1) * max(longest, size) > self._prefill_chunk:
                     break  # a prompt longer than the budget is taken alone, and chunked
-                need = self._kv_need([*group, seq])
-                if need > self._budget and (self._running or group):
+                if not self._kv.admit(self._running, [*group, seq]):
                     break  # waits for running rows to finish; never evicts them
-                self._prefixes.shrink_to(self._budget - need)
                 group.append(self._queue.popleft())
                 longest = max(longest, size)
-        self._advertise()
+        self._kv.advertise()
         return group
 
-    def _kv_need(self, joining: list[_Seq]) -> int:
-        """Bytes the running batch may reach once `joining` is in, plus their own prefill batch."""
-        rows = [*self._running, *joining]
-        slots = -(-len(rows) // SLOT_STEP) * SLOT_STEP
-        columns = max(s.reserve for s in rows) + GROW
-        joining_columns = max(s.reserve for s in joining) + GROW
-        return (slots * columns + len(joining) * joining_columns) * self._token_bytes
-
-    def _start_batch(self, seqs: list[_Seq]) -> Batch:
-        """A new batch for these rows, started from their cached prefixes where they have one."""
-        batch = self._new_batch()
-        if isinstance(batch, SlotBatch):
-            batch.start_rows([s.prefix for s in seqs])
-        for seq in seqs:
-            seq.prefilled, seq.prefix = seq.cached, None
-        return batch
-
-    def _prefill_group(self, group: list[_Seq]) -> None:
+    def _prefill_group(self, group: list[Seq]) -> None:
         """Whole prompts (past their cached prefixes) in one padded forward."""
-        batch = self._start_batch(group)
+        batch = self._kv.start_batch(group)
         rest = [seq.prompt[seq.cached :] for seq in group]
         started = time.perf_counter()
         logits = batch.extend(rest)
@@ -374,7 +323,7 @@ class HFEngine:
         )
         self._join(group, batch, logits)
 
-    def _prefill_chunk_of(self, seq: _Seq) -> None:
+    def _prefill_chunk_of(self, seq: Seq) -> None:
         """The next `prefill_chunk` tokens of a long prompt, alone: running streams wait one chunk."""
         assert seq.kv is not None
         take = min(self._prefill_chunk, len(seq.prompt) - seq.prefilled)
@@ -385,11 +334,11 @@ class HFEngine:
             kv, seq.kv = seq.kv, None
             self._join([seq], kv, logits)
 
-    def _join(self, seqs: list[_Seq], kv: Batch, logits: torch.Tensor) -> None:
+    def _join(self, seqs: list[Seq], kv: Batch, logits: torch.Tensor) -> None:
         """First tokens from the prefill logits; the rows that go on join the running batch."""
         for row, seq in enumerate(seqs):
             if len(seq.prompt) - seq.cached >= _SAVE_AT_PREFILL:  # a shared system prompt, a long turn
-                self._save(kv, row, seq, seq.prompt, [])
+                self._kv.save(kv, row, seq, seq.prompt, [])
         self._joining = (kv, seqs)
         for seq, choice in zip(seqs, choose_tokens(logits, [s.chooser for s in seqs]), strict=True):
             seq.prefilled = len(seq.prompt)
@@ -412,13 +361,13 @@ class HFEngine:
         log.debug("decode step: %d rows in %.1f ms", len(choices), 1000 * (time.perf_counter() - started))
         self._running = self._drop_finished(self._batch, self._running)
 
-    def _drop_finished(self, batch: Batch, seqs: list[_Seq]) -> list[_Seq]:
+    def _drop_finished(self, batch: Batch, seqs: list[Seq]) -> list[Seq]:
         keep = [i for i, s in enumerate(seqs) if not s.finished]
         if len(keep) < len(seqs):
             batch.keep(keep)
         return [seqs[i] for i in keep]
 
-    def _save_finished(self, seq: _Seq) -> None:
+    def _save_finished(self, seq: Seq) -> None:
         """Keep a finishing row's KV in the prefix cache (before its last delta: a client's next turn
         may come at once, and the node already advertises it)."""
         where = None
@@ -427,35 +376,11 @@ class HFEngine:
         elif seq in self._running:
             where = (self._batch, self._running.index(seq))
         if where is not None:
-            self._save(where[0], where[1], seq, seq.prompt + seq.generated, [_reply(seq)])
-            self._advertise()
-
-    def _save(self, batch: Batch, row: int, seq: _Seq, tokens: list[int], reply: list[ChatMessage]) -> None:
-        if not isinstance(batch, SlotBatch) or not self._prefixes.budget:
-            return
-        messages = seq.request.messages
-        chats = prefix_hashes([*messages, *reply]) if messages and not seq.request.continuation else []
-        self._prefixes.insert(tokens, batch.export(row), chats)
-
-    def _advertise(self) -> None:
-        self._advertised = self._prefixes.chat_hashes(_ADVERTISED)
-
-    def _fast_path(self, model: Any) -> SlotForward | None:
-        if not supported(model):
-            return None
-        weight = model.get_input_embeddings().weight
-        if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and can_pack():
-            pack_linears(model)
-        return SlotForward(model)
-
-    def _new_batch(self) -> Batch:
-        if self._slot_forward is not None:
-            return SlotBatch(self._slot_forward)
-        return KVBatch(self._m.device, self._m.model)
+            self._kv.save(where[0], where[1], seq, seq.prompt + seq.generated, [seq.reply()])
 
     # ------------------------------------------------------------------------- output
 
-    def _accept(self, seq: _Seq, choice: Choice) -> None:
+    def _accept(self, seq: Seq, choice: Choice) -> None:
         """Account one generated token and tell the sink what became final."""
         seq.completion += 1
         seq.unsent_tokens += 1
@@ -477,7 +402,7 @@ class HFEngine:
         elif text:
             self._send(seq, Delta(request_id=seq.request.request_id, text=text, **self._counts(seq)))
 
-    def _finish(self, seq: _Seq, reason: FinishReason, text: str = "", error: str = "") -> None:
+    def _finish(self, seq: Seq, reason: FinishReason, text: str = "", error: str = "") -> None:
         if seq.finished:
             return
         seq.finished, seq.reason = True, reason
@@ -492,17 +417,10 @@ class HFEngine:
         )
         self._send(seq, delta)
 
-    def _counts(self, seq: _Seq) -> dict[str, Any]:
-        counts = {
-            "tokens": seq.unsent_tokens,
-            "prompt_tokens": len(seq.prompt),
-            "completion_tokens": seq.completion,
-            "logprobs": seq.unsent_logprobs or None,
-        }
-        seq.unsent_tokens, seq.unsent_logprobs = 0, []
-        return counts
+    def _counts(self, seq: Seq) -> dict[str, Any]:
+        return seq.counts()
 
-    def _send(self, seq: _Seq, delta: Delta) -> None:
+    def _send(self, seq: Seq, delta: Delta) -> None:
         try:
             seq.sink(delta)
         except Exception:  # a broken sink loses its own request, never the batch
@@ -519,7 +437,7 @@ class HFEngine:
             self._finish(seq, "error", error=error)
             seq.kv = None
         self._running, self._prefilling = [], []
-        self._batch = self._new_batch()
+        self._batch = self._kv.new_batch()
 
     def _finish_everything(self, reason: FinishReason) -> None:
         with self._cond:
@@ -528,7 +446,7 @@ class HFEngine:
             self._finish(seq, reason)
             seq.kv = None
         self._running, self._prefilling = [], []
-        self._batch = self._new_batch()
+        self._batch = self._kv.new_batch()
 
     def _rate(self) -> float:
         now = time.perf_counter()
@@ -538,17 +456,3 @@ class HFEngine:
         if len(steps) < 2:
             return 0.0
         return sum(n for _, n in steps[1:]) / max(now - steps[0][0], 1e-3)
-
-
-def _reply(seq: _Seq) -> ChatMessage:
-    return ChatMessage(role="assistant", content=seq.stream.text)
-
-
-def _token_bytes(model: Any) -> int:
-    """KV bytes per token: keys and values of every layer."""
-    config = getattr(model.config, "get_text_config", lambda: model.config)()
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    itemsize = model.get_input_embeddings().weight.element_size()
-    return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * itemsize

@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["GROW", "SLOT_STEP", "KVShape", "SlotCache", "memory_budget"]
+__all__ = ["GROW", "SLOT_STEP", "KVShape", "SlotCache", "memory_budget", "token_bytes"]
 
 GROW = 256  # columns added when a row outgrows the capacity
 SLOT_STEP = 4  # slots are added this many at a time
@@ -170,3 +171,13 @@ def memory_budget(spec: str | float | int | None, total: int | None = None) -> i
         ram = total if total is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return int(spec * ram)
     return int(spec)
+
+
+def token_bytes(model: Any) -> int:
+    """KV bytes per token of a transformers decoder: keys and values of every layer."""
+    config = getattr(model.config, "get_text_config", lambda: model.config)()
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    itemsize = model.get_input_embeddings().weight.element_size()
+    return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * itemsize

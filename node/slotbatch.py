@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from node.kvcache import SlotCache
+from node.scheduler import KVBatch
 from node.slotforward import SlotForward
 
-__all__ = ["SlotBatch"]
+__all__ = ["Batch", "SlotBatch"]
 
 
 class SlotBatch:
@@ -62,3 +63,6 @@ class SlotBatch:
 
     def export(self, row: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return self.cache.export(row, self.length(row))
+
+
+Batch = KVBatch | SlotBatch  # what HFEngine drives: the same operations either way

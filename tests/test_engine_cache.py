@@ -134,11 +134,13 @@ def test_greedy_batch_of_16_equals_generate(loaded32: LoadedModel, engine32: HFE
 def test_next_turn_reuses_the_prefix_and_equals_generate(loaded32: LoadedModel, engine32: HFEngine) -> None:
     first = [ChatMessage(role="system", content="You are a helpful assistant. " * 8), *user(PROMPTS[10])]
     reply = "".join(d.text for d in run(engine32, [greedy("turn1", first)])["turn1"])
-    before = engine32._prefixes.hit_tokens
+    before = engine32._kv.prefixes.hit_tokens
     second = [*first, ChatMessage(role="assistant", content=reply), *user("And at night?")]
     out = run(engine32, [greedy("turn2", second)])
     prompt = engine32.count_tokens(first, None)
-    assert engine32._prefixes.hit_tokens - before >= prompt - BLOCK  # turn 1's prompt was not prefilled again
+    assert (
+        engine32._kv.prefixes.hit_tokens - before >= prompt - BLOCK
+    )  # turn 1's prompt was not prefilled again
     assert_same_as_generate(loaded32, second, out["turn2"])
 
 
@@ -157,7 +159,7 @@ def test_cached_prefixes_name_the_finished_conversation(engine32: HFEngine) -> N
 
 def test_kv_budget_makes_requests_wait_or_rejects_them(loaded32: LoadedModel) -> None:
     probe = HFEngine(loaded32)
-    per_token = probe._token_bytes
+    per_token = probe._kv.token_bytes
     eng = HFEngine(loaded32, kv_cache_memory=600 * per_token)  # one short request, not two
     with pytest.raises(NodeBusy, match="KV cache"):
         eng.submit(greedy("huge", user(PROMPTS[0]), steps=400), print)
@@ -167,11 +169,11 @@ def test_kv_budget_makes_requests_wait_or_rejects_them(loaded32: LoadedModel) ->
     finally:
         eng.stop()
     assert all(d[-1].finish_reason in ("stop", "length") and d[-1].completion_tokens for d in out.values())
-    assert eng._prefixes.nbytes <= 600 * per_token
+    assert eng._kv.prefixes.nbytes <= 600 * per_token
 
 
 def test_second_request_waits_for_the_first_under_a_tight_budget(loaded32: LoadedModel) -> None:
-    per_token = HFEngine(loaded32)._token_bytes
+    per_token = HFEngine(loaded32)._kv.token_bytes
     eng = HFEngine(loaded32, kv_cache_memory=600 * per_token)
     order: list[str] = []
     done = threading.Event()
