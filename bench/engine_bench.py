@@ -1,6 +1,6 @@
 """Decode throughput of HFEngine (continuous batching) against plain `model.generate`.
 
-Run: python bench/engine_bench.py [--model DIR] [--dtype auto] [--tokens 128] [--batches 1,4,16]
+Run: python bench/engine_bench.py [--model DIR] [--dtype auto] [--tokens 128] [--batches 1,4,16] [--no-prefix]
 
 Every request is greedy and EOS is disabled (engine: empty eos set; generate: min_new_tokens), so each
 row produces exactly --tokens tokens and the batch stays full. Each configuration runs once to warm
@@ -8,6 +8,12 @@ up (new batch shapes are slow the first time), then is timed. tok/s = generated 
 prefill included. HFEngine's TTFT p50 is over the burst of `batch` requests submitted at once (submit →
 first delta). "others' CPU" is the share of the machine that other processes used during the timed
 runs of the row (Linux /proc; "-" elsewhere), so a contended row shows.
+
+The bandwidth ceiling is weight bytes / measured memory bandwidth (a read-only sum over 512 MiB, best
+of five): the tok/s of a batch-1 decode that did nothing but read every weight once per token.
+The prefix table times the first token of a ~2,000-token conversation's next turn, once with the
+previous turn's KV in the prefix cache, against a fresh ~30-token prompt and against the same turn on
+an engine without a prefix cache.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import statistics
 import sys
 import threading
@@ -32,6 +39,7 @@ from bus.schemas import ChatMessage, SamplingParams
 from node.engine import Delta, EngineRequest
 from node.hf import HFEngine
 from node.loader import LoadedModel, load_model
+from node.prompts import encode
 
 QUESTIONS = [
     "Write a long story about a lighthouse keeper.",
@@ -82,6 +90,80 @@ def engine_run(engine: HFEngine, batch: int, tokens: int) -> tuple[float, float]
     return produced[0] / (time.perf_counter() - started), 1000 * ttft
 
 
+def bandwidth() -> float:
+    """Bytes per second of a read-only pass over a tensor much larger than the caches."""
+    data = torch.ones(512 * 2**20 // 4)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * 4 / best
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def first_token_ms(
+    engine: HFEngine, messages: list[ChatMessage], tag: str, tokens: int = 1
+) -> tuple[float, str]:
+    """Submit → first delta in ms, and the whole answer's text."""
+    done = threading.Event()
+    first: list[float] = []
+    text: list[str] = []
+
+    def sink(delta: Delta) -> None:
+        first.append(first[0] if first else time.perf_counter())
+        text.append(delta.text)
+        if delta.finish_reason:
+            done.set()
+
+    started = time.perf_counter()
+    params = SamplingParams(temperature=0, max_tokens=tokens)
+    engine.submit(EngineRequest(request_id=f"{tag}-{started}", messages=messages, params=params), sink)
+    done.wait()
+    return 1000 * (first[0] - started), "".join(text)
+
+
+def conversation(turns: int) -> list[ChatMessage]:
+    """A chat history of `turns` question/answer pairs (~2,000 tokens at 20), ending in an answer."""
+    out = []
+    for i in range(turns):
+        out.append(ChatMessage(role="user", content=f"{QUESTIONS[i % 4]} Tell me about part {i} in detail."))
+        out.append(
+            ChatMessage(role="assistant", content=f"Part {i}: " + "the keeper lit the lamp at dusk. " * 12)
+        )
+    return out
+
+
+def prefix_rows(loaded: LoadedModel, history: list[ChatMessage]) -> list[tuple[str, float]]:
+    """TTFT p50 (ms) of: a fresh short prompt, turn N cached, turn N with no prefix cache."""
+    rows = []
+    for cached in (True, False):
+        engine = HFEngine(loaded, prefix_cache=cached)
+        engine.start()
+        try:
+            fresh, turn = [], []
+            for i in range(4):
+                question = [ChatMessage(role="user", content=f"{QUESTIONS[i]} #{i}")]
+                fresh.append(first_token_ms(engine, question, "f")[0])
+                previous = [*history, ChatMessage(role="user", content=f"And then? ({i})")]
+                _, reply = first_token_ms(engine, previous, "warm", 16)  # the previous turn, answered
+                following = [
+                    *previous,
+                    ChatMessage(role="assistant", content=reply),
+                    ChatMessage(role="user", content="Why?"),
+                ]
+                turn.append(first_token_ms(engine, following, "turn")[0])
+        finally:
+            engine.stop()
+        if cached:
+            rows.append(("fresh ~30-token prompt", statistics.median(fresh[1:])))
+        rows.append((f"turn N, prefix cache {'on' if cached else 'off'}", statistics.median(turn[1:])))
+    return rows
+
+
 def generate_run(loaded: LoadedModel, batch: int, tokens: int) -> float:
     tok = loaded.tokenizer
     texts = [
@@ -114,20 +196,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batches", default="1,4,16")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "chatbus")
+    parser.add_argument("--no-prefix", action="store_true", help="skip the prefix-cache table")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
     loaded = load_model(args.model, cache_dir=args.cache_dir, dtype=args.dtype, progress=lambda _: None)
+    weights = weight_bytes(loaded.model)  # before packing: the bytes a decode step reads
     engine = HFEngine(dataclasses.replace(loaded, eos_ids=[]), max_running=max(batches))
     engine.start()
-    print(
-        f"# {loaded.name} on {loaded.device} {loaded.dtype}, torch threads {torch.get_num_threads()}, "
-        f"{os.cpu_count()} cpus, {args.tokens} new tokens per request"
-    )
-    print("| batch | HFEngine tok/s | HFEngine TTFT p50 ms | model.generate tok/s | others' CPU |")
-    print("|---|---|---|---|---|")
-    # The engine first, then `generate` once the engine's thread is gone: with torch busy from two
-    # threads of one process (two OpenMP teams on 2 cores) both run at half speed.
+    # Torch runs on engine threads first, then on this one (generate, the bandwidth): with torch busy
+    # from two threads of one process (two OpenMP teams on 2 cores) both run at half speed.
     ours, theirs, busy = {}, {}, {}
     try:
         for batch in batches:
@@ -137,14 +215,46 @@ def main() -> None:
             busy[batch] = load
     finally:
         engine.stop()
+    history = conversation(20)
+    prefix = [] if args.no_prefix else prefix_rows(loaded, history)
     for batch in batches:
         generate_run(loaded, batch, args.tokens)
         with others_cpu() as load:
             theirs[batch] = generate_run(loaded, batch, args.tokens)
         busy[batch] += load
+    speed = bandwidth()
+    ceiling = speed / weights
+
+    flags = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", _cpuinfo())))
+    print(
+        f"# {loaded.name} on {loaded.device} {loaded.dtype}, torch threads {torch.get_num_threads()}, "
+        f"{os.cpu_count()} cpus ({', '.join(flags) or 'no avx512_bf16/amx_bf16'}), {args.tokens} new tokens per request"
+    )
+    print(
+        f"# weights {weights / 1e6:.0f} MB, memory bandwidth {speed / 1e9:.1f} GB/s: "
+        f"batch-1 ceiling {ceiling:.0f} tok/s"
+    )
+    print(
+        "| batch | HFEngine tok/s | HFEngine TTFT p50 ms | model.generate tok/s | % of ceiling | others' CPU |"
+    )
+    print("|---|---|---|---|---|---|")
+    for batch in batches:
         shown = "-" if any(math.isnan(x) for x in busy[batch]) else f"{max(max(busy[batch]), 0):.0%}"
         tok_s, ttft = ours[batch]
-        print(f"| {batch} | {tok_s:.1f} | {ttft:.0f} | {theirs[batch]:.1f} | {shown} |", flush=True)
+        share = f"{tok_s / ceiling:.0%}" if batch == 1 else "-"
+        print(f"| {batch} | {tok_s:.1f} | {ttft:.0f} | {theirs[batch]:.1f} | {share} | {shown} |")
+    if prefix:
+        size = len(encode(loaded.tokenizer, history, None, ""))
+        print(f"\n| first token, history of {size} tokens | TTFT p50 ms |\n|---|---|")
+        for label, ms in prefix:
+            print(f"| {label} | {ms:.0f} |", flush=True)
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 @contextlib.contextmanager

@@ -46,6 +46,14 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
         help="prompt tokens per prefill forward (a group of prompts, padding included, or a chunk of a "
         "long one): running streams wait at most one such forward between two tokens",
     )
+    p.add_argument(
+        "--kv-cache-memory",
+        type=_memory,
+        default="auto",
+        help="KV cache budget, running rows and prefix cache together: bytes (2GiB, 512MB) or a fraction "
+        "of RAM (0.25, the default 'auto'); when full, new requests wait, or are rejected busy if they "
+        "could never fit",
+    )
     p.add_argument("--node-id", default=None)
     p.add_argument("--cache-dir", type=Path, default=None, help="where converted models are kept")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish answers on shutdown")
@@ -77,12 +85,23 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
         max_running=a.max_running,
         max_queued=a.max_queued,
         prefill_chunk=a.prefill_chunk,
+        kv_cache_memory=a.kv_cache_memory,
         node_id=a.node_id,
         cache_dir=a.cache_dir or default_cache_dir() / "models",
         drain_timeout=a.drain_timeout,
         verbose=a.verbose,
         log_format=a.log_format,
     )
+
+
+def _memory(value: str) -> str:
+    from node.kvcache import memory_budget
+
+    try:
+        memory_budget(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 if __name__ == "__main__":

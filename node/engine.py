@@ -50,6 +50,9 @@ class EngineStats:
     running: int
     queued: int
     tokens_per_s: float  # recent decode throughput over all sequences
+    # bus.prefix_hashes of the conversations whose KV the engine holds (prompt, and prompt + reply),
+    # most recently used first, bounded: what a node advertises for cache-aware routing.
+    cached_prefixes: list[int] = field(default_factory=list)
 
 
 class Engine(Protocol):

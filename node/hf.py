@@ -2,28 +2,38 @@
 
 Why our own loop: on CPU, transformers' continuous batching is ~3× slower than one padded batch and
 TextIteratorStreamer costs ~15 ms a token (FACTS.md). One worker thread owns the model; each
-iteration applies cancels, runs one prefill forward, merges what it finished into the running batch
-(node/scheduler.py), then runs one decode step for every running sequence. Sinks are called from
-that thread.
+iteration applies cancels, runs one prefill forward, merges what it finished into the running batch,
+then runs one decode step for every running sequence. Sinks are called from that thread.
 
-Prefill: waiting requests are taken first come first served and prefilled together in one
-left-padded forward while rows × longest prompt (padding included) fits `prefill_chunk` tokens; a
-longer prompt is prefilled alone, `prefill_chunk` tokens per iteration. Either way running streams
-wait at most one such forward between two decode steps. From transformers we use what `generate`
-uses for a padded batch — a 2D attention mask and explicit position ids over a DynamicCache, and
-`logits_to_keep=1` so the 49k-word LM head runs for each row's last token only — but not `generate`
-itself, which cannot add rows to a batch that is already decoding.
+The batch: for Llama-family models (node/slotforward.py) a preallocated slot KV cache
+(node/kvcache.py, node/slotbatch.py) that each step writes in place, with the model's own modules run
+by a forward of ours (bf16 linears prepacked for oneDNN, node/packing.py); for any other model
+transformers' forward over a left-padded DynamicCache (node/scheduler.py). Both offer the same
+extend / decode / keep / merge, so this loop does not know which it drives.
+
+Prefill: waiting requests are taken first come first served and prefilled together in one padded
+forward while rows × longest uncached prompt part fits `prefill_chunk` tokens; a longer one is
+prefilled alone, `prefill_chunk` tokens per iteration. Either way running streams wait at most one such
+forward between two decode steps. A prompt whose start is in the prefix cache (node/prefix_cache.py:
+the previous turn of a conversation, a shared system prompt) starts from a copy of those keys/values
+and feeds only the rest. A finishing row's keys/values go into that cache before its last delta, and
+EngineStats.cached_prefixes names the conversations held (bus.prefix_hashes), for cache-aware routing.
+
+KV memory is a budget (`kv_cache_memory`, default a quarter of RAM): running rows reserve their prompt
+plus max_tokens; a request that could never fit is rejected busy at submit, one that does not fit now
+waits in the queue, and the prefix cache gives way (least recently used first, copies only, so never
+a running row).
 
 Why group prefills: on the 2-core CPU a forward costs ~50 ms whatever its size (weight reads at
 small batch) plus ~1 ms per prompt token, so 16 chat prompts of ~40 tokens cost ~1.4 s one by one
-and ~0.7 s together. Why 128 tokens by default: such a forward (~170 ms, three chat prompts) already
-pays the fixed cost off, costs about two decode steps of a full batch, and every row of a group waits
-for the whole group — bigger groups delay the first rows and make requests finish in bigger
-lockstep cohorts (docs/benchmarks.md). Why decode steps are not folded into the prefill forward (as
-vLLM does): in a padded DynamicCache each decode row would gain a padding column per prefill token,
-to save one ~50 ms fixed cost per prefill; batching alone met the engine's TTFT target.
-A group's rows equal running alone up to numerical ties (padding changes the matmul shapes;
-tests/test_engine.py checks that in float32).
+and ~0.7 s together; 128 tokens already pays the fixed cost off, and every row of a group waits for
+the whole group (docs/benchmarks.md).
+
+Answers: in float32, greedy output equals `model.generate`'s token for token, alone, in a batch and
+from a cached prefix (tests/test_engine_cache.py), up to numerical ties: where the reference's top-2
+logit gap is under 1e-4, either token is right. In bf16 the same holds for each shape of matmul, but
+rounding differs between shapes (a batch of 16 vs 1, 35 vs 2,000 columns), so near-ties may flip
+with what else runs; that is bf16's tolerance, not a bug, and why equality is tested in float32.
 """
 
 from __future__ import annotations
@@ -34,102 +44,32 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 
 from bus.errors import BadRequest, ContextLengthExceeded, NodeBusy
-from bus.schemas import ChatMessage, ModelCard, SamplingParams, TokenLogprob, ToolSpec, TopLogprob
+from bus.schemas import ChatMessage, ModelCard, TokenLogprob, TopLogprob
 from node.engine import Delta, EngineRequest, EngineStats, FinishReason, Sink
 from node.grammar import GrammarCompiler
+from node.kvmemory import KVMemory
 from node.loader import LoadedModel
-from node.prompting import render_chat
+from node.prefix_cache import BLOCK
+from node.prompts import encode, validate
 from node.sampling import Choice, TokenChooser, choose_tokens
-from node.scheduler import KVBatch
+from node.sequence import Seq
+from node.slotbatch import Batch
+from node.textstream import TextStream
 
 T = TypeVar("T")
 
-__all__ = ["HFEngine"]
+__all__ = ["HFEngine", "TextStream"]
 
 log = logging.getLogger(__name__)
 
 _TAIL = 4  # prompt tokens decoded with the output, so the first token keeps its leading space
 _RATE_WINDOW_S = 5.0
-
-
-class TextStream:
-    """Generated ids → text deltas that never end in a partial UTF-8 char or a possible stop prefix."""
-
-    def __init__(self, tokenizer: Any, prompt_tail: list[int], stops: list[str]) -> None:
-        self._tokenizer = tokenizer
-        self._ids = list(prompt_tail)
-        self._prefix = 0  # window start: decoding from a little earlier keeps spaces right
-        self._read = len(self._ids)  # ids before this are already in `text`
-        self._stops = [s for s in stops if s]
-        self.text = ""  # everything decoded so far (cut at a stop string once one is found)
-        self._sent = 0
-        self.stopped = False
-
-    def push(self, token: int) -> str:
-        if self.stopped:
-            return ""
-        self._ids.append(token)
-        self._decode(final=False)
-        return self._release(final=False)
-
-    def flush(self) -> str:
-        """At the end: whatever was held back, minus an incomplete trailing character."""
-        self._decode(final=True)
-        return self._release(final=True)
-
-    def _decode(self, final: bool) -> None:
-        decode = self._tokenizer.decode
-        before = decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
-        after = decode(self._ids[self._prefix :], skip_special_tokens=True)
-        if final:
-            after = after.rstrip("\ufffd")
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before) :]
-            self._prefix, self._read = self._read, len(self._ids)
-
-    def _release(self, final: bool) -> str:
-        end = len(self.text)
-        if self._stops and not self.stopped:
-            hits = [i for s in self._stops if (i := self.text.find(s, self._sent)) >= 0]
-            if hits:
-                end = min(hits)
-                self.text, self.stopped = self.text[:end], True
-            elif not final:
-                end -= self._held(self.text[self._sent :])
-        out, self._sent = self.text[self._sent : end], end
-        return out
-
-    def _held(self, tail: str) -> int:
-        """Length of the longest suffix of `tail` that could still grow into a stop string."""
-        for size in range(min(len(tail), max(map(len, self._stops)) - 1), 0, -1):
-            if any(s.startswith(tail[-size:]) for s in self._stops):
-                return size
-        return 0
-
-
-@dataclass(eq=False)
-class _Seq:
-    """One request's life inside the engine."""
-
-    request: EngineRequest
-    sink: Sink
-    prompt: list[int]
-    max_new: int
-    chooser: TokenChooser
-    stream: TextStream
-    kv: KVBatch | None = None  # its own cache while a long prompt is prefilled chunk by chunk
-    prefilled: int = 0
-    next_token: int = -1
-    completion: int = 0
-    unsent_tokens: int = 0
-    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
-    finished: bool = False
+_SAVE_AT_PREFILL = 4 * BLOCK  # newly prefilled tokens worth keeping before the request ends
 
 
 class HFEngine:
@@ -142,6 +82,8 @@ class HFEngine:
         max_running: int = 16,
         max_queued: int = 64,
         prefill_chunk: int = 128,
+        kv_cache_memory: int | str | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         self._m = loaded
         self._max_running = max_running
@@ -151,14 +93,16 @@ class HFEngine:
         self._vocab = int(loaded.model.get_output_embeddings().weight.shape[0])
         self._grammars = GrammarCompiler.for_hf(loaded.tokenizer, self._vocab, loaded.eos_ids)
         self._cond = threading.Condition()
-        self._queue: deque[_Seq] = deque()  # guarded by _cond
+        self._queue: deque[Seq] = deque()  # guarded by _cond
         self._cancels: set[str] = set()  # guarded by _cond
         self._stopping = False
         self._thread: threading.Thread | None = None
         # Owned by the worker thread only:
-        self._prefilling: list[_Seq] = []  # out of the queue, not yet running (see _prefill_some)
-        self._running: list[_Seq] = []
-        self._batch = KVBatch(loaded.device)
+        self._prefilling: list[Seq] = []  # out of the queue, not yet running (see _prefill_some)
+        self._running: list[Seq] = []
+        self._kv = KVMemory(loaded, kv_cache_memory, prefix_cache)
+        self._joining: tuple[Batch, list[Seq]] | None = None  # rows of a prefill getting first tokens
+        self._batch = self._kv.new_batch()
         self._steps: deque[tuple[float, int]] = deque()
         # Other torch work (embeddings) runs on the worker thread too, between two steps: torch used
         # from a second thread of the process halves every later decode step on our 2-core CPU
@@ -198,11 +142,11 @@ class HFEngine:
             self._finish_everything("cancelled")
 
     def count_tokens(self, messages: list[ChatMessage] | None, prompt: str | None) -> int:
-        return len(self._encode(messages, prompt, ""))
+        return len(encode(self._m.tokenizer, messages, prompt, ""))
 
     def submit(self, request: EngineRequest, sink: Sink) -> int:
-        _validate(request.params)
-        ids = self._encode(request.messages, request.prompt, request.continuation, request.tools)
+        validate(request.params)
+        ids = encode(self._m.tokenizer, request.messages, request.prompt, request.continuation, request.tools)
         room = self._m.context_length - len(ids)
         wanted = request.params.max_tokens
         if room < (wanted or 1):
@@ -210,11 +154,14 @@ class HFEngine:
             raise ContextLengthExceeded(
                 f"prompt has {len(ids)} tokens, {asked}, model context is {self._m.context_length}"
             )
-        seq = _Seq(
+        max_new = min(wanted or room, room)
+        self._kv.check(len(ids) + max_new)
+        seq = Seq(
             request=request,
             sink=sink,
             prompt=ids,
-            max_new=min(wanted or room, room),
+            max_new=max_new,
+            reserve=len(ids) + max_new,
             chooser=TokenChooser(
                 request.params,
                 ids,
@@ -243,7 +190,9 @@ class HFEngine:
             queued = len(self._queue)
         active = [*self._running, *self._prefilling]  # a finished row may not be dropped yet
         running = sum(1 for s in active if not s.finished)
-        return EngineStats(running=running, queued=queued, tokens_per_s=self._rate())
+        return EngineStats(
+            running=running, queued=queued, tokens_per_s=self._rate(), cached_prefixes=self._kv.advertised
+        )
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Mean-pooled, L2-normalised last hidden states, all texts in one right-padded forward."""
@@ -332,14 +281,15 @@ class HFEngine:
         for seq in self._running:
             if seq.request.request_id in ids:
                 self._finish(seq, "cancelled")
-        self._drop_finished()
+        self._running = self._drop_finished(self._batch, self._running)
 
     def _prefill_some(self) -> None:
         """One prefill forward: a group of whole prompts, or the next chunk of a long one."""
         if not self._prefilling:
             self._prefilling = self._take_group()
-            if len(self._prefilling) == 1 and len(self._prefilling[0].prompt) > self._prefill_chunk:
-                self._prefilling[0].kv = KVBatch(self._m.device)
+            first = self._prefilling[0] if len(self._prefilling) == 1 else None
+            if first is not None and len(first.prompt) - first.cached > self._prefill_chunk:
+                first.kv = self._kv.start_batch([first])
         if not self._prefilling:
             return
         if self._prefilling[0].kv is not None:
@@ -347,87 +297,103 @@ class HFEngine:
         else:
             self._prefill_group(self._prefilling)
 
-    def _take_group(self) -> list[_Seq]:
-        """Queued requests, first come first served, while their padded prompts fit `prefill_chunk`."""
-        group: list[_Seq] = []
+    def _take_group(self) -> list[Seq]:
+        """Queued requests, first come first served, while their padded prompts fit `prefill_chunk`
+        and the KV cache they may grow to fits the budget (the prefix cache gives way, LRU first)."""
+        group: list[Seq] = []
         longest = 0
         with self._cond:
             while self._queue and len(self._running) + len(group) < self._max_running:
-                size = len(self._queue[0].prompt)
+                seq = self._queue[0]
+                self._kv.lookup(seq)
+                size = len(seq.prompt) - seq.cached
                 if group and (len(group) + 1) * max(longest, size) > self._prefill_chunk:
                     break  # a prompt longer than the budget is taken alone, and chunked
+                if not self._kv.admit(self._running, [*group, seq]):
+                    break  # waits for running rows to finish; never evicts them
                 group.append(self._queue.popleft())
                 longest = max(longest, size)
+        self._kv.advertise()
         return group
 
-    def _prefill_group(self, group: list[_Seq]) -> None:
-        """Whole prompts in one left-padded forward (the batch `generate` would build for them)."""
-        longest = max(len(seq.prompt) for seq in group)
-        ids = torch.zeros(len(group), longest, dtype=torch.long)  # pad id 0: masked, never attended
-        mask = torch.zeros(len(group), longest, dtype=torch.long)
-        for row, seq in enumerate(group):
-            ids[row, longest - len(seq.prompt) :] = torch.tensor(seq.prompt)
-            mask[row, longest - len(seq.prompt) :] = 1
-        kv = KVBatch(self._m.device)
+    def _prefill_group(self, group: list[Seq]) -> None:
+        """Whole prompts (past their cached prefixes) in one padded forward."""
+        batch = self._kv.start_batch(group)
+        rest = [seq.prompt[seq.cached :] for seq in group]
         started = time.perf_counter()
-        logits = kv.forward(self._m.model, ids.to(self._m.device), mask)
+        logits = batch.extend(rest)
         log.debug(
-            "prefill: %d rows × %d columns in %.1f ms",
+            "prefill: %d rows × %d columns in %.1f ms (%d cached tokens)",
             len(group),
-            longest,
+            max(len(r) for r in rest),
             1000 * (time.perf_counter() - started),
+            sum(s.cached for s in group),
         )
-        self._join(group, kv, logits)
+        self._join(group, batch, logits)
 
-    def _prefill_chunk_of(self, seq: _Seq) -> None:
+    def _prefill_chunk_of(self, seq: Seq) -> None:
         """The next `prefill_chunk` tokens of a long prompt, alone: running streams wait one chunk."""
         assert seq.kv is not None
         take = min(self._prefill_chunk, len(seq.prompt) - seq.prefilled)
-        chunk = torch.tensor([seq.prompt[seq.prefilled : seq.prefilled + take]], device=self._m.device)
-        logits = seq.kv.forward(self._m.model, chunk)
+        logits = seq.kv.extend([seq.prompt[seq.prefilled : seq.prefilled + take]])
         seq.prefilled += take
         log.debug("prefill: 1 row, chunk of %d tokens (%d/%d)", take, seq.prefilled, len(seq.prompt))
         if seq.prefilled == len(seq.prompt):
             kv, seq.kv = seq.kv, None
             self._join([seq], kv, logits)
 
-    def _join(self, seqs: list[_Seq], kv: KVBatch, logits: torch.Tensor) -> None:
+    def _join(self, seqs: list[Seq], kv: Batch, logits: torch.Tensor) -> None:
         """First tokens from the prefill logits; the rows that go on join the running batch."""
+        for row, seq in enumerate(seqs):
+            if len(seq.prompt) - seq.cached >= _SAVE_AT_PREFILL:  # a shared system prompt, a long turn
+                self._kv.save(kv, row, seq, seq.prompt, [])
+        self._joining = (kv, seqs)
         for seq, choice in zip(seqs, choose_tokens(logits, [s.chooser for s in seqs]), strict=True):
             seq.prefilled = len(seq.prompt)
             self._accept(seq, choice)
-        keep = [row for row, seq in enumerate(seqs) if not seq.finished]
-        kv.keep(keep)
-        self._batch.merge(kv)
-        self._running.extend(seqs[row] for row in keep)
+        self._joining = None
+        self._drop_finished(kv, seqs)
+        self._batch.merge(kv)  # type: ignore[arg-type]  # both are the engine's one kind
+        self._running.extend(seq for seq in seqs if not seq.finished)
         self._prefilling = []
 
     def _decode_step(self) -> None:
         if not self._running:
             return
         started = time.perf_counter()
-        ids = torch.tensor([[s.next_token] for s in self._running], device=self._m.device)
-        logits = self._batch.forward(self._m.model, ids)
+        logits = self._batch.decode([s.next_token for s in self._running])
         choices = choose_tokens(logits, [s.chooser for s in self._running])
         for seq, choice in zip(self._running, choices, strict=True):
             self._accept(seq, choice)
         self._steps.append((time.perf_counter(), len(choices)))
         log.debug("decode step: %d rows in %.1f ms", len(choices), 1000 * (time.perf_counter() - started))
-        self._drop_finished()
+        self._running = self._drop_finished(self._batch, self._running)
 
-    def _drop_finished(self) -> None:
-        keep = [i for i, s in enumerate(self._running) if not s.finished]
-        if len(keep) < len(self._running):
-            self._batch.keep(keep)
-            self._running = [self._running[i] for i in keep]
+    def _drop_finished(self, batch: Batch, seqs: list[Seq]) -> list[Seq]:
+        keep = [i for i, s in enumerate(seqs) if not s.finished]
+        if len(keep) < len(seqs):
+            batch.keep(keep)
+        return [seqs[i] for i in keep]
+
+    def _save_finished(self, seq: Seq) -> None:
+        """Keep a finishing row's KV in the prefix cache (before its last delta: a client's next turn
+        may come at once, and the node already advertises it)."""
+        where = None
+        if self._joining is not None and seq in self._joining[1]:
+            where = (self._joining[0], self._joining[1].index(seq))
+        elif seq in self._running:
+            where = (self._batch, self._running.index(seq))
+        if where is not None:
+            self._kv.save(where[0], where[1], seq, seq.prompt + seq.generated, [seq.reply()])
 
     # ------------------------------------------------------------------------- output
 
-    def _accept(self, seq: _Seq, choice: Choice) -> None:
+    def _accept(self, seq: Seq, choice: Choice) -> None:
         """Account one generated token and tell the sink what became final."""
         seq.completion += 1
         seq.unsent_tokens += 1
         seq.next_token = choice.token
+        seq.generated.append(choice.token)
         if choice.logprob is not None:
             seq.unsent_logprobs.append(self._logprob(choice))
         reason: FinishReason | None = None
@@ -444,10 +410,12 @@ class HFEngine:
         elif text:
             self._send(seq, Delta(request_id=seq.request.request_id, text=text, **self._counts(seq)))
 
-    def _finish(self, seq: _Seq, reason: FinishReason, text: str = "", error: str = "") -> None:
+    def _finish(self, seq: Seq, reason: FinishReason, text: str = "", error: str = "") -> None:
         if seq.finished:
             return
-        seq.finished = True
+        seq.finished, seq.reason = True, reason
+        if reason in ("stop", "length", "cancelled"):
+            self._save_finished(seq)
         delta = Delta(
             request_id=seq.request.request_id,
             text=text,
@@ -457,17 +425,10 @@ class HFEngine:
         )
         self._send(seq, delta)
 
-    def _counts(self, seq: _Seq) -> dict[str, Any]:
-        counts = {
-            "tokens": seq.unsent_tokens,
-            "prompt_tokens": len(seq.prompt),
-            "completion_tokens": seq.completion,
-            "logprobs": seq.unsent_logprobs or None,
-        }
-        seq.unsent_tokens, seq.unsent_logprobs = 0, []
-        return counts
+    def _counts(self, seq: Seq) -> dict[str, Any]:
+        return seq.counts()
 
-    def _send(self, seq: _Seq, delta: Delta) -> None:
+    def _send(self, seq: Seq, delta: Delta) -> None:
         try:
             seq.sink(delta)
         except Exception:  # a broken sink loses its own request, never the batch
@@ -484,7 +445,7 @@ class HFEngine:
             self._finish(seq, "error", error=error)
             seq.kv = None
         self._running, self._prefilling = [], []
-        self._batch = KVBatch(self._m.device)
+        self._batch = self._kv.new_batch()
 
     def _finish_everything(self, reason: FinishReason) -> None:
         with self._cond:
@@ -493,7 +454,7 @@ class HFEngine:
             self._finish(seq, reason)
             seq.kv = None
         self._running, self._prefilling = [], []
-        self._batch = KVBatch(self._m.device)
+        self._batch = self._kv.new_batch()
 
     def _rate(self) -> float:
         now = time.perf_counter()
@@ -503,32 +464,3 @@ class HFEngine:
         if len(steps) < 2:
             return 0.0
         return sum(n for _, n in steps[1:]) / max(now - steps[0][0], 1e-3)
-
-    # ------------------------------------------------------------------------- prompts
-
-    def _encode(
-        self,
-        messages: list[ChatMessage] | None,
-        prompt: str | None,
-        continuation: str,
-        tools: list[ToolSpec] | None = None,
-    ) -> list[int]:
-        """Token ids exactly as they will be prefilled (chat template, then any continuation)."""
-        tok = self._m.tokenizer
-        if (messages is None) == (prompt is None):
-            raise BadRequest("pass exactly one of messages (chat) or prompt (completion)")
-        if messages is not None:
-            if not messages:
-                raise BadRequest("messages is empty")
-            text = render_chat(tok, messages, tools) + continuation
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tok((prompt or "") + continuation)["input_ids"]
-        if not ids:
-            raise BadRequest("prompt is empty")
-        return list(ids)
-
-
-def _validate(p: SamplingParams) -> None:
-    for problem in p.problems()[:1]:
-        raise BadRequest(problem)

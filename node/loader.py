@@ -6,6 +6,7 @@ engine only sees a ready `LoadedModel`. No NATS, no engine logic.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -200,10 +201,51 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def _native_bf16() -> bool:
-    """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX)? Without it torch widens the weights
-    on every call and float32 decodes as fast, and prefills 2× faster (docs/benchmarks.md)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu keeps them private
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    """Is bf16 faster than float32 here, by measurement? CPU flags alone mislead: without native bf16
+    torch widens the weights on every call (float32 decodes as fast and prefills 2× faster), and with
+    AVX512-BF16 but no AMX only oneDNN's prepacked bf16 matmul wins (docs/benchmarks.md, machines A–C)."""
+    return _bf16_speedup() > 1.1
+
+
+@functools.cache
+def _bf16_speedup() -> float:
+    """float32 time / bf16 time of decode-sized matmuls (1 and 16 rows), each run as the engine runs
+    it: float32 input-major, bf16 prepacked for oneDNN where torch can. ~0.1 s, once per process.
+    Single-threaded, on whatever thread loads the model (see node.packing.one_thread)."""
+    from node.packing import can_pack, one_thread
+
+    with one_thread():
+        return _measure_bf16_speedup(can_pack())
+
+
+def _measure_bf16_speedup(packable: bool) -> float:
+    weight = torch.randn(2048, 1024)
+    input_major = weight.t().contiguous().t()
+    bf16 = weight.bfloat16()
+    packed = torch.ops.mkldnn._reorder_linear_weight(bf16) if packable else None
+
+    def run_bf16(x: torch.Tensor) -> torch.Tensor:
+        if packed is None:
+            return torch.nn.functional.linear(x, bf16)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+    inputs = [torch.randn(rows, 1024) for rows in (1, 16)]
+    f32 = sum(_best_time(functools.partial(torch.nn.functional.linear, x, input_major)) for x in inputs)
+    b16 = sum(_best_time(functools.partial(run_bf16, x.bfloat16())) for x in inputs)
+    return f32 / max(b16, 1e-9)
+
+
+def _best_time(call: Callable[[], Any], repeats: int = 5, calls: int = 10) -> float:
+    """Best of `repeats` timings of `calls` calls: the least disturbed by other processes."""
+    with torch.inference_mode():
+        call()
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for _ in range(calls):
+                call()
+            best = min(best, time.perf_counter() - started)
+    return best
 
 
 def _weights_input_major(model: Any) -> None:

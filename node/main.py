@@ -40,6 +40,7 @@ class NodeConfig:
     max_running: int = 16
     max_queued: int = 64
     prefill_chunk: int = 128
+    kv_cache_memory: str = "auto"  # bytes ("2GiB") or a fraction of RAM ("0.25"); auto: a quarter
     node_id: str | None = None
     cache_dir: Path = Path(".cache/chatbus/models")
     drain_timeout: float = 30.0
@@ -85,7 +86,11 @@ def build_engine(cfg: NodeConfig, adapter_dir: Path | None = None) -> Engine:
     if name:
         loaded = dataclasses.replace(loaded, name=name)
     return HFEngine(
-        loaded, max_running=cfg.max_running, max_queued=cfg.max_queued, prefill_chunk=cfg.prefill_chunk
+        loaded,
+        max_running=cfg.max_running,
+        max_queued=cfg.max_queued,
+        prefill_chunk=cfg.prefill_chunk,
+        kv_cache_memory=cfg.kv_cache_memory,
     )
 
 

@@ -39,8 +39,9 @@ class KVBatch:
     (a row's next position is its count of real tokens), so padding never shifts rotary positions.
     """
 
-    def __init__(self, device: str | torch.device) -> None:
+    def __init__(self, device: str | torch.device, model: Any = None) -> None:
         self.device = torch.device(device)
+        self.model = model  # what extend/decode run (forward takes it as an argument)
         # No config: every layer is a plain DynamicLayer, whose tensors we may pad and slice freely.
         self.cache: DynamicCache = DynamicCache()
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
@@ -79,6 +80,26 @@ class KVBatch:
         self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         self.mask = full
         return out.logits[:, -1, :].float()
+
+    @property
+    def nbytes(self) -> int:
+        layers: list[Any] = list(self.cache.layers)
+        return sum(
+            t.numel() * t.element_size() for lay in layers for t in (lay.keys, lay.values) if t is not None
+        )
+
+    def extend(self, tokens: list[list[int]]) -> torch.Tensor:
+        """Append tokens[r] to row r: a new group left-padded, or the next chunk of one row."""
+        width = max(len(t) for t in tokens)
+        ids = torch.zeros(len(tokens), width, dtype=torch.long)  # pad id 0: masked, never attended
+        mask = torch.zeros(len(tokens), width, dtype=torch.long)
+        for row, row_tokens in enumerate(tokens):
+            ids[row, width - len(row_tokens) :] = torch.tensor(row_tokens)
+            mask[row, width - len(row_tokens) :] = 1
+        return self.forward(self.model, ids.to(self.device), mask)
+
+    def decode(self, tokens: list[int]) -> torch.Tensor:
+        return self.forward(self.model, torch.tensor([[t] for t in tokens], device=self.device))
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (in this order) and drop columns no remaining row uses."""

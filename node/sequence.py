@@ -1,0 +1,54 @@
+"""One request's life inside HFEngine: its prompt, sampling state, text stream and what is unsent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bus.schemas import ChatMessage, TokenLogprob
+from node.engine import EngineRequest, FinishReason, Sink
+from node.prefix_cache import KV
+from node.sampling import TokenChooser
+from node.slotbatch import Batch
+from node.textstream import TextStream
+
+__all__ = ["Seq"]
+
+
+@dataclass(eq=False)
+class Seq:
+    """One request's life inside the engine."""
+
+    request: EngineRequest
+    sink: Sink
+    prompt: list[int]
+    max_new: int
+    chooser: TokenChooser
+    stream: TextStream
+    reserve: int  # KV columns it may reach: prompt + max_new
+    kv: Batch | None = None  # its own cache while a long prompt is prefilled chunk by chunk
+    prefix: KV | None = None  # cached keys/values of prompt[:cached]
+    cached: int = 0
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    reason: FinishReason | None = None
+    next_token: int = -1
+    completion: int = 0
+    unsent_tokens: int = 0
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
+    finished: bool = False
+
+    def reply(self) -> ChatMessage:
+        """What the client got, as the assistant message of its next turn."""
+        return ChatMessage(role="assistant", content=self.stream.text)
+
+    def counts(self) -> dict[str, Any]:
+        """Delta fields for what was generated since the last delta (and mark it sent)."""
+        counts = {
+            "tokens": self.unsent_tokens,
+            "prompt_tokens": len(self.prompt),
+            "completion_tokens": self.completion,
+            "logprobs": self.unsent_logprobs or None,
+        }
+        self.unsent_tokens, self.unsent_logprobs = 0, []
+        return counts
