@@ -48,6 +48,8 @@ class EngineStats:
     running: int
     queued: int
     tokens_per_s: float  # recent decode throughput over all sequences
+    # bus.prefix_hashes of conversations (messages + the assistant's reply) whose KV the engine holds
+    cached_prefixes: list[int] = field(default_factory=list)
 
 
 class Engine(Protocol):
