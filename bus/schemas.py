@@ -216,6 +216,8 @@ class NodeInfo(_Tagged, frozen=True, kw_only=True, tag="node.info"):
     tokens_per_s: float = 0.0
     started_at: float = 0.0
     updated_at: float = 0.0
+    # bus.prefix_hashes of conversations whose KV cache the node holds (cache-aware routing)
+    cached_prefixes: list[int] = msgspec.field(default_factory=list)
 
     @property
     def load(self) -> float:

@@ -18,6 +18,7 @@ from test_engine import Collector, chat, run
 
 from bus import BusClient, ChatMessage, Chunk, Done, SamplingParams
 from bus.errors import ContextLengthExceeded
+from bus.prefixes import prefix_hashes
 from node.engine import EngineRequest
 from node.llamacpp import LlamaCppEngine, import_llamacpp
 from node.native import build_llamacpp, bundled_gguf, self_check
@@ -131,8 +132,6 @@ def test_four_concurrent_requests_each_get_their_own_answer(engine: LlamaCppEngi
 def test_context_is_checked_and_prefixes_are_advertised(engine: LlamaCppEngine) -> None:
     with pytest.raises(ContextLengthExceeded):
         engine.submit(chat("big", FRANCE, SamplingParams(max_tokens=10**6)), lambda d: None)
-    from bus.prefixes import prefix_hashes
-
     out = run(engine, chat("turn", "Say hello."))  # type: ignore[arg-type]
     said = [
         ChatMessage(role="user", content="Say hello."),
@@ -172,8 +171,14 @@ async def test_node_on_the_bus_streams_and_cancels(native_node, client: BusClien
     events = [e async for e in stream]
     assert "Paris" in "".join(e.text for e in events if isinstance(e, Chunk))
     assert isinstance(events[-1], Done) and events[-1].finish_reason == "stop"
-    node = next(n for n in client.nodes() if n.node_id == "t-native")
-    assert node.dtype == "gguf"
+    said = [ChatMessage(role="user", content=FRANCE), ChatMessage(role="assistant", content=stream.text)]
+    key = prefix_hashes(said)[-1]
+    for _ in range(100):  # the next heartbeat says the node holds this conversation
+        node = next(n for n in client.nodes() if n.node_id == "t-native")
+        if key in node.cached_prefixes:
+            break
+        await asyncio.sleep(0.2)
+    assert node.dtype == "gguf" and key in node.cached_prefixes
     long = client.chat(
         MODEL, [ChatMessage(role="user", content=STORY)], SamplingParams(temperature=0, max_tokens=400)
     )
