@@ -197,6 +197,8 @@ class LlamaCppEngine:
             if job.finished:  # cancelled while queued
                 return
             job.started = True
+        if job.request.messages:  # its prompt is in llama.cpp's cache from the first chunk on
+            self._remember(job.request.messages)
         server = self._server
         try:
             assert server is not None

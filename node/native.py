@@ -53,9 +53,9 @@ def native_problem(model: str, device: str, adapter: bool) -> str:
 def self_check(gguf: Path, timeout_s: float = _CHECK_TIMEOUT_S) -> str:
     """Load the GGUF and decode one greedy token in a child process; "" when that worked."""
     code = (
-        "import json, sys\n"
-        "from node.llamacpp import import_llamacpp\n"
-        "x = import_llamacpp()\n"
+        "import json, os, sys\n"
+        "os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')\n"  # as node.llamacpp, without torch
+        "import xllamacpp as x\n"
         "p = x.CommonParams(); p.model.path = sys.argv[1]; p.n_ctx = 256; p.n_parallel = 1\n"
         "p.cpuparams.n_threads = 1; p.verbosity = -1; p.api_keys = ['self-check']\n"
         "r = x.Server(p).handle_completions({'prompt': [1, 2, 3], 'max_tokens': 1, 'temperature': 0})\n"
