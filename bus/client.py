@@ -27,6 +27,7 @@ from bus.connection import (
 from bus.errors import BusUnavailable, ModelNotFound, NodeTimeout, error_for
 from bus.jobs import Jobs
 from bus.nodes import ModelEntry, NodeTable
+from bus.prefixes import prefix_hashes
 from bus.schemas import (
     ChatMessage,
     Constraint,
@@ -71,6 +72,7 @@ class BusClient:
         keepalive_s: float = 15.0,
         max_failovers: int = 2,
         owns_connection: bool = False,
+        cache_aware: bool = True,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -81,6 +83,7 @@ class BusClient:
         self.keepalive_s = keepalive_s  # a node cancels a request whose client is silent this long
         self.keepalive_every_s = min(keepalive_every_s, keepalive_s / 3)
         self.max_failovers = max_failovers
+        self.cache_aware = cache_aware  # send a chat's next turn to the node holding its history
         # Our NATS user: nodes publish our tokens under it, and the server lets us read only those.
         self.owner = str(nc.options.get("user") or "")
         self._owns = owns_connection
@@ -215,6 +218,12 @@ class BusClient:
                 trace_id=trace_id,
             )
         )
+
+    def prefixes_for(self, request: GenerateRequest) -> list[int]:
+        """What routing looks up in the nodes' advertised prefixes (nothing when cache-unaware)."""
+        if not self.cache_aware or not request.messages:
+            return []
+        return prefix_hashes(request.messages)
 
     def _stream(self, request: GenerateRequest) -> ChatStream:
         return ChatStream(self, request, self.max_failovers)

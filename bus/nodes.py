@@ -29,6 +29,9 @@ __all__ = ["ModelEntry", "NodeTable"]
 log = logging.getLogger(__name__)
 
 _WATCH_SILENCE_S = 2 * HEARTBEAT_S  # under NODE_TTL_S, so live nodes do not time out meanwhile
+# A node holding a conversation's history gets its next turn unless its load (a fraction of its
+# capacity) is more than this above the least loaded node's: a prefix hit saves a prefill, not a queue.
+CACHE_SLACK = 0.5
 _STALL_GRACE_S = 30.0  # how long a bucket that cannot be watched (no leader: a cluster member died) is
 # not taken for the death of every node
 
@@ -162,17 +165,44 @@ class NodeTable:
                 out[card.name] = ModelEntry(card.name, ctx, embed, nodes)
         return out
 
-    def candidates(self, model: str, exclude: set[str] = frozenset()) -> list[NodeInfo]:  # type: ignore[assignment]
-        """Nodes for `model`, best first: power of two choices on load, then the rest by load."""
+    def candidates(
+        self,
+        model: str,
+        exclude: set[str] = frozenset(),  # type: ignore[assignment]
+        prefixes: list[int] | None = None,
+    ) -> list[NodeInfo]:
+        """Nodes for `model`, best first, then the rest by load.
+
+        Best: with `prefixes` (bus.prefix_hashes of a chat's messages), a node holding the longest of
+        them, unless it is much busier than the least loaded node (CACHE_SLACK); else the power of
+        two choices on load.
+        """
         nodes = [
             n for n in self.nodes() if n.node_id not in exclude and any(c.name == model for c in n.models)
         ]
         if len(nodes) <= 1:
             return nodes
         ranked = sorted(nodes, key=self._load)
-        a, b = random.sample(nodes, 2)
-        first = a if self._load(a) <= self._load(b) else b
+        first = self._holder(ranked, prefixes) if prefixes else None
+        if first is None:
+            a, b = random.sample(nodes, 2)
+            first = a if self._load(a) <= self._load(b) else b
         return [first, *(n for n in ranked if n is not first)]
+
+    def _holder(self, ranked: list[NodeInfo], prefixes: list[int]) -> NodeInfo | None:
+        """The least loaded of the nodes holding the longest prefix, if not much busier than the idlest."""
+        best, holders = 0, []
+        for node in ranked:
+            held = set(node.cached_prefixes)
+            depth = next((k for k in range(len(prefixes), 0, -1) if prefixes[k - 1] in held), 0)
+            if depth > best:
+                best, holders = depth, [node]
+            elif depth == best and depth:
+                holders.append(node)
+        if not holders or len(holders) == len(ranked):  # nobody, or everybody: load decides
+            return None
+        first = holders[0]  # ranked by load, so the least loaded holder
+        return first if self._load(first) - self._load(ranked[0]) <= CACHE_SLACK else None
 
     def _load(self, node: NodeInfo) -> float:
         pending = node.running + node.queued + self._inflight.get(node.node_id, 0)

@@ -308,6 +308,8 @@ class NodeInfo(_Tagged, frozen=True, kw_only=True, tag="node.info"):
     started_at: float = 0.0
     updated_at: float = 0.0
     answers_probes: bool = False  # a probe it leaves unanswered means it hangs (older nodes: nothing)
+    # bus.prefix_hashes of conversations whose KV cache the node holds (cache-aware routing)
+    cached_prefixes: list[int] = msgspec.field(default_factory=list)
 
     @property
     def load(self) -> float:

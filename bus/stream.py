@@ -199,7 +199,7 @@ class ChatStream(AsyncIterator[StreamEvent]):
         )
         targets = [
             (n.node_id, subjects.gen_node(request.model, n.node_id))
-            for n in table.candidates(request.model, exclude)
+            for n in table.candidates(request.model, exclude, self._client.prefixes_for(request))
         ]
         if not failover:  # last, the queue group: any node we have not heard of yet
             targets.append(("", subjects.gen(request.model)))

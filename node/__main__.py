@@ -54,6 +54,14 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
         "of RAM (0.25, the default 'auto'); when full, new requests wait, or are rejected busy if they "
         "could never fit",
     )
+    p.add_argument(
+        "--engine",
+        default="hf",
+        choices=["auto", "hf", "llamacpp"],
+        help="hf: transformers (any model, GPU, adapters); llamacpp: the bundled GGUF on llama.cpp (CPU); "
+        "auto: llamacpp where it can run and passes a self-check, else hf",
+    )
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: every core)")
     p.add_argument("--node-id", default=None)
     p.add_argument("--cache-dir", type=Path, default=None, help="where converted models are kept")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish answers on shutdown")
@@ -86,6 +94,8 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
         max_queued=a.max_queued,
         prefill_chunk=a.prefill_chunk,
         kv_cache_memory=a.kv_cache_memory,
+        engine=a.engine,
+        threads=a.threads,
         node_id=a.node_id,
         cache_dir=a.cache_dir or default_cache_dir() / "models",
         drain_timeout=a.drain_timeout,

@@ -41,6 +41,8 @@ class NodeConfig:
     max_queued: int = 64
     prefill_chunk: int = 128
     kv_cache_memory: str = "auto"  # bytes ("2GiB") or a fraction of RAM ("0.25"); auto: a quarter
+    engine: str = "hf"  # auto | hf | llamacpp (node/native.py)
+    threads: int | None = None  # llama.cpp's threads (default: every core)
     node_id: str | None = None
     cache_dir: Path = Path(".cache/chatbus/models")
     drain_timeout: float = 30.0
@@ -53,6 +55,41 @@ def say(line: str) -> None:
 
 
 def build_engine(cfg: NodeConfig, adapter_dir: Path | None = None) -> Engine:
+    if pick_engine(cfg, adapter_dir is not None) == "llamacpp":
+        from node.native import build_llamacpp
+
+        return build_llamacpp(
+            cache_dir=cfg.cache_dir,
+            name=cfg.name,
+            max_running=cfg.max_running,
+            max_queued=cfg.max_queued,
+            threads=cfg.threads,
+            progress=say,
+        )
+    return build_hf_engine(cfg, adapter_dir)
+
+
+def pick_engine(cfg: NodeConfig, adapter: bool) -> str:
+    """'hf' or 'llamacpp' for this node; `llamacpp` asked for but impossible is an error, `auto` falls back."""
+    from node.loader import ModelLoadError
+    from node.native import bundled_gguf, native_problem, self_check
+
+    if cfg.engine == "hf":
+        return "hf"
+    problem = native_problem(cfg.model, cfg.device, adapter)
+    if not problem:
+        gguf = bundled_gguf()
+        assert gguf is not None
+        problem = self_check(gguf)
+    if not problem:
+        return "llamacpp"
+    if cfg.engine == "llamacpp":
+        raise ModelLoadError(f"--engine llamacpp: {problem}")
+    say(f"engine: torch ({problem})")
+    return "hf"
+
+
+def build_hf_engine(cfg: NodeConfig, adapter_dir: Path | None = None) -> Engine:
     from node.hf import HFEngine
     from node.loader import DEFAULT_MODEL, load_model
 

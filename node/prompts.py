@@ -1,4 +1,8 @@
-"""Request → prompt token ids: the tokenizer's chat template (or a plain one), checks on the parameters."""
+"""Prompts → token ids with the tokenizer's own chat template, the same way for every engine.
+
+The torch engine (node/hf.py) and engines that decode elsewhere (node/llamacpp.py) call these, so all
+prefill exactly the same ids for one request; and the one check on sampling ranges.
+"""
 
 from __future__ import annotations
 

@@ -56,6 +56,8 @@ __all__ = ["NodeService", "new_node_id"]
 
 log = logging.getLogger(__name__)
 
+MAX_ADVERTISED_PREFIXES = 512  # newest last: ~4.6 KB of heartbeat at most
+
 
 def new_node_id() -> str:
     host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:24]
@@ -389,6 +391,7 @@ class NodeService:
             started_at=self.started_at,
             updated_at=time.time(),
             answers_probes=True,
+            cached_prefixes=stats.cached_prefixes[:MAX_ADVERTISED_PREFIXES],
         )
 
     async def _heartbeat(self) -> bool:

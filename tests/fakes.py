@@ -13,6 +13,7 @@ import httpx
 
 from bus.connection import connect
 from bus.errors import ContextLengthExceeded
+from bus.prefixes import prefix_hashes
 from bus.schemas import ChatMessage, ModelCard
 from node.engine import Delta, EngineRequest, EngineStats, Sink
 from node.service import NodeService
@@ -35,6 +36,7 @@ class EchoEngine:
         self.steps = 0
         self.running_ids: set[str] = set()
         self.submitted: list[EngineRequest] = []  # every request that reached this engine
+        self.held: list[int] = []  # prefix hashes of the chats it answered, as a caching engine says
 
     card = property(lambda self: self._card)
     device = property(lambda self: "cpu")
@@ -81,7 +83,9 @@ class EchoEngine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            return EngineStats(running=len(self._queue), queued=0, tokens_per_s=0.0)
+            return EngineStats(
+                running=len(self._queue), queued=0, tokens_per_s=0.0, cached_prefixes=list(self.held)
+            )
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         return [[1.0, 0.0] for _ in texts], sum(len(t.split()) for t in texts)
@@ -112,6 +116,9 @@ class EchoEngine:
                 n = produced.get(rid, 0)
                 if n >= len(words):
                     reason = "length" if req.params.max_tokens == n else "stop"
+                    if req.messages:
+                        said = ChatMessage(role="assistant", content="".join(words[:n]))
+                        self.held.extend(prefix_hashes([*req.messages, said]))
                     sink(Delta(request_id=rid, finish_reason=reason, completion_tokens=n))  # type: ignore[arg-type]
                     self._drop(item)
                     continue
