@@ -147,7 +147,9 @@ def prefix_rows(loaded: LoadedModel, history: list[ChatMessage]) -> list[tuple[s
             fresh, turn = [], []
             for i in range(4):
                 question = [ChatMessage(role="user", content=f"{QUESTIONS[i]} #{i}")]
-                fresh.append(first_token_ms(engine, question, "f")[0])
+                fresh.append(
+                    first_token_ms(engine, question, "f", 2)[0]
+                )  # 2: the first delta is not the last
                 previous = [*history, ChatMessage(role="user", content=f"And then? ({i})")]
                 _, reply = first_token_ms(engine, previous, "warm", 16)  # the previous turn, answered
                 following = [
@@ -155,7 +157,7 @@ def prefix_rows(loaded: LoadedModel, history: list[ChatMessage]) -> list[tuple[s
                     ChatMessage(role="assistant", content=reply),
                     ChatMessage(role="user", content="Why?"),
                 ]
-                turn.append(first_token_ms(engine, following, "turn")[0])
+                turn.append(first_token_ms(engine, following, "turn", 2)[0])
         finally:
             engine.stop()
         if cached:
