@@ -26,7 +26,7 @@ from bus.constraints import compile_grammar
 from bus.errors import BadRequest
 from bus.schemas import Constraint
 
-__all__ = ["GrammarCompiler", "RowGrammar"]
+__all__ = ["GrammarCompiler", "RowGrammar", "mask_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +50,21 @@ class RowGrammar:
         """True once nothing but end-of-sequence may follow."""
         return bool(self._matcher.is_stopped())
 
+    def fill(self, words: torch.Tensor) -> None:
+        """Write the allowed-token bitmask (int32 [ceil(vocab / 32)], contiguous, CPU) into `words`."""
+        if self._matcher.is_error():  # only EOS, so the row ends
+            words.zero_()
+            for token in self._eos:
+                words[token // 32] |= _BITS[token % 32]
+            return
+        self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), self._words * 4)
+
     def allowed(self) -> torch.Tensor:
         """Bool [vocab] of the tokens the grammar allows next (only EOS once done or broken)."""
         if self._buf is None:
             self._buf = torch.zeros(self._words, dtype=torch.int32)
-        if self._matcher.is_error():
-            allowed = torch.zeros(self._vocab, dtype=torch.bool)
-            allowed[self._eos] = True
-            return allowed
-        self._matcher.unsafe_compute_mask_ptr(self._buf.data_ptr(), self._words * 4)
-        return (self._buf.unsqueeze(-1) & _BITS).ne(0).view(-1)[: self._vocab]
+        self.fill(self._buf)
+        return _unpack(self._buf.unsqueeze(0), self._vocab)[0]
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` [vocab] with every token the grammar forbids set to -inf (a new tensor)."""
@@ -69,6 +74,28 @@ class RowGrammar:
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token) and token not in self._eos:
             log.warning("grammar rejected token %d: %s", token, self._matcher.get_error())
+
+
+def _unpack(words: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int32 bitmasks [rows, words] → bool [rows, vocab]."""
+    return (words.unsqueeze(-1) & _BITS).ne(0).view(words.shape[0], -1)[:, :vocab]
+
+
+def mask_rows(logits: torch.Tensor, rows: list[int], grammars: list[RowGrammar]) -> None:
+    """Mask rows `rows` of `logits` [batch, vocab] in place, each by its grammar, in one batched op.
+
+    One bitmask buffer, one unpack and one masked write for every constrained row of a step: per-row
+    torch ops cost more than the grammar itself.
+    """
+    if not rows:
+        return
+    vocab = logits.shape[-1]
+    words = torch.empty(len(rows), (vocab + 31) // 32, dtype=torch.int32)
+    for k, grammar in enumerate(grammars):
+        grammar.fill(words[k])
+    index = torch.tensor(rows, device=logits.device)
+    allowed = _unpack(words, vocab).to(logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
 
 class GrammarCompiler:

@@ -1,9 +1,10 @@
 """Choosing the next token per sequence: penalties, logit bias, grammar, temperature, top-k/top-p, seeds.
 
 Rows that are plain greedy share one batched argmax; every other row is processed on its own (its own
-torch.Generator, so a seeded request gives the same text whatever else is in the batch). A row with a
-grammar (node/grammar.py) has its logits masked before choosing and advances the grammar after, so
-an unconstrained row pays nothing for it.
+torch.Generator, so a seeded request gives the same text whatever else is in the batch). Rows with a
+grammar (node/grammar.py) are masked first, all in one batched op (masking commutes with penalties
+and bias: -inf stays -inf), then chosen like any row, and advance their grammar after; a batch
+without constrained rows pays nothing for it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bus.schemas import SamplingParams
-from node.grammar import RowGrammar
+from node.grammar import RowGrammar, mask_rows
 
 __all__ = ["Choice", "TokenChooser", "choose_tokens"]
 
@@ -67,13 +68,7 @@ class TokenChooser:
     @property
     def fast(self) -> bool:
         """True when a batched argmax is the whole job."""
-        return (
-            self.greedy
-            and not self.penalised
-            and not self.want_logprobs
-            and self.grammar is None
-            and self.bias is None
-        )
+        return self.greedy and not self.penalised and not self.want_logprobs and self.bias is None
 
     def observe(self, token: int) -> None:
         if self.grammar is not None:
@@ -82,14 +77,14 @@ class TokenChooser:
             self.counts[token] += 1
             self.seen[token] = True
 
-    def choose(self, logits: torch.Tensor) -> Choice:
-        """Pick a token from one row of float32 logits [vocab]."""
+    def choose(self, logits: torch.Tensor, masked: bool = False) -> Choice:
+        """Pick a token from one row of float32 logits [vocab] (`masked`: the grammar mask is applied)."""
         p = self.params
         if self.penalised:
             logits = self._penalise(logits)
         if self.bias is not None:
             logits = logits.index_add(0, self.bias[0], self.bias[1].to(logits.dtype))
-        if self.grammar is not None:
+        if self.grammar is not None and not masked:
             logits = self.grammar.mask(logits)
         if self.greedy:
             token = int(logits.argmax())
@@ -133,11 +128,16 @@ class TokenChooser:
 
 
 def choose_tokens(logits: torch.Tensor, choosers: list[TokenChooser]) -> list[Choice]:
-    """One Choice per row of `logits` [rows, vocab]; greedy rows share one argmax."""
+    """One Choice per row of `logits` [rows, vocab]; greedy rows share one argmax.
+
+    Constrained rows of `logits` are masked in place (the caller's step owns the tensor).
+    """
+    constrained = [row for row, c in enumerate(choosers) if c.grammar is not None]
+    mask_rows(logits, constrained, [choosers[row].grammar for row in constrained])  # type: ignore[misc]
     fast = logits.argmax(dim=-1).tolist() if any(c.fast for c in choosers) else []
     choices = []
     for row, chooser in enumerate(choosers):
-        choice = Choice(fast[row]) if chooser.fast else chooser.choose(logits[row])
+        choice = Choice(fast[row]) if chooser.fast else chooser.choose(logits[row], masked=True)
         chooser.observe(choice.token)
         choices.append(choice)
     return choices
