@@ -64,7 +64,7 @@ class BusClient:
         name: str = "chatbus-client",
         accept_timeout_s: float = 10.0,
         stall_check_s: float = 0.4,
-        probe_timeout_s: float = 1.5,
+        probe_timeout_s: float = 1.0,
         keepalive_every_s: float = 5.0,
         keepalive_s: float = 15.0,
         max_failovers: int = 2,
