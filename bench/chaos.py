@@ -105,12 +105,15 @@ class System:
         return [f"http://127.0.0.1:{p}" for p in self.ports.values()]
 
     def rss_mb(self) -> dict[str, float]:
+        """RSS of every process of the soak (and of the soak itself), by `name@pid`."""
+        pids = [(n, p.pid) for n, p in self.procs.items()] + [("soak", os.getpid())]
+        pids += [(s.name, s.process.pid) for s in self.cluster.servers if s.process is not None]
         out = {}
-        for name, proc in [*self.procs.items(), *((s.name, s.process) for s in self.cluster.servers)]:
+        for name, pid in pids:
             try:
-                status = Path(f"/proc/{proc.pid}/status").read_text() if proc else ""  # type: ignore[union-attr]
+                status = Path(f"/proc/{pid}/status").read_text()
                 kb = next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS"))
-                out[f"{name}@{proc.pid}"] = kb / 1024  # type: ignore[union-attr]
+                out[f"{name}@{pid}"] = kb / 1024
             except (OSError, StopIteration):
                 pass
         return out
@@ -316,28 +319,38 @@ async def soak(args: argparse.Namespace) -> dict[str, object]:
             await watcher.close()
         load = Load(system.gateways(), model, args.max_tokens, args.request_timeout)
         await references(load)
-        rss_before = system.rss_mb()
         began = time.monotonic()
         stop_at = began + args.duration
+        samples: dict[str, list[float]] = {}
         await asyncio.gather(
             clients(load, stop_at, args.concurrency, args.hostile, tally, notes),
             faults(system, stop_at, args.fault_every, fault_log),
             logs_and_votes(system.cluster.urls, stop_at, tally),
             jobs_through(system.cluster.urls, stop_at, args.job_every, tally),
+            memory(system, stop_at, samples),
         )
-        rss_after = system.rss_mb()
-        lived = sorted(set(rss_before) & set(rss_after))
         return {
             "seconds": round(time.monotonic() - began, 1),
             "engine": args.engine,
             "tally": dict(sorted(tally.items())),
             "faults": fault_log,
             "restarts": dict(system.restarts),
-            "rss_mb": {k: [round(rss_before[k], 1), round(rss_after[k], 1)] for k in lived},
+            # Every process that lived 2 minutes or more: RSS a minute into its life, then at its end.
+            "rss_mb": {
+                k: [round(v[2], 1), round(v[-1], 1)] for k, v in sorted(samples.items()) if len(v) >= 8
+            },
             "notes": notes[:50],
         }
     finally:
         system.stop()
+
+
+async def memory(system: System, stop_at: float, samples: dict[str, list[float]]) -> None:
+    """RSS of every process (and of this soak) every 15 s, per process instance."""
+    while time.monotonic() < stop_at:
+        for name, mb in system.rss_mb().items():
+            samples.setdefault(name, []).append(mb)
+        await asyncio.sleep(15)
 
 
 def report(result: dict[str, object]) -> None:
@@ -347,7 +360,7 @@ def report(result: dict[str, object]) -> None:
     for key, value in tally.items():
         print(f"  {key:<28} {value}")
     print("  restarts: " + ", ".join(f"{k} x{v}" for k, v in result["restarts"].items()))  # type: ignore[attr-defined]
-    print("  RSS MB (start -> end) of processes that lived through the run:")
+    print("  RSS MB (a minute in -> end) of every process that lived 2 minutes or more:")
     for name, (a, b) in result["rss_mb"].items():  # type: ignore[attr-defined]
         print(f"    {name:<24} {a:>7.1f} -> {b:>7.1f}")
     for note in result["notes"]:  # type: ignore[attr-defined]

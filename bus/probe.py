@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Verdict", "probe"]
 
-_GONE_RECHECK_S = 0.2  # "no responders" twice this far apart: not a node between two cluster members
+_GONE_RECHECK_S = 0.1  # "no responders" twice this far apart: not a node between two cluster members
 
 
 class Verdict(enum.Enum):

@@ -26,6 +26,7 @@ import msgspec
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from bus import subjects
 from bus.codec import decode, encode
@@ -76,6 +77,10 @@ _REPLAY_WAIT_S = 3.0  # recorded events arrive at once; silence this long means 
 # Silent this long with the node alive: re-subscribe, in case our consumer died or stalled when a
 # cluster member went down (the new one is made by the stream's current leader).
 _RESUBSCRIBE_S = 3.0
+_SUBSCRIBE_RETRY_S = 10.0  # a cluster elects a new leader for the token stream in a few seconds
+# A node that answers probes yet whose heartbeats do not arrive (its KV puts fail while the cluster
+# elects a leader) is alive: only this long a silence makes it lost.
+_UNHEARD_S = 15.0
 
 
 class Attempt(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -301,7 +306,19 @@ class ChatStream(AsyncIterator[StreamEvent]):
                 await self._sub.unsubscribe()
         self._reconnects = self._client.reconnects()
         self._subscribed_at = time.monotonic()
-        self._sub = await self._client.js.subscribe(
+        deadline = time.monotonic() + _SUBSCRIBE_RETRY_S
+        while True:
+            try:
+                self._sub = await self._consumer()
+                return
+            except (NatsTimeout, NoRespondersError, NoStreamResponseError, ServiceUnavailableError) as e:
+                # The token stream has no leader for a few seconds after its server dies.
+                if time.monotonic() > deadline:
+                    raise BusUnavailable(f"cannot follow the answer on the bus right now ({e!r})") from e
+                await asyncio.sleep(0.25)
+
+    async def _consumer(self) -> JetStreamContext.PushSubscription:
+        return await self._client.js.subscribe(
             subjects.token(self.request.owner, self._attempt_rid),
             stream=subjects.TOKENS_STREAM,
             # A named consumer: its create request carries the filter in its subject, which is how
@@ -476,7 +493,9 @@ class ChatStream(AsyncIterator[StreamEvent]):
             return f"node {self.node_id} is gone (its process left the bus; {silent:.1f}s without tokens)"
         if verdict is Verdict.HUNG:
             return f"node {self.node_id} does not answer ({silent:.1f}s without tokens)"
-        if not client.table.is_alive(self.node_id):  # answering, yet not beating: frozen all the same
+        if not client.table.is_alive(self.node_id) and (
+            verdict is not Verdict.WORKING or silent > _UNHEARD_S
+        ):
             return f"node {self.node_id} stopped heartbeating ({silent:.1f}s without tokens)"
         if verdict is Verdict.FORGOT and not self._forgot:
             self._forgot = True  # maybe it finished and our consumer missed the end: read the record

@@ -129,6 +129,7 @@ class Recorder:
         self._record = msgspec.structs.replace(self._record, choices=choices)
         try:
             await self._client.put_resume_record(self._key, msgspec.json.encode(self._record))
+            self._failed = False
         except Exception as e:  # the answer still streams; only a resume of it will not work
             if not self._failed:
                 log.warning("cannot keep the resume record of %s: %r", self._key, e)
@@ -137,6 +138,6 @@ class Recorder:
     async def sync(self) -> None:
         """Save again when an answer moved to another attempt (before the client sees its events)."""
         seen = [len(s.attempts) for s in self._streams]
-        if seen != self._seen:
+        if seen != self._seen or self._failed:  # a save the bus refused (an election) is retried
             self._seen = seen
             await self.save()
