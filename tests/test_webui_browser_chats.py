@@ -21,9 +21,10 @@ TITLES = "[...document.querySelectorAll('.cb-chats .cb-chat-title')].filter(e =>
 
 async def ask(page: Page, text: str) -> None:
     """Send `text` and wait until every question on the page has its finished answer."""
+    asked = int(await page.eval("document.querySelectorAll('.cb-bubble-user').length"))
     await page.type(".cb-input textarea", text)
     await page.click(".cb-send")
-    await page.wait(f"document.body.innerText.includes({json.dumps(text)})")
+    await page.wait(f"document.querySelectorAll('.cb-bubble-user').length > {asked}")
     await page.wait(
         "document.querySelectorAll('.cb-stats').length === document.querySelectorAll('.cb-bubble-user').length"
         " && !document.querySelector('.cb-cursor')",
