@@ -32,6 +32,27 @@ async def ask(page: Page, text: str) -> None:
     )
 
 
+async def menu_item(page: Page, text: str) -> None:
+    js = f"[...document.querySelectorAll('.q-menu .q-item')].find(e => e.innerText.includes({json.dumps(text)}))"
+    await page.wait(f"!!{js}")
+    await page.eval(f"{js}.click()")
+
+
+async def downloaded(folder: Path, suffix: str, timeout: float = 60.0) -> Path:
+    """The file the browser saved into `folder` (whole: no partial download left)."""
+    for _ in range(int(timeout * 10)):
+        names = _names(folder)
+        done = [n for n in names if n.endswith(suffix)]
+        if done and not any(n.endswith(".crdownload") for n in names):
+            return folder / done[0]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no {suffix} file in {folder}: {_names(folder)}")
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
 async def new_chat(page: Page) -> None:
     await page.click_text("New chat")
     await page.wait("document.body.innerText.includes('What can I help with?')")
@@ -74,27 +95,18 @@ async def test_chats_list_edit_resend_export_and_a_restart(
     # Export: the browser saves a Markdown file with the edited question.
     downloads = workdir / "downloads"
     downloads.mkdir(exist_ok=True)
-    await page.send("Page.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
+    await page.send("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
     await page.click_text("Export")
-    await page.click_text("Markdown (.md)")
-    for _ in range(100):
-        files = [f for f in downloads.glob("*.md")]
-        if files:
-            break
-        await asyncio.sleep(0.1)
-    markdown = files[0].read_text()
+    await menu_item(page, "Markdown (.md)")
+    markdown = (await downloaded(downloads, ".md")).read_text()
     assert (
         markdown.startswith("# What is the capital of France?")
         and "## You\n\nWhat is the capital of Italy?" in markdown
     )
     await page.click_text("Export")
-    await page.click_text("JSON (.json)")
-    for _ in range(100):
-        files = [f for f in downloads.glob("*.json")]
-        if files:
-            break
-        await asyncio.sleep(0.1)
-    assert json.loads(files[0].read_text())["messages"][0]["content"] == "What is the capital of Italy?"
+    await menu_item(page, "JSON (.json)")
+    exported = json.loads((await downloaded(downloads, ".json")).read_text())
+    assert exported["messages"][0]["content"] == "What is the capital of Italy?"
     # A restart of the web app keeps the list (it lives in the state dir, per browser).
     port = free_port()
     with webui_process(nats_url, port, workdir / "state", workdir / "webui-restart.log"):
