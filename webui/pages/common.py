@@ -92,7 +92,7 @@ class ModelPicker:
         self.select = (
             ui.select(self._options(names, value), value=value, label=label, on_change=self._changed)
             .props("outlined dense rounded options-dense")
-            .classes("min-w-[170px] max-w-[60vw]")
+            .classes("cb-picker min-w-[170px] max-w-[60vw]")
         )
         self.offline = ui.badge("offline", color="negative").props("outline")
         self.offline.visible = False
