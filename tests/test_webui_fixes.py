@@ -167,3 +167,26 @@ async def test_the_arena_with_one_model_gives_a_command_that_works(services: Ser
         await _ask(user, "anyone?")
         await user.should_see("chatbus node --name other-name")
         await user.should_not_see("python -m node")
+
+
+async def test_votes_beyond_the_hourly_limit_are_refused(services: Services) -> None:
+    from webui.config import Limits, WebConfig
+    from webui.limits import RateLimiter
+
+    limits = Limits(user_per_minute=1000, votes_per_hour=1)
+    one_vote = Services(
+        WebConfig(nats="", limits=limits), services.client, services.logs, RateLimiter(limits)
+    )
+    async with simulated(one_vote) as user:
+        await user.open("/arena")
+        for round_ in range(2):
+            before = len(services.logs.votes())
+            await _ask(user, f"round {round_} of votes")
+            await wait_for(lambda: visible(user, "vote-row"), timeout=60)
+            user.find(marker="tievote").click()
+            if round_ == 0:
+                await user.should_see("You voted: Tie")
+                await wait_for(lambda n=before + 1: len(services.logs.votes()) == n)
+                user.find(marker="new-battle").click()
+        await user.should_see("You have reached the limit of 1 vote an hour")
+        assert len(services.logs.votes()) == before  # the second vote was not logged
