@@ -281,26 +281,31 @@ def compute_bt_style(
     index = {m: i for i, m in enumerate(free)}
     styled = any(_style(b) for b in battles)  # no length differences at all: plain Bradley–Terry
     k = len(free) + styled  # the model coefficients (+ the style coefficient)
-    rows = []
+    # Sparse rows (at most three non-zeros), identical ones merged: (non-zeros, battles, A's score sum).
+    merged: dict[tuple[tuple[int, float], ...], list[float]] = defaultdict(lambda: [0.0, 0.0])
     for b in battles:
-        x = [0.0] * k
+        x: dict[int, float] = defaultdict(float)
         if b.model_a in index:
             x[index[b.model_a]] += 1.0
         if b.model_b in index:
             x[index[b.model_b]] -= 1.0
         if styled:
-            x[-1] = _style(b)
-        rows.append((x, b.score_a))
+            x[k - 1] = _style(b)
+        cell = merged[tuple(sorted((i, v) for i, v in x.items() if v))]
+        cell[0] += 1.0
+        cell[1] += b.score_a
+    rows = [(nz, n, wins) for nz, (n, wins) in merged.items()]
     beta = [0.0] * k
     for _ in range(max_iter):
         grad = [-l2 * w for w in beta]
         hess = [[(l2 if i == j else 0.0) for j in range(k)] for i in range(k)]
-        for x, y in rows:
-            p = 1.0 / (1.0 + math.exp(-sum(w * v for w, v in zip(beta, x, strict=True))))
-            for i in range(k):
-                grad[i] += (y - p) * x[i]
-                for j in range(k):
-                    hess[i][j] += p * (1 - p) * x[i] * x[j]
+        for nz, n, wins in rows:
+            p = 1.0 / (1.0 + math.exp(-sum(beta[i] * v for i, v in nz)))
+            curve = n * p * (1 - p)
+            for i, vi in nz:
+                grad[i] += (wins - n * p) * vi
+                for j, vj in nz:
+                    hess[i][j] += curve * vi * vj
         step = _solve(hess, grad)
         beta = [w + d for w, d in zip(beta, step, strict=True)]
         if max((abs(d) for d in step), default=0.0) < 1e-10:

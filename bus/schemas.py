@@ -133,7 +133,7 @@ class SamplingParams(_Wire, frozen=True, kw_only=True):
             ("top_p", 0 < self.top_p <= 1, "above 0 and at most 1"),
             ("top_k", self.top_k >= 0, "at least 0 (0 turns it off)"),
             ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "at least 1 (unset: up to the context)"),
-            ("seed", self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1], "a signed 64-bit integer"),
+            ("seed", self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1], "a signed 64-bit integer, as OpenAI"),
             ("repetition_penalty", 0 < self.repetition_penalty < math.inf, "above 0 (1 turns it off)"),
             ("presence_penalty", p_low <= self.presence_penalty <= p_high, f"between {p_low:g} and {p_high:g}"),
             ("frequency_penalty", p_low <= self.frequency_penalty <= p_high, f"between {p_low:g} and {p_high:g}"),

@@ -4,13 +4,15 @@ what only a real browser's CSS shows (issue 18, bugs 1 and 8)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from fakes import EchoEngine, echo_node
-from test_webui_browser import CHROMIUM, Page, free_port, page, webui_process, workdir
+from test_webui_browser import CHROMIUM, DOCS_IMG, Page, free_port, page, webui_process, workdir
 
 from bus import BusClient
 
@@ -42,6 +44,14 @@ async def echo_url(nats_url: str, client: BusClient, workdir: Path) -> AsyncIter
         port = free_port()
         with webui_process(nats_url, port, workdir / "state", workdir / "webui.log"):
             yield f"http://127.0.0.1:{port}"
+
+
+async def _phone_screenshot(page: Page, name: str) -> None:
+    """As it looks at 390 px (`Page.screenshot` takes the desktop width); only with CHATBUS_SCREENSHOTS."""
+    if os.environ.get("CHATBUS_SCREENSHOTS"):
+        await asyncio.sleep(1.0)
+        data = await page.send("Page.captureScreenshot", format="png")
+        (DOCS_IMG / f"{name}.png").write_bytes(base64.b64decode(data["data"]))
 
 
 async def _luminance(page: Page, selector: str, prop: str) -> float:
@@ -83,6 +93,7 @@ async def test_a_phone_sees_the_whole_nav_and_table_and_toasts_clear_the_input(
     )
     try:
         await page.goto(echo_url + "/")
+        await _phone_screenshot(page, "phone")
         nav = await page.eval(
             "[...document.querySelectorAll('.cb-nav .q-btn')].map(b => b.getBoundingClientRect().right)"
         )

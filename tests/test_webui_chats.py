@@ -33,7 +33,7 @@ async def ask(user: User, text: str) -> None:
     user.find(marker="chat-input").type(text)
     user.find(marker="send").click()
     index = 2 * before + 1  # the answer's index in the conversation
-    await wait_for(lambda: bool(list_marked(user, f"stats-{index}")), timeout=20)
+    await wait_for(lambda: bool(list_marked(user, f"stats-{index}")), timeout=60)
 
 
 def list_marked(user: User, marker: str) -> list:

@@ -70,7 +70,7 @@ async def test_a_chat_vote_counts_once_and_answers_show_their_stats(services: Se
         await user.open("/")
         user.find(marker="clear").click()
         await _ask(user, "count my vote once")
-        await wait_for(lambda: visible(user, "upvote-1"), timeout=20)
+        await wait_for(lambda: visible(user, "upvote-1"), timeout=60)
         await user.should_see(marker="stats-1")
         stats = user.find(marker="stats-1").elements.pop().text
         assert stats.startswith("4 tokens") and "tok/s" in stats and "node " in stats
@@ -111,7 +111,7 @@ async def test_out_of_range_parameters_are_refused_and_repetition_penalty_is_sen
         _marked(user, "param-temperature").value = 0.5
         _marked(user, "param-repetition_penalty").value = 1.3
         await _ask(user, "penalised words")
-        await wait_for(lambda: "penalised words" in _markdown(user), timeout=20)
+        await wait_for(lambda: "penalised words" in _markdown(user), timeout=60)
         await wait_for(lambda: not services.logs.pending)
         last = (await chat_records(services))[-1]
         assert last.params.repetition_penalty == 1.3 and last.params.temperature == 0.5
@@ -122,11 +122,11 @@ async def test_side_by_side_clears_the_old_verdict_and_has_no_vote_for_one_model
         await user.open("/side-by-side")
         assert not visible(user, "same-model")
         await _ask(user, "first round")
-        await wait_for(lambda: visible(user, "vote-row"), timeout=20)
+        await wait_for(lambda: visible(user, "vote-row"), timeout=60)
         user.find(marker="tievote").click()
         await user.should_see("You voted: Tie")
         await _ask(user, "follow up")
-        await wait_for(lambda: visible(user, "vote-row"), timeout=20)
+        await wait_for(lambda: visible(user, "vote-row"), timeout=60)
         assert user.find(marker="verdict").elements.pop().text == ""
         # Regenerate answers the last question again on both sides.
         chats = len(await chat_records(services))
@@ -137,14 +137,14 @@ async def test_side_by_side_clears_the_old_verdict_and_has_no_vote_for_one_model
                 break
             await asyncio.sleep(0.1)
         assert len(records) == chats + 2 and records[-1].messages[-2].content == "follow up"
-        await wait_for(lambda: visible(user, "vote-row"), timeout=20)
+        await wait_for(lambda: visible(user, "vote-row"), timeout=60)
         # The same model on both sides: said so, and no vote.
         user.find(marker="new-battle").click()
         for select in _elements(user, ui.select):
             select.set_value("echo-one")
         await user.should_see(marker="same-model")
         await _ask(user, "mirror mirror")
-        await wait_for(lambda: "mirror" in _markdown(user), timeout=20)
+        await wait_for(lambda: "mirror" in _markdown(user), timeout=60)
         await wait_for(lambda: not services.logs.pending)
         assert not visible(user, "vote-row")
 
@@ -167,3 +167,26 @@ async def test_the_arena_with_one_model_gives_a_command_that_works(services: Ser
         await _ask(user, "anyone?")
         await user.should_see("chatbus node --name other-name")
         await user.should_not_see("python -m node")
+
+
+async def test_votes_beyond_the_hourly_limit_are_refused(services: Services) -> None:
+    from webui.config import Limits, WebConfig
+    from webui.limits import RateLimiter
+
+    limits = Limits(user_per_minute=1000, votes_per_hour=1)
+    one_vote = Services(
+        WebConfig(nats="", limits=limits), services.client, services.logs, RateLimiter(limits)
+    )
+    async with simulated(one_vote) as user:
+        await user.open("/arena")
+        for round_ in range(2):
+            before = len(services.logs.votes())
+            await _ask(user, f"round {round_} of votes")
+            await wait_for(lambda: visible(user, "vote-row"), timeout=60)
+            user.find(marker="tievote").click()
+            if round_ == 0:
+                await user.should_see("You voted: Tie")
+                await wait_for(lambda n=before + 1: len(services.logs.votes()) == n)
+                user.find(marker="new-battle").click()
+        await user.should_see("You have reached the limit of 1 vote an hour")
+        assert len(services.logs.votes()) == before  # the second vote was not logged

@@ -120,7 +120,7 @@ def test_votes_per_hour_are_limited_and_refill() -> None:
     limiter = RateLimiter(Limits(votes_per_hour=2), clock=lambda: now[0])
     limiter.vote("u")
     limiter.vote("u")
-    with pytest.raises(LimitExceeded, match=r"2 votes this hour.*30 min") as e:
+    with pytest.raises(LimitExceeded, match=r"limit of 2 votes an hour.*30 min") as e:
         limiter.vote("u")
     assert e.value.retry_after_s == pytest.approx(1800)
     limiter.vote("someone else")

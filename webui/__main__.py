@@ -45,6 +45,9 @@ def parse(argv: list[str] | None = None) -> WebConfig:
         "--model-rpm", type=int, default=Limits.model_per_minute, help="answers per minute per model"
     )
     p.add_argument("--max-input-chars", type=int, default=Limits.max_input_chars, help="longest message")
+    p.add_argument(
+        "--votes-per-hour", type=int, default=Limits.votes_per_hour, help="battle votes per hour per browser"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     level = logging.DEBUG if a.verbose else logging.INFO
@@ -55,7 +58,10 @@ def parse(argv: list[str] | None = None) -> WebConfig:
         port=a.port,
         storage_secret=os.environ.get("CHATBUS_WEB_SECRET") or _secret(a.state_dir),
         limits=Limits(
-            user_per_minute=a.user_rpm, model_per_minute=a.model_rpm, max_input_chars=a.max_input_chars
+            user_per_minute=a.user_rpm,
+            model_per_minute=a.model_rpm,
+            max_input_chars=a.max_input_chars,
+            votes_per_hour=a.votes_per_hour,
         ),
         default_max_tokens=a.max_tokens,
         title=a.title,

@@ -53,6 +53,8 @@ body { background: #f6f7fb; --cb-bg: #f6f7fb; --cb-surface: #ffffff; --cb-text: 
 /* Small screens (Quasar's gt-xs drops the nav labels and the title): panes stack, tables scroll. */
 @media (max-width: 700px) {
   .cb-nav .q-btn { padding: 6px 8px; }
+  .cb-tool { padding: 4px 6px; min-width: 0; }
+  .cb-picker { min-width: 140px !important; }
   .cb-split { flex-direction: column !important; flex-wrap: nowrap !important; }
   .cb-split > * { width: 100% !important; }
 }
@@ -132,7 +134,12 @@ def _go(path: str) -> Callable[[], None]:
 
 def tool_button(label: str, icon: str, on_click: Callable[[], object], marker: str) -> ui.button:
     """A flat page action whose label gives way to its icon (and a tooltip) on a phone."""
-    with ui.button(icon=icon, on_click=on_click).props("flat no-caps rounded").mark(marker) as button:
+    with (
+        ui.button(icon=icon, on_click=on_click)
+        .props("flat no-caps rounded")
+        .classes("cb-tool")
+        .mark(marker) as button
+    ):
         ui.label(label).classes("gt-xs q-ml-sm")
         ui.tooltip(label)
     return button

@@ -66,8 +66,8 @@ class RateLimiter:
         wait = self._wait("vote", user, per_hour, 1, self._clock() / 60.0)  # minutes as the bucket's seconds
         if wait > 0:
             raise LimitExceeded(
-                f"You have cast {per_hour} votes this hour, the limit. Votes count again in "
-                f"{math.ceil(wait)} min; you can keep chatting meanwhile.",
+                f"You have reached the limit of {per_hour} vote{'s' if per_hour != 1 else ''} an hour. "
+                f"Votes count again in {math.ceil(wait)} min; you can keep chatting meanwhile.",
                 wait * 60.0,
             )
         self._buckets["vote", user].tokens -= 1

@@ -15,12 +15,12 @@ from nicegui import ui
 
 from bus import ChatMessage, SamplingParams
 from bus.schemas_logs import ConvState, VoteLog
-from webui.answer import Answer, AnswerResult, new_id
+from webui.answer import Answer, new_id
 from webui.conversations import Chats, title_of, to_json, to_markdown
 from webui.layout import assistant_bubble, empty_state, tool_button, typing_dots, user_bubble
 from webui.limits import LimitExceeded
 from webui.pages.chats_panel import ChatsPanel, edit_dialog
-from webui.pages.common import Composer, ModelPicker, params_card, sampling_params, scroll_down
+from webui.pages.common import Composer, ModelPicker, params_card, sampling_params, scroll_down, stats_line
 from webui.services import Services
 
 __all__ = ["chat_page"]
@@ -391,14 +391,6 @@ class ChatView:
             ui.notify(
                 thanks if stored else thanks + " (saved once the bus is back)", type="positive", timeout=1500
             )
-
-
-def stats_line(result: AnswerResult, streaming_s: float) -> str:
-    """Under an answer: its tokens, the speed it streamed at and the node that gave it."""
-    tokens = result.usage.completion_tokens
-    speed = f" · {tokens / streaming_s:.1f} tok/s" if tokens and streaming_s > 0 else ""
-    node = f" · node {result.node_id}" if result.node_id else ""
-    return f"{tokens} tokens ({result.usage.prompt_tokens} prompt){speed}{node}"
 
 
 def chat_page(services: Services, user: str, storage: MutableMapping[str, Any]) -> None:

@@ -78,7 +78,9 @@ class ChatsPanel:
             .on("click", lambda: self._on_open(chat.id))
         ):
             with ui.column().classes("gap-0 grow min-w-0"):
-                ui.label(chat.title or "Untitled").classes("text-sm truncate").mark("chat-title")
+                ui.label(chat.title or "Untitled").classes("text-sm truncate cb-chat-title").mark(
+                    "chat-title"
+                )
                 ui.label(
                     f"{_when(chat.updated)} · {chat.turns} turn{'s' if chat.turns != 1 else ''}"
                 ).classes("text-xs text-grey-5")

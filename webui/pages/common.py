@@ -1,4 +1,4 @@
-"""Widgets several pages share: the live model picker and the message composer."""
+"""What several pages share: the live model picker, the message composer, the parameters panel, answer stats."""
 
 from __future__ import annotations
 
@@ -9,9 +9,18 @@ from nicegui import ui
 from nicegui.events import ValueChangeEventArguments
 
 from bus import SamplingParams
+from webui.answer import AnswerResult
 from webui.services import Services
 
-__all__ = ["PARAM_DEFAULTS", "Composer", "ModelPicker", "params_card", "sampling_params", "scroll_down"]
+__all__ = [
+    "PARAM_DEFAULTS",
+    "Composer",
+    "ModelPicker",
+    "params_card",
+    "sampling_params",
+    "scroll_down",
+    "stats_line",
+]
 
 PARAM_DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "repetition_penalty": 1.0}
 
@@ -19,6 +28,14 @@ PARAM_DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "repetition_penalty": 1.0}
 def scroll_down(anchor: ui.element) -> None:
     """Scroll to the newest message; `anchor` names the page (the clicked button may be gone)."""
     anchor.client.run_javascript("window.scrollTo({top: document.body.scrollHeight})")
+
+
+def stats_line(result: AnswerResult, streaming_s: float) -> str:
+    """Under an answer: its tokens, the speed it streamed at and the node that gave it."""
+    tokens = result.usage.completion_tokens
+    speed = f" · {tokens / streaming_s:.1f} tok/s" if tokens and streaming_s > 0 else ""
+    node = f" · node {result.node_id}" if result.node_id else ""
+    return f"{tokens} tokens ({result.usage.prompt_tokens} prompt){speed}{node}"
 
 
 def sampling_params(state: MutableMapping[str, Any]) -> SamplingParams:
@@ -75,7 +92,7 @@ class ModelPicker:
         self.select = (
             ui.select(self._options(names, value), value=value, label=label, on_change=self._changed)
             .props("outlined dense rounded options-dense")
-            .classes("min-w-[170px] max-w-[60vw]")
+            .classes("cb-picker min-w-[170px] max-w-[60vw]")
         )
         self.offline = ui.badge("offline", color="negative").props("outline")
         self.offline.visible = False

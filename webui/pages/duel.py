@@ -26,6 +26,7 @@ from webui.pages.common import (
     params_card,
     sampling_params,
     scroll_down,
+    stats_line,
 )
 from webui.services import Services
 
@@ -289,13 +290,22 @@ class DuelView:
 
     @staticmethod
     async def _run(answer: Answer, body: ui.markdown) -> AnswerResult:
+        first: list[float] = []
+
         def show(text: str) -> None:
             if text:
+                first.append(first[0] if first else time.monotonic())
                 body.dots.set_visibility(False)  # type: ignore[attr-defined]
             body.set_content(text)
 
         result = await answer.run(show)
         body.dots.delete()  # type: ignore[attr-defined]
+        if result.text:
+            with body.column:  # type: ignore[attr-defined]
+                line = stats_line(result, time.monotonic() - first[0] if first else 0.0)
+                if answer.mode == "arena":  # the node would tell which model answered
+                    line = line.split(" · node ")[0]
+                ui.label(line).classes("text-xs text-grey-5 cb-stats")
         return result
 
     async def regenerate(self) -> None:
