@@ -1,7 +1,7 @@
 """HFEngine: a transformers model served with our own continuous-batching decode loop.
 
 Why our own loop: on CPU, transformers' continuous batching is ~3× slower than one padded batch and
-TextIteratorStreamer costs ~15 ms a token (FACTS.md). One worker thread owns the model; each
+TextIteratorStreamer costs ~15 ms a token (docs/benchmarks.md). One worker thread owns the model; each
 iteration applies cancels, runs one prefill forward, merges what it finished into the running batch,
 then runs one decode step for every running sequence. Sinks are called from that thread.
 
