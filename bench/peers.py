@@ -57,7 +57,9 @@ async def gateway_system(engine: str, args: argparse.Namespace, slots: int, work
     procs = []
     try:
         node = [sys.executable, "-m", "node", "--nats", server.url, "--max-running", str(slots)]
-        node += ["--engine", engine] + (["--cache-dir", str(args.cache_dir)] if args.cache_dir else [])
+        name, _, threads = engine.partition("@")  # llamacpp@1: llama.cpp on one thread
+        node += ["--engine", name] + (["--threads", threads] if threads else [])
+        node += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
         procs.append(spawn(node, work / f"node-{engine}.log"))
         port = free_port()
         gw = [sys.executable, "-m", "gateway", "--nats", server.url, "--port", str(port), "--max-n", "64"]
@@ -103,12 +105,11 @@ async def main(args: argparse.Namespace) -> None:
         }
         if not args.no_server:
             urls["llama.cpp server"] = await stack.enter_async_context(llamacpp_server(max(levels), work))
+        # A connection per request for every system: llama.cpp's server drops idle keep-alive connections
+        # between levels, and a request sent on one then fails with "server disconnected".
+        fresh = httpx.Limits(max_connections=2 * max(levels), max_keepalive_connections=0)
         clients = {
-            mode: await stack.enter_async_context(
-                httpx.AsyncClient(
-                    base_url=url, timeout=600, limits=httpx.Limits(max_connections=2 * max(levels))
-                )
-            )
+            mode: await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=600, limits=fresh))
             for mode, url in urls.items()
         }
         runners = {}
@@ -126,7 +127,11 @@ async def main(args: argparse.Namespace) -> None:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--engines", default="llamacpp,hf", help="node engines to run through the gateway")
+    p.add_argument(
+        "--engines",
+        default="llamacpp,hf",
+        help="node engines through the gateway; E@N: llama.cpp on N threads",
+    )
     p.add_argument("--cache-dir", type=Path, default=None, help="converted-model cache (as python -m node)")
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--requests", type=int, default=None, help="requests per level (default: max(4, 2·c))")

@@ -1,11 +1,11 @@
 """Cache-aware vs power-of-two routing: TTFT of later turns of multi-turn chats over two nodes.
 
-Run:  python bench/prefix_routing.py [--conversations 16] [--turns 4] [--engine llamacpp] [--max-tokens 32]
+Run:  python bench/prefix_routing.py [--conversations 16] [--turns 3] [--engine llamacpp] [--max-tokens 16]
 
 Starts an embedded nats-server and two `python -m node --engine E` processes, then plays the same kind
 of workload twice through BusClient — once routing cache-aware (BusClient's default), once with
 `cache_aware=False` (power of two choices on load only): `--conversations` chats at once, each
-`--turns` turns, the first carrying a ~500-token document, a user "think time" of one heartbeat between
+`--turns` turns, the first carrying a ~250-token document, a user "think time" of 1-3 heartbeats between
 turns. Each mode gets conversations of its own (different documents), so neither finds the other's
 history in a cache. Reported: TTFT p50/p90 of the first turns and of the later ones, and how many
 later turns landed on the node that answered the turn before.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import sys
 import tempfile
 import time
@@ -40,7 +41,7 @@ FOLLOW_UPS = [
 
 def document(mode: str, i: int) -> str:
     line = f"Record {mode}-{i}: the harbour ledger lists ships, cargo and the weather of each day. "
-    return line * 28 + "Read this and tell me what it is about."  # ~500 tokens
+    return line * 14 + "Read this and tell me what it is about."  # ~250 tokens
 
 
 async def conversation(
@@ -61,7 +62,9 @@ async def conversation(
             ChatMessage(role="assistant", content=stream.text),
             ChatMessage(role="user", content=FOLLOW_UPS[t % len(FOLLOW_UPS)]),
         ]
-        await asyncio.sleep(HEARTBEAT_S)  # the user reads; the node's heartbeat says what it holds
+        # The user reads (at least one heartbeat: the node says what it holds); jitter breaks lockstep,
+        # where least-loaded routing would send each turn back to the node that just finished the last.
+        await asyncio.sleep(HEARTBEAT_S * random.uniform(1.0, 3.0))
 
 
 async def play(url: str, mode: str, cache_aware: bool, args: argparse.Namespace) -> str:
@@ -82,6 +85,7 @@ async def play(url: str, mode: str, cache_aware: bool, args: argparse.Namespace)
 async def main(args: argparse.Namespace) -> None:
     from bus.server import EmbeddedServer
 
+    random.seed(14)
     work = Path(tempfile.mkdtemp(prefix="chatbus-prefix-"))
     server = EmbeddedServer(data_dir=work / "js", port=0, log_file=work / "nats.log")
     server.start()
@@ -116,9 +120,9 @@ async def main(args: argparse.Namespace) -> None:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--conversations", type=int, default=16)
-    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--turns", type=int, default=3)
     p.add_argument("--engine", default="llamacpp", help="node engine (llamacpp reuses cached prompts)")
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--cache-dir", type=Path, default=None, help="converted-model cache (as python -m node)")
     return p.parse_args(argv)
 
