@@ -52,8 +52,8 @@ class GatewayOps:
         """Started (now, if not yet); False while the bus will not let us (logged, retried later)."""
         if self.limiter is not None:
             return True
-        if time.monotonic() - self._failed_at < _RETRY_S:
-            return False
+        if not self.client.connected or time.monotonic() - self._failed_at < _RETRY_S:
+            return False  # bus down: answer now (503 or open), never wait out JetStream timeouts
         async with self._lock:
             if self.limiter is None:
                 try:
