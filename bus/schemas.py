@@ -126,6 +126,10 @@ class SamplingParams(_Wire, frozen=True, kw_only=True):
 
         The one rule for sampling ranges: every client checks it before sending, nodes before decoding.
         """
+        return [sentence for _, sentence in self.field_problems()]
+
+    def field_problems(self) -> list[tuple[str, str]]:
+        """`problems()` with the field each one is about (the gateway names it as OpenAI's `param`)."""
         t_low, t_high = TEMPERATURE_RANGE
         p_low, p_high = PENALTY_RANGE
         checks = [
@@ -140,10 +144,12 @@ class SamplingParams(_Wire, frozen=True, kw_only=True):
             ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"between 0 and {MAX_TOP_LOGPROBS}"),
         ]  # fmt: skip
         out = [
-            f"{name} must be {allowed}, got {getattr(self, name)}" for name, ok, allowed in checks if not ok
+            (name, f"{name} must be {allowed}, got {getattr(self, name)}")
+            for name, ok, allowed in checks
+            if not ok
         ]
         if len(self.stop) > MAX_STOP_STRINGS:
-            out.append(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+            out.append(("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}"))
         return out
 
 

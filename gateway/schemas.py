@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from bus.errors import InvalidName
-from bus.schemas import MAX_STOP_STRINGS, ChatMessage, SamplingParams, ToolCall
+from bus.schemas import ChatMessage, SamplingParams, ToolCall
 from bus.subjects import check_name
 from gateway.errors import ApiError
 
@@ -212,14 +212,6 @@ def _check_unsupported(req: ChatRequest | CompletionRequest) -> None:
             raise _unsupported(name, "text generation only")
 
 
-def _check_range(param: str, value: float | None, low: float, high: float, *, open_low: bool = False) -> None:
-    if value is None:
-        return
-    if value > high or value < low or (open_low and value == low):
-        bracket = "(" if open_low else "["
-        raise _bad(param, f"{param} must be in {bracket}{low}, {high}], got {value}")
-
-
 MAX_LOGIT_BIAS = 1024  # entries
 
 
@@ -241,29 +233,15 @@ def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
 def _sampling(
     req: ChatRequest | CompletionRequest, max_tokens: int | None, logprobs: bool, top: int
 ) -> SamplingParams:
+    """The request's sampling, checked by the contract's one range rule (SamplingParams.field_problems);
+    only OpenAI's own shapes (n, empty stop strings, logit_bias keys) are checked here."""
     _check_unsupported(req)
-    _check_range("temperature", req.temperature, 0, 2)
-    _check_range("top_p", req.top_p, 0, 1, open_low=True)
-    _check_range("presence_penalty", req.presence_penalty, -2, 2)
-    _check_range("frequency_penalty", req.frequency_penalty, -2, 2)
-    if req.repetition_penalty is not None and req.repetition_penalty <= 0:
-        raise _bad("repetition_penalty", f"repetition_penalty must be > 0, got {req.repetition_penalty}")
-    if req.top_k is not None and req.top_k < 0:
-        raise _bad("top_k", f"top_k must be >= 0 (0 disables it), got {req.top_k}")
-    if max_tokens is not None and max_tokens < 1:
-        raise _bad("max_tokens", f"max_tokens must be >= 1, got {max_tokens}")
     if req.n < 1:
         raise _bad("n", f"n must be >= 1, got {req.n}")
-    if not 0 <= top <= 20:
-        raise _bad("top_logprobs", f"top_logprobs must be in [0, 20], got {top}")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stop):
         raise _bad("stop", "stop strings must not be empty")
-    if len(stop) > MAX_STOP_STRINGS:
-        raise _bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
-    if req.seed is not None and not -(2**63) <= req.seed < 2**63:
-        raise _bad("seed", f"seed must be a 64-bit integer, got {req.seed}")
-    return SamplingParams(
+    params = SamplingParams(
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=req.top_k or 0,
@@ -277,6 +255,9 @@ def _sampling(
         top_logprobs=top,
         logit_bias=_logit_bias(req.logit_bias),
     )
+    for field, problem in params.field_problems()[:1]:
+        raise _bad(field, problem)
+    return params
 
 
 def chat_sampling(req: ChatRequest) -> SamplingParams:
