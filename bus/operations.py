@@ -23,6 +23,7 @@ from bus.schemas_metrics import NodeMetrics
 __all__ = [
     "LIMITS_TTL_S",
     "METRICS_S",
+    "KVMirror",
     "MetricsView",
     "ensure_keys_bucket",
     "ensure_limits_bucket",
@@ -126,19 +127,20 @@ async def follow(
         await asyncio.sleep(0.5)
 
 
-class MetricsView:
-    """The latest snapshot of every node, from a watch on `cb_metrics` (stale ones dropped)."""
+class KVMirror:
+    """A local copy of a whole KV bucket, kept by `follow`; a subclass says what each change does."""
+
+    silence_s: float | None = None  # restart a watch this quiet (None: never)
 
     def __init__(self, kv: KeyValue, reconnects: Reconnects | None = None) -> None:
         self._kv = kv
         self._reconnects = reconnects
-        self._seen: dict[str, tuple[NodeMetrics, float]] = {}
         self._synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float = 5.0) -> None:
-        # Nodes put a snapshot every METRICS_S: a silent watch is restarted well within the node TTL.
-        watch = follow(self._kv, ">", self._apply, self._synced, self._reconnects, silence_s=3 * METRICS_S)
+        """Follow the bucket; return once what it holds now has been applied."""
+        watch = follow(self._kv, ">", self._apply, self._synced, self._reconnects, silence_s=self.silence_s)
         self._task = asyncio.create_task(watch)
         await asyncio.wait_for(self._synced.wait(), timeout)
 
@@ -147,6 +149,19 @@ class MetricsView:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    def _apply(self, key: str, value: bytes | None) -> None:
+        raise NotImplementedError
+
+
+class MetricsView(KVMirror):
+    """The latest snapshot of every node, from a watch on `cb_metrics` (stale ones dropped)."""
+
+    silence_s = 3 * METRICS_S  # nodes put a snapshot every METRICS_S: restart well within the node TTL
+
+    def __init__(self, kv: KeyValue, reconnects: Reconnects | None = None) -> None:
+        super().__init__(kv, reconnects)
+        self._seen: dict[str, tuple[NodeMetrics, float]] = {}
 
     def _apply(self, key: str, value: bytes | None) -> None:
         if value is None:

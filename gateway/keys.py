@@ -33,7 +33,7 @@ from bus import subjects
 from bus.codec import decode
 from bus.errors import BadMessage
 from bus.keys import add_usage, cas_update, digest
-from bus.operations import LIMITS_TTL_S, Reconnects, follow
+from bus.operations import LIMITS_TTL_S, KVMirror, Reconnects, follow
 from bus.schemas_keys import KeyRecord
 from gateway.errors import ApiError
 
@@ -42,30 +42,17 @@ __all__ = ["KeyStore", "Lease", "Limiter"]
 log = logging.getLogger(__name__)
 
 
-class KeyStore:
+class KeyStore(KVMirror):
     """Every managed key by the sha256 of its secret, kept from a watch on `cb_keys`."""
 
     def __init__(self, kv: KeyValue, reconnects: Reconnects | None = None) -> None:
-        self._kv = kv
-        self._reconnects = reconnects
+        super().__init__(kv, reconnects)
         self._by_name: dict[str, KeyRecord] = {}
-        self._synced = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def active(self) -> bool:
         """Whether any key was ever made here (revoked ones count): then every request needs a key."""
         return bool(self._by_name)
-
-    async def start(self, timeout: float = 5.0) -> None:
-        self._task = asyncio.create_task(follow(self._kv, ">", self._apply, self._synced, self._reconnects))
-        await asyncio.wait_for(self._synced.wait(), timeout)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     def _apply(self, key: str, value: bytes | None) -> None:
         if value is None:
