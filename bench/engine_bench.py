@@ -28,14 +28,14 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bus.schemas import ChatMessage, SamplingParams
+from bus.schemas import ChatMessage, Constraint, SamplingParams
 from node.engine import Delta, EngineRequest
 from node.hf import HFEngine
 from node.loader import LoadedModel, load_model
@@ -60,8 +60,15 @@ def busy_seconds() -> tuple[float, float]:
     return (sum(ticks) - ticks[3] - ticks[4]) / hz, (int(mine[11]) + int(mine[12])) / hz
 
 
-def engine_run(engine: HFEngine, batch: int, tokens: int) -> tuple[float, float]:
-    """Submit `batch` requests at once; tokens per second until all finish, and TTFT p50 in ms."""
+def engine_run(
+    engine: HFEngine,
+    batch: int,
+    tokens: int,
+    constraint: Constraint | None = None,
+    ask: Callable[[int], str] | None = None,
+) -> tuple[float, float]:
+    """Submit `batch` requests at once (request i asks `ask(i)`, each under `constraint`); tokens per
+    second until all finish, and TTFT p50 in ms."""
     done = threading.Event()
     left = [batch]
     produced = [0]
@@ -80,11 +87,12 @@ def engine_run(engine: HFEngine, batch: int, tokens: int) -> tuple[float, float]
     params = SamplingParams(temperature=0, max_tokens=tokens)
     started = time.perf_counter()
     for i in range(batch):
-        question = QUESTIONS[i % len(QUESTIONS)]
-        messages = [ChatMessage(role="user", content=f"{question} (#{i})")]
-        engine.submit(
-            EngineRequest(request_id=f"b{batch}-{i}-{started}", messages=messages, params=params), sink
+        question = ask(i) if ask is not None else f"{QUESTIONS[i % len(QUESTIONS)]} (#{i})"
+        messages = [ChatMessage(role="user", content=question)]
+        request = EngineRequest(
+            request_id=f"b{batch}-{i}-{started}", messages=messages, params=params, constraint=constraint
         )
+        engine.submit(request, sink)
     done.wait()
     ttft = statistics.median(first - started for first in firsts.values())
     return produced[0] / (time.perf_counter() - started), 1000 * ttft

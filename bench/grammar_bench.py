@@ -17,17 +17,16 @@ import json
 import os
 import statistics
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine_bench import engine_run  # bench/ is on the path: this script's own folder
+
 from bus.constraints import json_schema_constraint
-from bus.schemas import ChatMessage, Constraint, SamplingParams
-from node.engine import Delta, EngineRequest
+from bus.schemas import Constraint
 from node.hf import HFEngine
 from node.loader import load_model
 
@@ -46,26 +45,8 @@ QUESTION = "Describe a film as JSON with a long summary (#{i})."
 
 
 def run(engine: HFEngine, batch: int, tokens: int, constraint: Constraint | None) -> float:
-    done, left, produced, lock = threading.Event(), [batch], [0], threading.Lock()
-
-    def sink(delta: Delta) -> None:
-        if delta.finish_reason:
-            with lock:
-                produced[0] += delta.completion_tokens
-                left[0] -= 1
-                if left[0] == 0:
-                    done.set()
-
-    params = SamplingParams(temperature=0, max_tokens=tokens)
-    started = time.perf_counter()
-    for i in range(batch):
-        messages = [ChatMessage(role="user", content=QUESTION.format(i=i))]
-        request = EngineRequest(
-            request_id=f"{batch}-{i}-{started}", messages=messages, params=params, constraint=constraint
-        )
-        engine.submit(request, sink)
-    done.wait()
-    return produced[0] / (time.perf_counter() - started)
+    """Tokens per second of `batch` requests at once (engine_bench's closed loop, with our question)."""
+    return engine_run(engine, batch, tokens, constraint, ask=lambda i: QUESTION.format(i=i))[0]
 
 
 def main() -> None:
