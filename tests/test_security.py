@@ -15,6 +15,7 @@ import nats
 import pytest
 from fakes import EchoEngine, echo_node, user
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from permissions import refusals
 
 from bus import BusClient, subjects
 from bus.auth import ROLES, Provisioned, provision, redact, with_credential
@@ -76,37 +77,6 @@ def test_redact_hides_every_password() -> None:
     assert redact("nats://host:4222") == "nats://host:4222"
 
 
-async def _refusals(url: str, action: str, subject: str) -> list[str]:
-    """The permission errors the server sends for one publish or subscribe with `url`'s credential."""
-    errors: list[str] = []
-
-    async def on_error(e: Exception) -> None:
-        errors.append(str(e))
-
-    name, password = url.split("//", 1)[1].split("@", 1)[0].split(":", 1)
-    nc = await nats.connect(
-        url.split("@", 1)[1].join(["nats://", ""]),
-        user=name,
-        password=password,
-        inbox_prefix=subjects.inbox_prefix(name),
-        error_cb=on_error,
-        allow_reconnect=False,
-    )
-    try:
-        if action == "pub":
-            await nc.publish(subject, b"{}")
-        else:
-            await nc.subscribe(subject)
-        await nc.flush()
-        for _ in range(50):
-            if errors:
-                break
-            await asyncio.sleep(0.02)
-    finally:
-        await nc.close()
-    return [e for e in errors if "permissions violation" in e.lower()]
-
-
 FORBIDDEN = [
     ("ui", "pub", "cb.tok.someone-elses-request", "forge tokens"),
     ("ui", "sub", "cb.tok.>", "read every token stream"),
@@ -155,7 +125,7 @@ FORBIDDEN = [
 async def test_the_server_refuses_what_a_role_may_not_do(
     ready: None, urls: dict[str, str], role: str, action: str, subject: str, why: str
 ) -> None:
-    assert await _refusals(urls[role], action, subject), f"{role} could {why}"
+    assert await refusals(urls[role], action, subject), f"{role} could {why}"
 
 
 @pytest.mark.parametrize(
@@ -173,7 +143,7 @@ async def test_the_server_refuses_what_a_role_may_not_do(
 async def test_what_a_role_needs_is_not_refused(
     ready: None, urls: dict[str, str], role: str, action: str, subject: str
 ) -> None:
-    assert not await _refusals(urls[role], action, subject)  # the check above would see a refusal
+    assert not await refusals(urls[role], action, subject)  # the check above would see a refusal
 
 
 @pytest.mark.parametrize("role", ["gateway", "ui", "worker"])

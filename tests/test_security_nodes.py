@@ -13,6 +13,7 @@ from pathlib import Path
 import nats
 import pytest
 from fakes import EchoEngine, echo_node, user, wait_for
+from permissions import refused
 
 from bus import BusClient, subjects
 from bus.artifacts import describe, fetch_adapter
@@ -24,7 +25,7 @@ from bus.jobs import Jobs
 from bus.paths import write_nats_url
 from bus.schemas import ModelCard, NodeInfo
 from bus.server import EmbeddedServer
-from bus.tokens import creds_in, issue, with_creds
+from bus.tokens import issue, with_creds
 from chatbus.cli import cmd_setup_bus
 from chatbus.cli import main as cli
 from node.service import NodeService
@@ -74,41 +75,6 @@ async def ready(secured: tuple[EmbeddedServer, Provisioned], urls: dict[str, str
         yield
 
 
-async def _refused(url: str, action: str, subject: str) -> bool:
-    """Whether the server answers one publish or subscribe (`subject [queue]`) with a permissions
-    violation, for the credential in `url` (a role's password or an issued credential file)."""
-    creds = creds_in(url)
-    user, password = (creds.user, creds.password) if creds else url.split("//")[1].split("@")[0].split(":")
-    errors: list[str] = []
-
-    async def on_error(e: Exception) -> None:
-        errors.append(str(e))
-
-    host = url.split("@")[-1].split("?")[0].split("//")[-1]
-    nc = await nats.connect(
-        f"nats://{host}",
-        user=user,
-        password=password,
-        inbox_prefix=subjects.inbox_prefix(user),
-        error_cb=on_error,
-        allow_reconnect=False,
-    )
-    try:
-        if action == "pub":
-            await nc.publish(subject, b"{}")
-        else:
-            name, _, queue = subject.partition(" ")
-            await nc.subscribe(name, queue=queue)
-        await nc.flush()
-        for _ in range(50):
-            if errors:
-                break
-            await asyncio.sleep(0.02)
-    finally:
-        await nc.close()
-    return any("permissions violation" in e.lower() for e in errors)
-
-
 REFUSED = [
     ("pub", "$JS.API.CONSUMER.CREATE.CB_TOKENS.c.cb.tok.gateway.>", "read a gateway's token streams"),
     ("pub", "$JS.API.CONSUMER.CREATE.CB_TOKENS.c.cb.tok.ui.>", "read the web users' token streams"),
@@ -151,7 +117,7 @@ CASES = [("node", *c) for c in REFUSED] + [("alice", *c) for c in REFUSED + PINN
 async def test_the_server_refuses_what_a_node_may_not_do(
     ready: None, urls: dict[str, str], who: str, action: str, subject: str, why: str
 ) -> None:
-    assert await _refused(urls[who], action, subject), f"{who} could {why}"
+    assert await refused(urls[who], action, subject), f"{who} could {why}"
 
 
 @pytest.mark.parametrize(
@@ -169,7 +135,7 @@ async def test_the_server_refuses_what_a_node_may_not_do(
 async def test_what_a_node_needs_is_not_refused(
     ready: None, urls: dict[str, str], action: str, subject: str
 ) -> None:
-    assert not await _refused(urls["alice"], action, subject)
+    assert not await refused(urls["alice"], action, subject)
 
 
 async def test_a_node_answers_a_probe_on_its_control_subject(ready: None, urls: dict[str, str]) -> None:
@@ -230,8 +196,8 @@ async def test_an_issued_node_serves_and_a_worker_reads_only_its_own_answers(
         assert {e.node_id for e in events} == {"alice"}
     finally:
         await judge.close()
-    assert await _refused(urls["judge1"], "pub", "$JS.API.CONSUMER.CREATE.CB_TOKENS.c.cb.tok.worker.>")
-    assert not await _refused(
+    assert await refused(urls["judge1"], "pub", "$JS.API.CONSUMER.CREATE.CB_TOKENS.c.cb.tok.worker.>")
+    assert not await refused(
         urls["judge1"], "pub", "$JS.API.CONSUMER.CREATE.CB_TOKENS.c.cb.tok.worker-judge1.>"
     )
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from fakes import wait_for
-from test_security_nodes import _refused
+from permissions import refused
 
 from bus.auth import ROLES, Provisioned, provision, with_credential
 from bus.connection import connect
@@ -71,7 +71,7 @@ async def ready(secured: tuple[EmbeddedServer, Provisioned], urls: dict[str, str
 async def test_a_worker_of_one_kind_takes_only_those_jobs(
     ready: None, urls: dict[str, str], subject: str, why: str
 ) -> None:
-    assert await _refused(urls["evals"], "pub", subject), f"an eval worker could {why}"
+    assert await refused(urls["evals"], "pub", subject), f"an eval worker could {why}"
 
 
 async def test_an_eval_worker_runs_eval_jobs(ready: None, urls: dict[str, str]) -> None:
