@@ -17,10 +17,10 @@ import httpx
 import openai
 import pytest
 from fakes import EchoEngine, echo_node
+from permissions import refused
 from procs import ROOT, spawn, stop, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from test_gateway_support import EchoNode, LoopThread
-from test_security import _refusals
 
 from bus import BusClient
 from bus.auth import ROLES, provision, with_credential
@@ -312,8 +312,8 @@ async def test_each_role_does_its_part_and_no_more(secured: dict[str, str]) -> N
         ("ui", "$KV.cb_limits.req.secured.1"),
         ("worker", "$KV.cb_usage.secured"),
     ]:
-        assert await _refusals(urls[role], "pub", subject), f"{role} may publish {subject}"
-    assert not await _refusals(urls["gateway"], "pub", "$KV.cb_limits.req.secured.1")
+        assert await refused(urls[role], "pub", subject), f"{role} may publish {subject}"
+    assert not await refused(urls["gateway"], "pub", "$KV.cb_limits.req.secured.1")
 
 
 async def test_a_revocation_after_a_server_restart_is_seen(tmp_path: Path) -> None:
