@@ -97,7 +97,7 @@ async def test_a_phone_sees_the_whole_nav_and_table_and_toasts_clear_the_input(
         nav = await page.eval(
             "[...document.querySelectorAll('.cb-nav .q-btn')].map(b => b.getBoundingClientRect().right)"
         )
-        assert len(nav) == 5 and max(nav) <= 390, nav  # "Nodes" too
+        assert len(nav) == 7 and max(nav) <= 390, nav  # "Usage" too
         wide = await page.eval(WIDER_THAN_SCREEN)
         assert not wide, wide
         await page.type(".cb-input textarea", "copy me please")

@@ -18,9 +18,9 @@ def _state_dir() -> Path:
     return Path(base) / "chatbus" / "webui"
 
 
-def _secret(state_dir: Path) -> str:
-    """A per-installation cookie secret, made once, so sessions survive restarts."""
-    path = state_dir / "cookie-secret"
+def _secret(state_dir: Path, name: str = "cookie-secret") -> str:
+    """A per-installation secret (the cookie's, the admins' token), made once, so it survives restarts."""
+    path = state_dir / name
     if not path.exists():
         state_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(secrets.token_hex(32))
@@ -66,6 +66,9 @@ def parse(argv: list[str] | None = None) -> WebConfig:
         default_max_tokens=a.max_tokens,
         title=a.title,
         state_dir=a.state_dir,
+        # Admins sign in on the Usage page with this token; credentials travel in the environment only.
+        admin_token=os.environ.get("CHATBUS_WEB_ADMIN_TOKEN") or _secret(a.state_dir, "admin-token"),
+        usage_nats=os.environ.get("CHATBUS_WEB_USAGE_NATS", ""),
     )
 
 

@@ -15,8 +15,10 @@ from webui.config import WebConfig
 from webui.layout import Shell
 from webui.pages.chat import chat_page
 from webui.pages.duel import DuelView
+from webui.pages.jobs import job_page, jobs_page
 from webui.pages.leaderboard import leaderboard_page
 from webui.pages.nodes import nodes_page
+from webui.pages.usage import usage_page
 from webui.services import Services
 
 __all__ = ["build_root", "run"]
@@ -45,6 +47,10 @@ def build_root(get_services: Callable[[], Services], title: str = "chatbus") -> 
 
             return show
 
+        def one_job(job_id: str) -> None:  # NiceGUI passes the path parameter by its name
+            shell.activate("/jobs")
+            job_page(services, job_id)
+
         ui.sub_pages(
             {
                 "/": page("/", lambda: chat_page(services, user, storage)),
@@ -52,6 +58,9 @@ def build_root(get_services: Callable[[], Services], title: str = "chatbus") -> 
                 "/arena": page("/arena", lambda: DuelView(services, user, anonymous=True)),
                 "/leaderboard": page("/leaderboard", lambda: leaderboard_page(services)),
                 "/nodes": page("/nodes", lambda: nodes_page(services)),
+                "/jobs": page("/jobs", lambda: jobs_page(services)),
+                "/jobs/{job_id}": one_job,
+                "/usage": page("/usage", lambda: usage_page(services, storage)),
             }
         ).classes("w-full pt-4")
 

@@ -29,3 +29,5 @@ class WebConfig:
     default_max_tokens: int = 512
     title: str = "chatbus"
     state_dir: Path | None = None  # where browser sessions (conversations) are kept
+    admin_token: str = ""  # signs a browser in as an admin (the Usage page); empty: nobody can
+    usage_nats: str = ""  # a bus URL whose credential may read the key and usage buckets (else `nats`)

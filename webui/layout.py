@@ -15,6 +15,8 @@ NAV = [
     ("/arena", "Arena", "sports_mma"),
     ("/leaderboard", "Leaderboard", "leaderboard"),
     ("/nodes", "Nodes", "hub"),
+    ("/jobs", "Jobs", "work_history"),
+    ("/usage", "Usage", "data_usage"),
 ]
 
 _CSS = """

@@ -1,4 +1,4 @@
-"""The Leaderboard: Elo and Bradley–Terry ratings with bootstrap intervals, from the vote log."""
+"""The Leaderboard: Elo and Bradley–Terry ratings with bootstrap intervals from the vote log; judge scores."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from nicegui.events import ValueChangeEventArguments
 
 from bus.ratings import PROVISIONAL_BATTLES, Rating, battle_counts, leaderboard, win_rate_matrix
 from webui.logstore import DEDUPE_KEEP
+from webui.pages.judge_board import JudgeTab
 from webui.services import Services
 
 __all__ = ["leaderboard_page"]
@@ -90,6 +91,8 @@ class LeaderboardView:
         self.include_named = False
         self.style = False
         self._shown: tuple[int, bool, bool] = (-1, False, False)
+        self._board: list[Rating] = []
+        self._board_version = 0
         with ui.column().classes("w-full max-w-6xl mx-auto gap-5 px-2 pb-10"):
             with ui.row().classes("w-full items-end"):
                 with ui.column().classes("gap-0"):
@@ -109,31 +112,46 @@ class LeaderboardView:
                         "include-named"
                     )
                     ui.switch("Control for answer length", on_change=self._toggle_style).mark("style-control")
-            with ui.row().classes("w-full gap-4 cb-stats-row"):
-                self.stats = [self._stat(label) for label in ("Models", "Rated battles", "Votes in the log")]
-            self.empty = (
-                ui.label("No battles yet — vote in the Arena and the ratings appear here.")
-                .classes("text-grey-6 text-lg w-full text-center py-10")
-                .mark("no-battles")
-            )
-            with ui.column().classes("w-full gap-5") as self.content:
-                with ui.element("div").classes("cb-table-wrap"):
-                    self.table = (
-                        ui.table(columns=COLUMNS, rows=[], row_key="model")
-                        .props("flat bordered")
-                        .classes("w-full rounded-2xl")
-                        .mark("ratings")
+            with ui.tabs().props("no-caps align=left").classes("w-full") as tabs:
+                arena_tab = ui.tab("arena", "Arena ratings", icon="sports_mma").mark("tab-arena")
+                ui.tab("judge", "Judge scores", icon="fact_check").mark("tab-judge")
+            with ui.tab_panels(tabs, value=arena_tab).classes("w-full bg-transparent"):
+                with ui.tab_panel("arena").classes("px-0 flex flex-col gap-5"):
+                    with ui.row().classes("w-full gap-4 cb-stats-row"):
+                        self.stats = [
+                            self._stat(label) for label in ("Models", "Rated battles", "Votes in the log")
+                        ]
+                    self.empty = (
+                        ui.label("No battles yet — vote in the Arena and the ratings appear here.")
+                        .classes("text-grey-6 text-lg w-full text-center py-10")
+                        .mark("no-battles")
                     )
-                with ui.row().classes("cb-split w-full gap-4 no-wrap"):
-                    with ui.card().classes("w-1/2 rounded-2xl").props("flat bordered"):
-                        ui.label("Ratings with 95% confidence intervals").classes("font-medium")
-                        self.ci_chart = ui.echart(_ci_chart([])).classes("w-full h-72")
-                    with ui.card().classes("w-1/2 rounded-2xl").props("flat bordered"):
-                        ui.label("Win rate of row over column (decisive battles)").classes("font-medium")
-                        self.win_chart = ui.echart(_heatmap([], {}, percent=True)).classes("w-full h-72")
-                with ui.card().classes("w-full rounded-2xl").props("flat bordered"):
-                    ui.label("Battles per pair").classes("font-medium")
-                    self.count_chart = ui.echart(_heatmap([], {}, percent=False)).classes("w-full h-64")
+                    with ui.column().classes("w-full gap-5") as self.content:
+                        with ui.element("div").classes("cb-table-wrap"):
+                            self.table = (
+                                ui.table(columns=COLUMNS, rows=[], row_key="model")
+                                .props("flat bordered")
+                                .classes("w-full rounded-2xl")
+                                .mark("ratings")
+                            )
+                        with ui.row().classes("cb-split w-full gap-4 no-wrap"):
+                            with ui.card().classes("w-1/2 rounded-2xl").props("flat bordered"):
+                                ui.label("Ratings with 95% confidence intervals").classes("font-medium")
+                                self.ci_chart = ui.echart(_ci_chart([])).classes("w-full h-72")
+                            with ui.card().classes("w-1/2 rounded-2xl").props("flat bordered"):
+                                ui.label("Win rate of row over column (decisive battles)").classes(
+                                    "font-medium"
+                                )
+                                self.win_chart = ui.echart(_heatmap([], {}, percent=True)).classes(
+                                    "w-full h-72"
+                                )
+                        with ui.card().classes("w-full rounded-2xl").props("flat bordered"):
+                            ui.label("Battles per pair").classes("font-medium")
+                            self.count_chart = ui.echart(_heatmap([], {}, percent=False)).classes(
+                                "w-full h-64"
+                            )
+                with ui.tab_panel("judge").classes("px-0"):
+                    self.judge = JudgeTab(services)
         self.content.visible = False  # until there is something to show: one "no battles" state
         ui.timer(1.0, self.refresh)
 
@@ -152,6 +170,7 @@ class LeaderboardView:
         self.style = bool(e.value)
 
     async def refresh(self) -> None:
+        self.judge.refresh(self._board, self._board_version)
         key = (self.s.logs.version, self.include_named, self.style)
         if key == self._shown:
             return
@@ -161,6 +180,7 @@ class LeaderboardView:
         board = await run.io_bound(leaderboard, battles, rounds=rounds, style=self.style)
         if board is None:
             return
+        self._board, self._board_version = board, self._board_version + 1
         models = [r.model for r in board]
         self.stats[0].set_text(str(len(models)))
         self.stats[1].set_text(str(len(battles)))

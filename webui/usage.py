@@ -1,0 +1,120 @@
+"""The Usage page's data, UI-free: API keys (never their secrets or hashes) and what each used, per day and model.
+
+The key and usage buckets are an operator's: the web app's own (`ui`) credential may not read them, so
+the app reads them over a second connection when given one (`CHATBUS_WEB_USAGE_NATS`), else over its
+own and says what to do when the bus refuses. In the browser the page is for signed-in admins only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.js.errors import BucketNotFoundError
+
+from bus import subjects
+from bus.auth import redact
+from bus.connection import connect
+from bus.keys import list_keys, list_usage
+from bus.schemas_keys import KeyRecord, KeyUsage
+
+__all__ = ["UsageReader", "UsageReport", "admin_mark", "key_rows", "token_matches"]
+
+READ_TIMEOUT_S = 5.0
+
+
+def admin_mark(token: str) -> str:
+    """What a signed-in browser's storage keeps: a hash of the token (a new token signs everyone out)."""
+    return hashlib.sha256(("chatbus-web-admin:" + token).encode()).hexdigest()[:32]
+
+
+def token_matches(given: str, token: str) -> bool:
+    return bool(token) and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+@dataclass
+class UsageReport:
+    keys: list[KeyRecord] = field(default_factory=list)
+    usage: list[KeyUsage] = field(default_factory=list)
+    error: str = ""
+
+
+class UsageReader:
+    """Reads `cb_keys` and `cb_usage` through `nc`, or through its own connection to `url` when given."""
+
+    def __init__(self, nc: NATS, url: str | None = None) -> None:
+        self._nc = nc
+        self._url = url
+        self._own: NATS | None = None
+
+    async def _conn(self) -> NATS:
+        if not self._url:
+            return self._nc
+        if self._own is None or self._own.is_closed:
+            self._own = await connect(self._url, name="chatbus-webui-usage")
+        return self._own
+
+    async def read(self) -> UsageReport:
+        try:
+            return await asyncio.wait_for(self._read(), READ_TIMEOUT_S)
+        except Exception as e:  # refused, timed out, unreachable: the page says what to do
+            where = f" (as {redact(self._url)})" if self._url else ""
+            return UsageReport(error=f"{type(e).__name__}: {e}{where}".strip())
+
+    async def _read(self) -> UsageReport:
+        js = (await self._conn()).jetstream()
+        try:
+            keys = await list_keys(await js.key_value(subjects.KEYS_BUCKET))
+        except BucketNotFoundError:
+            return UsageReport()  # no key was ever made
+        try:
+            usage = await list_usage(await js.key_value(subjects.USAGE_BUCKET))
+        except BucketNotFoundError:
+            usage = []
+        return UsageReport(keys, usage)
+
+    async def close(self) -> None:
+        if self._own is not None and not self._own.is_closed:
+            await self._own.close()
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t)) if t else "never"
+
+
+def key_rows(report: UsageReport, now: float | None = None) -> list[dict[str, Any]]:
+    """One row per key: state, limits, expiry and totals (all days, and today's UTC day)."""
+    now = time.time() if now is None else now
+    today = time.strftime("%Y-%m-%d", time.gmtime(now))
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for u in report.usage:
+        t = totals[u.key]
+        t[0] += u.requests
+        t[1] += u.prompt_tokens
+        t[2] += u.completion_tokens
+        t[3] += u.requests if u.day == today else 0
+    rows = []
+    for k in report.keys:
+        requests, prompt, completion, today_requests = totals.get(k.name, [0, 0, 0, 0])
+        rows.append(
+            {
+                "name": k.name,
+                "state": "revoked" if k.revoked else ("live" if k.usable(now) else "expired"),
+                "rpm": k.rpm or "—",
+                "tpm": k.tpm or "—",
+                "streams": k.max_streams or "—",
+                "models": ", ".join(k.models) or "all",
+                "expires": _when(k.expires_at),
+                "requests": requests,
+                "today": today_requests,
+                "prompt": prompt,
+                "completion": completion,
+            }
+        )
+    return rows
