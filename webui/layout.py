@@ -60,6 +60,12 @@ body { background: #f6f7fb; --cb-bg: #f6f7fb; --cb-surface: #ffffff; --cb-text: 
   .cb-split { flex-direction: column !important; flex-wrap: nowrap !important; }
   .cb-split > * { width: 100% !important; }
 }
+/* A phone: seven page icons, the brand and the dark-mode button in 390 px. */
+@media (max-width: 480px) {
+  .cb-nav { gap: 0 !important; }
+  .cb-nav .q-btn { padding: 6px 4px; }
+  .cb-header { padding-left: 8px !important; padding-right: 8px !important; }
+}
 """
 
 

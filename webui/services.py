@@ -25,11 +25,17 @@ class Services:
     client: BusClient
     logs: LogStore
     limiter: RateLimiter
-    history: NodeHistory
-    usage: UsageReader
+    history: NodeHistory = None  # type: ignore[assignment]  # made in __post_init__ when not given
+    usage: UsageReader = None  # type: ignore[assignment]
     jobs: Jobs | None = None  # None when the bus refused the job records (jobs_error says why)
     job_records: JobsMirror | None = None
     jobs_error: str = ""
+
+    def __post_init__(self) -> None:
+        if self.history is None:
+            self.history = NodeHistory(self.client.nodes)
+        if self.usage is None:
+            self.usage = UsageReader(self.client.nc, self.config.usage_nats or None)
 
     @classmethod
     async def start(cls, config: WebConfig, client: BusClient | None = None) -> Services:
@@ -43,10 +49,8 @@ class Services:
             if owns:
                 await client.close()
             raise
-        history = NodeHistory(client.nodes)
-        history.start()
-        usage = UsageReader(client.nc, config.usage_nats or None)
-        services = cls(config, client, logs, RateLimiter(config.limits), history, usage)
+        services = cls(config, client, logs, RateLimiter(config.limits))
+        services.history.start()
         services._owns_client = owns  # type: ignore[attr-defined]
         await services._start_jobs()
         return services
