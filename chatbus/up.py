@@ -122,7 +122,9 @@ def _children(cfg: UpConfig, urls: dict[str, str]) -> tuple[list[Child], list[Ch
         fronts.append(Child("gateway", argv, logs / "gateway.log", env))
     if cfg.web and importlib.util.find_spec("webui.__main__"):
         argv = [py, "-m", "webui", "--host", cfg.web_host, "--port", str(cfg.web_port)]
-        fronts.append(Child("web UI", argv, logs / "webui.log", bus("ui")))
+        # The Usage page reads the key and usage buckets, which the ui credential may not: the gateway's may.
+        env = {**bus("ui"), "CHATBUS_WEB_USAGE_NATS": urls["gateway"]}
+        fronts.append(Child("web UI", argv, logs / "webui.log", env))
     for package, wanted in (("trainer", cfg.trainer), ("judge", cfg.judge)):
         if wanted and importlib.util.find_spec(f"{package}.__main__"):
             fronts.append(Child(package, [py, "-m", package], logs / f"{package}.log", bus("worker")))

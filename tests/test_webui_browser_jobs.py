@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,10 +20,11 @@ import pytest
 from fakes import EchoEngine, echo_node, user
 from test_webui_browser import CHROMIUM, Page, free_port, page, webui_process, workdir
 
-from bus import BusClient
+from bus import BusClient, encode, subjects
 from bus.jobs import JobContext, JobWorker
 from bus.keys import add_usage, create_key
 from bus.operations import ensure_keys_bucket, ensure_usage_bucket
+from bus.schemas_logs import ConvState, VoteLog
 from judge.schemas import EvalResult
 from node.engine import EngineStats
 from trainer.schemas import TrainResult
@@ -185,14 +187,22 @@ async def test_an_eval_job_shows_category_scores_and_verdicts(
     assert "8/10" in table and "not scored (unparseable)" in table
     assert "6/7 judged" in await page.text()
     await page.screenshot("job-eval")
-    # The leaderboard's second tab: the judge's scores beside the arena ratings.
+    # The leaderboard's second tab: the judge's scores beside the arena ratings (one battle: echo-a won).
+    states = [ConvState(conv_id=f"c-{m}", model=m, messages=user("Hi?")) for m in ("echo-a", "echo-b")]
+    vote = VoteLog(kind="leftvote", tstamp=time.time(), mode="arena", models=["echo-a", "echo-b"],
+                   states=states, anonymous=True)  # fmt: skip
+    await client.js.publish(subjects.log_vote(), encode(vote))
     await page.goto(app + "/leaderboard")
+    await page.wait("document.querySelector('.cb-stat-rated')?.innerText === '1'")
     await page.eval(
         "[...document.querySelectorAll('.q-tab')].find(t => t.innerText.includes('Judge scores')).click()"
     )
-    await page.wait("document.querySelector('.q-tab-panel .q-table')?.innerText.includes('echo-a')")
-    board = await page.eval("document.querySelector('.q-tab-panel .q-table').innerText")
-    assert "5.67 / 10" in board and job_id in board
+    rows_js = "[...document.querySelectorAll('.cb-judge-scores tbody tr')].map(r => r.innerText.split('\\t'))"
+    await page.wait(f"({rows_js}).length === 2 && ({rows_js})[0][2] !== '—'")  # the arena's rating has come
+    rows = await page.eval(rows_js)
+    assert [r[:2] for r in rows] == [["echo-a", "5.67 / 10"], ["echo-b", "5.67 / 10"]], rows
+    assert int(rows[0][2]) > 1000 > int(rows[1][2]) and rows[0][3] == "1", rows  # BT rating, battles
+    assert rows[0][6] == job_id
     await page.screenshot("leaderboard-judge")
 
 
@@ -206,6 +216,13 @@ async def test_cancel_from_the_page_cancels_the_job(page: Page, app: str, client
     await page.wait("[...document.querySelectorAll('.q-badge')].some(b => b.innerText.includes('cancelled'))")
     record = await (await client.jobs()).get(job_id)
     assert record is not None and record.progress is not None and record.progress < 1.0
+    running = await client.submit_job("train", FakeTrain(steps=600, step_s=0.1))  # for the list's picture
+    await wait_state(client, running, "running")
+    await page.goto(app + "/jobs")
+    await page.wait(f"document.querySelector('.q-table')?.innerText.includes({json.dumps(running)})")
+    await page.screenshot("jobs")
+    await (await client.jobs()).cancel(running)
+    await wait_state(client, running, "cancelled")
 
 
 async def test_usage_page_shows_a_keys_counts_to_admins_only(
@@ -230,6 +247,9 @@ async def test_usage_page_shows_a_keys_counts_to_admins_only(
     assert cells.split("\t")[:6] == ["team-a", "live", "2", "2", "31", "12"], cells
     text = await page.text()
     assert secret not in text and record.sha256 not in text  # never a secret, nor its hash
+    await page.eval(
+        "document.querySelectorAll('.q-notification').forEach(n => n.remove())"
+    )  # the wrong try's
     await page.screenshot("usage")
 
 

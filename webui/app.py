@@ -81,6 +81,11 @@ def run(config: WebConfig) -> int:
             app.shutdown()
             return
         log.info("web UI on http://%s:%d, bus %s", config.host, config.port, redact(config.nats))
+        if config.state_dir is not None:
+            log.info(
+                "admins sign in on /usage with CHATBUS_WEB_ADMIN_TOKEN or the token in %s",
+                config.state_dir / "admin-token",
+            )
 
     async def shutdown() -> None:
         services = holder.pop("services", None)

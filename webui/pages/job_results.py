@@ -49,7 +49,8 @@ def loss_chart(points: dict[int, float]) -> dict[str, Any]:
     return {
         "tooltip": {"trigger": "axis"},
         "grid": {"left": 50, "right": 20, "top": 20, "bottom": 40},
-        "xAxis": {"type": "value", "name": "step", "nameLocation": "middle", "nameGap": 25, "minInterval": 1},
+        "xAxis": {"type": "value", "name": "step", "nameLocation": "middle", "nameGap": 25, "minInterval": 1,
+                  "min": "dataMin"},
         "yAxis": {"type": "value", "name": "loss", "scale": True},
         "series": [{"type": "line", "name": "loss", "data": data, "showSymbol": len(data) < 60,
                     "itemStyle": {"color": PALETTE[0]}}],

@@ -65,7 +65,7 @@ class JudgeTab:
             self.table = (
                 ui.table(columns=COLUMNS, rows=[], row_key="model")
                 .props("flat bordered")
-                .classes("w-full rounded-2xl")
+                .classes("w-full rounded-2xl cb-judge-scores")
                 .mark("judge-scores")
             )
         self.wrap.visible = False
