@@ -6,17 +6,24 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import msgspec
 import pytest
+from fakes import wait_for
 from nicegui import app
 from nicegui.storage import Storage
 from nicegui.testing import User
 from nicegui.testing.user_simulation import user_simulation
 
-from bus import BusClient, NodeInfo
+from bus import BusClient, EmbeddedServer, NodeInfo
+from bus.auth import ROLES, provision, with_credential
+from bus.connection import connect
+from bus.keys import add_usage, create_key
+from bus.operations import ensure_keys_bucket, ensure_usage_bucket
 from bus.schemas_jobs import JobRecord
 from bus.schemas_keys import KeyRecord, KeyUsage
+from chatbus.cli import cmd_setup_bus
 from webui.app import build_root
 from webui.config import WebConfig
 from webui.jobdata import category_scores, judge_board, linked_evals, verdict_rows
@@ -179,3 +186,49 @@ async def test_jobs_page_empty_state_and_unknown_job(client: BusClient, nats_url
             await user.should_see("not the admin token")
     finally:
         await services.close()
+
+
+# ----------------------------------------------------------------------------- with credentials
+
+
+class NoSpec(msgspec.Struct, frozen=True):
+    pass
+
+
+async def test_the_web_apps_credentials_on_a_secured_bus(tmp_path: Path) -> None:
+    """As under `chatbus up`: the ui credential follows and cancels jobs but may not read key usage; the
+    usage connection (the gateway's credential) may, and shows counts without the key's hash."""
+    prov = provision(tmp_path / "state")
+    server = EmbeddedServer(tmp_path / "js", port=0, log_file=tmp_path / "nats.log", config=prov.config)
+    server.start()
+    try:
+        urls = {role: with_credential(server.url, role, prov.passwords[role]) for role in ROLES}
+        await server.wait_jetstream(url=urls["admin"])
+        assert await cmd_setup_bus(urls["admin"]) == 0
+        admin = await connect(urls["admin"], name="test-admin")
+        await create_key(await ensure_keys_bucket(admin.jetstream()), "team-b", rpm=5)
+        await add_usage(await ensure_usage_bucket(admin.jetstream()), "team-b", "m", 3, 4, at=time.time())
+        await admin.close()
+        async with await BusClient.connect(urls["ui"], name="test-web") as client:
+            own = await Services.start(WebConfig(nats=urls["ui"]), client=client)
+            refused = await own.usage.read()
+            await own.close()
+            assert refused.error and not refused.keys  # the ui credential may not read them
+            services = await Services.start(
+                WebConfig(nats=urls["ui"], usage_nats=urls["gateway"]), client=client
+            )
+            try:
+                report = await services.usage.read()
+                assert not report.error, report.error
+                assert [(r["name"], r["requests"], r["prompt"]) for r in key_rows(report)] == [
+                    ("team-b", 1, 3)
+                ]
+                assert services.jobs is not None and services.job_records is not None, services.jobs_error
+                job_id = await client.submit_job("train", NoSpec())  # no worker: it stays queued
+                await wait_for(lambda: services.job_records.get(job_id) is not None)  # type: ignore[union-attr]
+                await services.jobs.cancel(job_id)
+                await wait_for(lambda: services.job_records.get(job_id).state == "cancelled")  # type: ignore[union-attr]
+            finally:
+                await services.close()
+    finally:
+        server.stop()
