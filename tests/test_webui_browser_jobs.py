@@ -187,6 +187,23 @@ async def test_an_eval_job_shows_category_scores_and_verdicts(
     assert "8/10" in table and "not scored (unparseable)" in table
     assert "6/7 judged" in await page.text()
     await page.screenshot("job-eval")
+    # A train job whose record links this eval and its scores (the closed loop's `eval_job` and `scores`
+    # fields, put as raw JSON: the page reads fields it may not know).
+    train_id = await client.submit_job("train", FakeTrain(steps=2))
+    await wait_state(client, train_id, "done")
+    kv = await client.js.key_value(subjects.JOBS_BUCKET)
+    raw = msgspec.json.decode((await kv.get(train_id)).value or b"{}")
+    raw.update(eval_job=job_id, scores={"smol-codeword": 6.5, "default": 5.25})
+    await kv.put(train_id, msgspec.json.encode(raw))
+    await page.goto(f"{app}/jobs/{train_id}")
+    await page.wait(
+        "document.body.innerText.includes('judged against its base: scores smol-codeword 6.50 · default 5.25')"
+    )
+    link = await page.eval(
+        "[...document.querySelectorAll('a')].find(a => a.innerText.includes('eval job'))?.href"
+    )
+    assert link and link.endswith(f"/jobs/{job_id}")
+    assert f"{job_id}: scores echo-a 5.67 · echo-b 5.67" in await page.text()  # the linked job's own result
     # The leaderboard's second tab: the judge's scores beside the arena ratings (one battle: echo-a won).
     states = [ConvState(conv_id=f"c-{m}", model=m, messages=user("Hi?")) for m in ("echo-a", "echo-b")]
     vote = VoteLog(kind="leftvote", tstamp=time.time(), mode="arena", models=["echo-a", "echo-b"],

@@ -95,6 +95,15 @@ def test_linked_evals_are_found_wherever_a_writer_put_them() -> None:
     assert linked_evals(raw) == [("eval", {"scores": {"m": 6.0, "base": 5.0}}), ("eval-9", {})]
 
 
+def test_the_closed_loops_fields_on_a_train_record_are_linked() -> None:
+    raw = {"kind": "train", "eval_job": "eval-20261207-1-abc", "scores": {"m": 6.0, "base": 5.0}}
+    assert linked_evals(raw) == [
+        ("eval-20261207-1-abc", {}),
+        ("judged against its base", {"scores": raw["scores"]}),
+    ]
+    assert linked_evals({"kind": "eval", "scores": {"m": 1.0}}) == []  # an eval's own scores are no link
+
+
 def test_key_rows_total_requests_and_tokens_without_secrets() -> None:
     now = time.time()
     today = time.strftime("%Y-%m-%d", time.gmtime(now))

@@ -194,6 +194,8 @@ def linked_evals(raw: Record) -> list[tuple[str, Record]]:
     for key, value in raw.items():
         if "eval" in key.lower():
             visit(key, value, 0)
+    if raw.get("kind") == "train" and isinstance(raw.get("scores"), dict) and raw["scores"]:
+        found.append(("judged against its base", {"scores": raw["scores"]}))  # the closed loop's field
     result = raw.get("result")
     if isinstance(result, dict):
         for key, value in result.items():

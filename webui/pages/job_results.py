@@ -15,9 +15,11 @@ from bus.schemas_jobs import TERMINAL_STATES, JobRecord
 from webui.jobdata import TrainView, category_scores, linked_evals, parse_jsonl, result_dict, verdict_rows
 from webui.services import Services
 
-__all__ = ["EvalPanel", "TrainPanel", "scores_chart"]
+__all__ = ["STATE_COLOR", "EvalPanel", "TrainPanel", "scores_chart"]
 
 log = logging.getLogger(__name__)
+STATE_COLOR = {"queued": "grey-7", "running": "primary", "done": "positive", "failed": "negative",
+               "cancelled": "warning"}  # fmt: skip
 PALETTE = ["#5b4ee6", "#26a69a", "#f59e0b", "#ef5350", "#42a5f5", "#ab47bc", "#8d6e63", "#78909c"]
 
 
@@ -88,7 +90,7 @@ class TrainPanel:
         self.view = TrainView()
         self._dirty = False
         self._result: dict[str, Any] = {}
-        self._links: list[tuple[str, dict[str, Any]]] = []
+        self._links: list[tuple[str, dict[str, Any], tuple[str, Any]]] = []
         self._history_loaded = False
         self.tasks = _Tasks()
         with ui.row().classes("w-full gap-3"):
@@ -134,9 +136,16 @@ class TrainPanel:
                 self._history_loaded = True
                 self.tasks.start(self._load_history(str(result["metrics"])))
         links = linked_evals(raw)
-        if links != self._links:
-            self._links = links
+        key = [(label, value, self._linked_state(label)) for label, value in links]
+        if key != self._links:
+            self._links = key
             self._show_links()
+
+    def _linked_state(self, label: str) -> tuple[str, Any]:
+        """A linked eval job's state and result, so the section follows it until it is done."""
+        mirror = self.s.job_records
+        linked = mirror.get(label) if mirror is not None and label.startswith("eval-") else None
+        return (linked.state, linked.result) if linked is not None else ("", None)
 
     def _redraw(self) -> None:
         if not self._dirty:
@@ -172,18 +181,18 @@ class TrainPanel:
             return
         with self.evals, ui.card().classes("w-full rounded-2xl").props("flat bordered"):
             ui.label("Evaluation of this model").classes("font-medium")
-            for label, value in self._links:
+            for label, value, (state, result) in self._links:
                 if label.startswith("eval-") and not value:
-                    ui.link(f"eval job {label}", f"/jobs/{label}")
-                    continue
+                    with ui.row().classes("items-center gap-2"):
+                        ui.link(f"eval job {label}", f"/jobs/{label}").mark("linked-eval-job")
+                        if state:
+                            ui.badge(state, color=STATE_COLOR.get(state, "grey-7"))
+                    value = result if isinstance(result, dict) else {}
                 for kind in ("scores", "win_rates"):
                     if isinstance(value.get(kind), dict):
-                        shown = ", ".join(f"{m}: {v:.2f}" for m, v in value[kind].items()
-                                          if isinstance(v, int | float) and math.isfinite(v))  # fmt: skip
-                        ui.label(f"{label} {kind.replace('_', ' ')}: {shown}").mark("linked-eval")
-                rest = {k: v for k, v in value.items() if isinstance(v, str | int | float) and k != "mode"}
-                if rest:
-                    ui.label(", ".join(f"{k}: {v}" for k, v in rest.items())).classes("text-sm text-grey-7")
+                        shown = " · ".join(f"{m} {v:.2f}" for m, v in value[kind].items()
+                                           if isinstance(v, int | float) and math.isfinite(v))  # fmt: skip
+                        ui.label(f"{label}: {kind.replace('_', ' ')} {shown}").mark("linked-eval")
 
 
 VERDICT_COLUMNS: list[dict[str, Any]] = [

@@ -16,15 +16,13 @@ from bus import BusError
 from bus.auth import redact
 from bus.schemas_jobs import TERMINAL_STATES, JobRecord
 from webui.jobdata import spec_dict
-from webui.pages.job_results import EvalPanel, TrainPanel
+from webui.pages.job_results import STATE_COLOR, EvalPanel, TrainPanel
 from webui.services import Services
 
 __all__ = ["job_page", "jobs_page"]
 
 log = logging.getLogger(__name__)
 
-STATE_COLOR = {"queued": "grey-7", "running": "primary", "done": "positive", "failed": "negative",
-               "cancelled": "warning"}  # fmt: skip
 SUBMIT_HINT = (
     "Submit one: `chatbus train submit --data chats.jsonl --follow` (fine-tuning) or "
     "`chatbus eval submit --models MODEL --judge JUDGE --follow` (an evaluation); it appears here at once."
@@ -105,11 +103,10 @@ class JobsView:
                     .classes("w-full rounded-2xl cursor-pointer")
                     .mark("jobs")
                 )
+            colors = json.dumps(STATE_COLOR).replace('"', "'")
             self.table.add_slot(
                 "body-cell-state",
-                "<q-td :props=\"props\"><q-badge :color=\"{queued: 'grey-7', running: 'primary', "
-                "done: 'positive', failed: 'negative', cancelled: 'warning'}[props.value]\" "
-                ':label="props.value" :class="\'cb-state cb-state-\' + props.value" /></q-td>',
+                f'<q-td :props="props"><q-badge :color="{colors}[props.value]" :label="props.value" /></q-td>',
             )
             self.table.on("rowClick", self._open)
         self.refresh()
