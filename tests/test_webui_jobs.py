@@ -188,6 +188,11 @@ async def test_jobs_page_empty_state_and_unknown_job(client: BusClient, nats_url
             await user.should_see("chatbus train submit --data chats.jsonl")
             await user.open("/jobs/train-nope")
             await user.should_see("No job 'train-nope' on this bus")
+            failed = record("eval-failed-1", "eval", "failed", at=time.time())
+            await services.jobs.put_record(msgspec.structs.replace(failed, message="JudgeFailure: no judge"))  # type: ignore[union-attr]
+            await wait_for(lambda: services.job_records.get("eval-failed-1") is not None)  # type: ignore[union-attr]
+            await user.open("/jobs/eval-failed-1")
+            await user.should_see("The job failed: JudgeFailure: no judge")
             await user.open("/usage")
             await user.should_see("For admins only")  # no admin token configured: nobody can sign in
             user.find(marker="admin-token").type("")

@@ -213,7 +213,7 @@ class EvalPanel:
         self.s = services
         self.job_id = job_id
         self._loaded: str = ""
-        self._result: dict[str, Any] = {}
+        self._result: tuple[str, dict[str, Any]] | None = None
         self.tasks = _Tasks()
         self.overall = ui.row().classes("w-full gap-3").mark("eval-overall")
         with ui.card().classes("w-full rounded-2xl").props("flat bordered"):
@@ -234,8 +234,8 @@ class EvalPanel:
 
     def record_changed(self, record: JobRecord, raw: dict[str, Any]) -> None:
         result = result_dict(record)
-        if result != self._result:
-            self._result = result
+        if (record.state, result) != self._result:
+            self._result = (record.state, result)
             self._show_overall(record, result)
         name = str(result.get("judgments_artifact") or "")
         if record.state in TERMINAL_STATES and name and name != self._loaded:

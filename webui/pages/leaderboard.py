@@ -117,43 +117,39 @@ class LeaderboardView:
                 ui.tab("judge", "Judge scores", icon="fact_check").mark("tab-judge")
             with ui.tab_panels(tabs, value=arena_tab).classes("w-full bg-transparent"):
                 with ui.tab_panel("arena").classes("px-0 flex flex-col gap-5"):
-                    with ui.row().classes("w-full gap-4 cb-stats-row"):
-                        self.stats = [
-                            self._stat(label) for label in ("Models", "Rated battles", "Votes in the log")
-                        ]
-                    self.empty = (
-                        ui.label("No battles yet — vote in the Arena and the ratings appear here.")
-                        .classes("text-grey-6 text-lg w-full text-center py-10")
-                        .mark("no-battles")
-                    )
-                    with ui.column().classes("w-full gap-5") as self.content:
-                        with ui.element("div").classes("cb-table-wrap"):
-                            self.table = (
-                                ui.table(columns=COLUMNS, rows=[], row_key="model")
-                                .props("flat bordered")
-                                .classes("w-full rounded-2xl")
-                                .mark("ratings")
-                            )
-                        with ui.row().classes("cb-split w-full gap-4 no-wrap"):
-                            with ui.card().classes("w-1/2 rounded-2xl").props("flat bordered"):
-                                ui.label("Ratings with 95% confidence intervals").classes("font-medium")
-                                self.ci_chart = ui.echart(_ci_chart([])).classes("w-full h-72")
-                            with ui.card().classes("w-1/2 rounded-2xl").props("flat bordered"):
-                                ui.label("Win rate of row over column (decisive battles)").classes(
-                                    "font-medium"
-                                )
-                                self.win_chart = ui.echart(_heatmap([], {}, percent=True)).classes(
-                                    "w-full h-72"
-                                )
-                        with ui.card().classes("w-full rounded-2xl").props("flat bordered"):
-                            ui.label("Battles per pair").classes("font-medium")
-                            self.count_chart = ui.echart(_heatmap([], {}, percent=False)).classes(
-                                "w-full h-64"
-                            )
+                    self._arena_panel()
                 with ui.tab_panel("judge").classes("px-0"):
                     self.judge = JudgeTab(services)
         self.content.visible = False  # until there is something to show: one "no battles" state
         ui.timer(1.0, self.refresh)
+
+    def _arena_panel(self) -> None:
+        """The first tab: the ratings table and its charts, or one "no battles" state."""
+        with ui.row().classes("w-full gap-4 cb-stats-row"):
+            self.stats = [self._stat(label) for label in ("Models", "Rated battles", "Votes in the log")]
+        self.empty = (
+            ui.label("No battles yet — vote in the Arena and the ratings appear here.")
+            .classes("text-grey-6 text-lg w-full text-center py-10")
+            .mark("no-battles")
+        )
+        with ui.column().classes("w-full gap-5") as self.content:
+            with ui.element("div").classes("cb-table-wrap"):
+                self.table = (
+                    ui.table(columns=COLUMNS, rows=[], row_key="model")
+                    .props("flat bordered")
+                    .classes("w-full rounded-2xl")
+                    .mark("ratings")
+                )
+            with ui.row().classes("cb-split w-full gap-4 no-wrap"):
+                with ui.card().classes("w-1/2 rounded-2xl").props("flat bordered"):
+                    ui.label("Ratings with 95% confidence intervals").classes("font-medium")
+                    self.ci_chart = ui.echart(_ci_chart([])).classes("w-full h-72")
+                with ui.card().classes("w-1/2 rounded-2xl").props("flat bordered"):
+                    ui.label("Win rate of row over column (decisive battles)").classes("font-medium")
+                    self.win_chart = ui.echart(_heatmap([], {}, percent=True)).classes("w-full h-72")
+            with ui.card().classes("w-full rounded-2xl").props("flat bordered"):
+                ui.label("Battles per pair").classes("font-medium")
+                self.count_chart = ui.echart(_heatmap([], {}, percent=False)).classes("w-full h-64")
 
     @staticmethod
     def _stat(label: str) -> ui.label:
