@@ -126,9 +126,9 @@ async def chart_points(page: Page, selector: str, series: int = 0) -> list:
     return list(await page.eval(f"({js}) || []") or [])
 
 
-async def wait_state(client: BusClient, job_id: str, state: str) -> None:
+async def wait_state(client: BusClient, job_id: str, state: str, timeout: float = 20.0) -> None:
     jobs = await client.jobs()
-    for _ in range(200):
+    for _ in range(int(timeout * 10)):
         record = await jobs.get(job_id)
         if record is not None and record.state == state:
             return
