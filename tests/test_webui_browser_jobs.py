@@ -48,6 +48,10 @@ class RatedEcho(EchoEngine):
 class FakeTrain(msgspec.Struct, frozen=True):
     steps: int = 8
     step_s: float = 0.05
+    gate: str = ""  # wait at the first step until the test opens GATES[gate] (no race with the page)
+
+
+GATES: dict[str, asyncio.Event] = {}
 
 
 class FakeEval(msgspec.Struct, frozen=True):
@@ -64,6 +68,8 @@ async def fake_train(ctx: JobContext) -> msgspec.Raw:
     history = []
     for step in range(1, spec.steps + 1):
         ctx.check_cancelled()
+        if spec.gate and step == 2:
+            await GATES[spec.gate].wait()
         await asyncio.sleep(spec.step_s)
         metrics = {"step": float(step), "total_steps": float(spec.steps), "loss": loss_at(step)}
         history.append(metrics)
@@ -141,9 +147,11 @@ async def test_jobs_page_lists_a_job_with_its_live_state(page: Page, app: str, c
     await page.wait("document.body.innerText.includes('No jobs yet')")
     assert "chatbus train submit" in await page.text()  # the empty state says how to submit one
     await page.screenshot("jobs-empty")
-    job_id = await client.submit_job("train", FakeTrain(steps=30, step_s=0.1))
+    GATES["list"] = asyncio.Event()
+    job_id = await client.submit_job("train", FakeTrain(steps=4, gate="list"))
     row = f"[...document.querySelectorAll('.q-table tbody tr')].find(r => r.innerText.includes({json.dumps(job_id)}))"
     await page.wait(f"{row}?.innerText.includes('running')", timeout=30)
+    GATES["list"].set()
     await page.wait(f"{row}?.innerText.includes('done')", timeout=30)
     assert "No jobs yet" not in await page.text()
     await page.eval(f"{row}.click()")  # a row opens the job's page
@@ -228,6 +236,13 @@ async def test_cancel_from_the_page_cancels_the_job(page: Page, app: str, client
     await wait_state(client, job_id, "running")
     await page.goto(f"{app}/jobs/{job_id}")
     await page.wait("document.querySelector('.q-badge')?.innerText.includes('running')")
+    # While it runs, the loss curve grows from its progress events (every other step).
+    for _ in range(100):
+        live = await chart_points(page, ".cb-loss-chart")
+        if len(live) >= 3:
+            break
+        await asyncio.sleep(0.2)
+    assert [p[0] for p in live[:3]] == [2, 4, 6] and live[0][1] == loss_at(2), live
     await page.click_text("Cancel job")
     await wait_state(client, job_id, "cancelled")
     await page.wait("[...document.querySelectorAll('.q-badge')].some(b => b.innerText.includes('cancelled'))")
