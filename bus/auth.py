@@ -75,7 +75,8 @@ _OPS_KV = tuple(
 )
 _STREAMS = {
     "gateway": (_NODES_KV, _RESUME_KV, *_OPS_KV),
-    "ui": (_NODES_KV, *_JOB_STREAMS, subjects.LOGS_STREAM, _OPS_KV[0]),
+    # the web app's Usage page reads keys (names, limits, sha256 of secrets) and usage; writes stay denied
+    "ui": (_NODES_KV, *_JOB_STREAMS, subjects.LOGS_STREAM, _OPS_KV[0], _OPS_KV[1], _OPS_KV[3]),
     "worker": (_NODES_KV, *_JOB_STREAMS),
 }
 

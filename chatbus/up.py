@@ -122,8 +122,7 @@ def _children(cfg: UpConfig, urls: dict[str, str]) -> tuple[list[Child], list[Ch
         fronts.append(Child("gateway", argv, logs / "gateway.log", env))
     if cfg.web and importlib.util.find_spec("webui.__main__"):
         argv = [py, "-m", "webui", "--host", cfg.web_host, "--port", str(cfg.web_port)]
-        # The Usage page reads the key and usage buckets, which the ui credential may not: the gateway's may.
-        env = {**bus("ui"), "CHATBUS_WEB_USAGE_NATS": urls["gateway"]}
+        env = bus("ui")  # the ui credential reads keys and usage (the Usage page), never writes them
         fronts.append(Child("web UI", argv, logs / "webui.log", env))
     for package, wanted in (("trainer", cfg.trainer), ("judge", cfg.judge)):
         if wanted and importlib.util.find_spec(f"{package}.__main__"):

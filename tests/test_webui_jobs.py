@@ -15,8 +15,9 @@ from nicegui import app
 from nicegui.storage import Storage
 from nicegui.testing import User
 from nicegui.testing.user_simulation import user_simulation
+from permissions import refused
 
-from bus import BusClient, EmbeddedServer, NodeInfo
+from bus import BusClient, EmbeddedServer, NodeInfo, subjects
 from bus.auth import ROLES, provision, with_credential
 from bus.connection import connect
 from bus.keys import add_usage, create_key
@@ -210,8 +211,8 @@ class NoSpec(msgspec.Struct, frozen=True):
 
 
 async def test_the_web_apps_credentials_on_a_secured_bus(tmp_path: Path) -> None:
-    """As under `chatbus up`: the ui credential follows and cancels jobs but may not read key usage; the
-    usage connection (the gateway's credential) may, and shows counts without the key's hash."""
+    """As under `chatbus up`: the ui credential follows and cancels jobs and reads key usage (counts
+    without the key's hash) but may not write a key or a usage counter."""
     prov = provision(tmp_path / "state")
     server = EmbeddedServer(tmp_path / "js", port=0, log_file=tmp_path / "nats.log", config=prov.config)
     server.start()
@@ -223,14 +224,10 @@ async def test_the_web_apps_credentials_on_a_secured_bus(tmp_path: Path) -> None
         await create_key(await ensure_keys_bucket(admin.jetstream()), "team-b", rpm=5)
         await add_usage(await ensure_usage_bucket(admin.jetstream()), "team-b", "m", 3, 4, at=time.time())
         await admin.close()
+        for bucket in (subjects.KEYS_BUCKET, subjects.USAGE_BUCKET):
+            assert await refused(urls["ui"], "pub", f"$KV.{bucket}.team-b"), f"ui may write {bucket}"
         async with await BusClient.connect(urls["ui"], name="test-web") as client:
-            own = await Services.start(WebConfig(nats=urls["ui"]), client=client)
-            refused = await own.usage.read()
-            await own.close()
-            assert refused.error and not refused.keys  # the ui credential may not read them
-            services = await Services.start(
-                WebConfig(nats=urls["ui"], usage_nats=urls["gateway"]), client=client
-            )
+            services = await Services.start(WebConfig(nats=urls["ui"]), client=client)
             try:
                 report = await services.usage.read()
                 assert not report.error, report.error

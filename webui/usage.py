@@ -1,8 +1,7 @@
 """The Usage page's data, UI-free: API keys (never their secrets or hashes) and what each used, per day and model.
 
-The key and usage buckets are an operator's: the web app's own (`ui`) credential may not read them, so
-the app reads them over a second connection when given one (`CHATBUS_WEB_USAGE_NATS`), else over its
-own and says what to do when the bus refuses. In the browser the page is for signed-in admins only.
+The `ui` credential may read the key and usage buckets; on a bus where the app's may not, it reads
+them over a second connection when given one (`CHATBUS_WEB_USAGE_NATS`) and says what to do when refused. In the browser the page is for signed-in admins only.
 """
 
 from __future__ import annotations

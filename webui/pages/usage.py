@@ -136,9 +136,9 @@ class UsageView:
         report = await self.s.usage.read()
         if report.error:
             self.message.set_text(
-                f"The bus refused the key and usage records ({report.error}). The web app's own credential "
-                "may not read them: start it with CHATBUS_WEB_USAGE_NATS set to a bus URL with the admin (or "
-                "gateway) credential — `chatbus up` does — and check that nats-server is running."
+                f"The bus refused the key and usage records ({report.error}). Check that nats-server "
+                "is running; on a bus whose ui credential may not read cb_keys and cb_usage, start the web app "
+                "with CHATBUS_WEB_USAGE_NATS set to a bus URL whose credential may (the admin's)."
             )
             self.message.classes(replace="text-negative w-full")
             return
