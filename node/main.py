@@ -188,12 +188,12 @@ def main(cfg: NodeConfig) -> int:
 
     try:
         asyncio.run(serve(cfg))
+    except ModelLoadError as e:  # a BusError too: keep it first, it has its own exit code
+        say(f"error: {e}")
+        return 3
     except BusError as e:
         say(f"error: {e}")
         return 2
-    except ModelLoadError as e:
-        say(f"error: {e}")
-        return 3
     except KeyboardInterrupt:
         return 130
     return 0
