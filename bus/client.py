@@ -8,7 +8,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -292,26 +292,27 @@ class BusClient:
     async def count_tokens(
         self, model: str, *, messages: list[ChatMessage] | None = None, prompt: str | None = None
     ) -> CountReply:
-        reply = await self._ask(
-            subjects.count(model), model, CountRequest(model=model, messages=messages, prompt=prompt)
-        )
-        return decode(reply, CountReply)
+        request = CountRequest(model=model, messages=messages, prompt=prompt)
+        reply: CountReply = await self._ask(subjects.count(model), model, request, CountReply | Rejected)
+        return reply
 
     async def embed(self, model: str, inputs: list[str]) -> EmbedReply:
-        reply = await self._ask(subjects.embed(model), model, EmbedRequest(model=model, inputs=inputs))
-        return decode(reply, EmbedReply)
+        request = EmbedRequest(model=model, inputs=inputs)
+        reply: EmbedReply = await self._ask(subjects.embed(model), model, request, EmbedReply | Rejected)
+        return reply
 
-    async def _ask(self, subject: str, model: str, message: CountRequest | EmbedRequest) -> bytes:
+    async def _ask(self, subject: str, model: str, message: CountRequest | EmbedRequest, answer: Any) -> Any:
+        """One request/reply to any node of `model`; `answer` is the reply type's union with `Rejected`."""
         try:
             msg = await self.nc.request(subject, encode(message), timeout=self.accept_timeout_s * 3)
         except NoRespondersError:
             raise ModelNotFound(model, list(self.models())) from None
         except NatsTimeout:
             raise NodeTimeout(f"no node answered for model {model!r}") from None
-        if msg.data.startswith(b'{"type":"gen.rejected"'):
-            rejected = decode(msg.data, Rejected)
-            raise error_for(rejected.code, rejected.message)
-        return bytes(msg.data)
+        reply = decode(msg.data, answer)
+        if isinstance(reply, Rejected):
+            raise error_for(reply.code, reply.message)
+        return reply
 
     # ------------------------------------------------------------------ keep-alive
 

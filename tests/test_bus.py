@@ -46,6 +46,17 @@ async def test_bad_params_and_context_are_typed(nats_url: str, client: BusClient
             await client.chat("echo-b", user("a b c d e")).start()
 
 
+async def test_count_and_embed_replies_and_rejections_are_typed(nats_url: str, client: BusClient) -> None:
+    async with running_node(nats_url, EchoEngine("echo-k")):
+        await wait_for(lambda: "echo-k" in client.models())
+        assert (await client.count_tokens("echo-k", prompt="a b c")).tokens == 3
+        assert (await client.embed("echo-k", ["a b"])).prompt_tokens == 2
+        with pytest.raises(BadRequest, match="exactly one"):
+            await client.count_tokens("echo-k")
+        with pytest.raises(BadRequest, match="empty"):
+            await client.embed("echo-k", [])
+
+
 async def test_cancel_stops_the_engine(nats_url: str, client: BusClient) -> None:
     engine = EchoEngine("echo-c", step_s=0.05)
     async with running_node(nats_url, engine):

@@ -59,6 +59,13 @@ def test_garbage_is_a_typed_error() -> None:
         decode(b'{"type":"tok.chunk","seq":"x","text":1}', schemas.StreamEvent)
 
 
+@pytest.mark.parametrize("extra", [{}, {"text": ["a field reshaped in v2"]}])
+def test_a_newer_wire_version_is_refused_by_name(extra: dict) -> None:
+    newer = dict(SAMPLES["chunk"], v=2, **extra)  # decodable or not: the codec names the version either way
+    with pytest.raises(BadMessage, match="unsupported message version 2"):
+        decode(json.dumps(newer).encode(), schemas.StreamEvent)
+
+
 def test_tags_are_unique() -> None:
     tagged = {
         c
