@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import signal
 import sys
@@ -90,18 +89,19 @@ def pick_engine(cfg: NodeConfig, adapter: bool) -> str:
 
 
 def build_hf_engine(cfg: NodeConfig, adapter_dir: Path | None = None) -> Engine:
+    from bus.artifacts import describe
     from node.hf import HFEngine
     from node.loader import DEFAULT_MODEL, load_model
 
     spec: str | None = None if cfg.model == "default" else cfg.model
     name = cfg.name
     if adapter_dir is not None:
-        info = json.loads((adapter_dir / "chatbus.json").read_text())
-        name = name or info.get("name")
-        if info.get("method") == "full":
+        info = describe(adapter_dir)
+        name = name or info.name
+        if info.method == "full":
             spec = str(adapter_dir)
-        elif cfg.model == "default" and info.get("base") not in (None, "", "default", DEFAULT_MODEL):
-            spec = info["base"]  # the adapter's own base, unless the user named one
+        elif cfg.model == "default" and info.base not in ("", "default", DEFAULT_MODEL):
+            spec = info.base  # the adapter's own base, unless the user named one
     loaded = load_model(
         spec,
         cache_dir=cfg.cache_dir,

@@ -180,7 +180,7 @@ async def test_a_node_fetches_an_adapter_only_with_a_credential_that_allows_it(
     finally:
         await nc.close()
     fetched = await fetch_adapter(urls["node"], name, tmp_path / "fetched")  # `chatbus up`'s nodes may
-    assert describe(fetched)["name"] == "tuned"
+    assert describe(fetched).name == "tuned"
     with pytest.raises(BadRequest, match="--adapters"):  # alice's credential was made without --adapters
         await fetch_adapter(urls["alice"], name, tmp_path / "alice")
 

@@ -237,12 +237,12 @@ async def cmd_merge(args: argparse.Namespace, url: str) -> int:
         with tempfile.TemporaryDirectory(prefix="chatbus-merge-") as tmp:
             adapter = await fetch_with(jobs, args.ref, Path(tmp))
             info = describe(adapter)
-            if info.get("method") == "full":
+            if info.method == "full":
                 print("error: that job stored full weights already; nothing to merge", file=sys.stderr)
                 return 1
             cache = args.cache_dir or default_cache_dir()
-            await asyncio.to_thread(merge_adapter, adapter, info["base"], cache, args.out)
-        print(f"merged {info['name']} into {args.out}; serve it: chatbus node --model {args.out}")
+            await asyncio.to_thread(merge_adapter, adapter, info.base, cache, args.out)
+        print(f"merged {info.name} into {args.out}; serve it: chatbus node --model {args.out}")
         return 0
     finally:
         await jobs.nc.close()

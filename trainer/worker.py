@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from bus.artifacts import ArtifactInfo, write_info
 from bus.auth import redact
 from bus.codec import encode
 from bus.connection import connect
@@ -105,9 +106,7 @@ async def handle(ctx: JobContext, cfg: WorkerConfig) -> msgspec.Raw:
         if outcome.stopped:
             raise JobCancelled(ctx.job_id)
         name = spec.name or f"{base_name(spec.base)}-{ctx.job_id.rsplit('-', 1)[-1]}"
-        (out_dir / "chatbus.json").write_text(
-            json.dumps({"name": name, "base": spec.base, "method": spec.method, "job_id": ctx.job_id})
-        )
+        write_info(out_dir, ArtifactInfo(name=name, base=spec.base, method=spec.method, job_id=ctx.job_id))
         if spec.method != "full":
             _point_adapter_at_base(out_dir, spec.base)
         t_store = time.perf_counter()
