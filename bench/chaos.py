@@ -32,13 +32,13 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]  # tests/cluster.py launches clusters
 
 from chaos_load import PROMPTS, Load, Result, Spec, hostile  # noqa: E402
 from chaos_parts import SoakJob  # noqa: E402
+from cluster import LocalCluster  # noqa: E402
 
 from bus import BusClient  # noqa: E402
-from bus.cluster import LocalCluster  # noqa: E402
 from bus.connection import connect  # noqa: E402
 from bus.jobs import Jobs  # noqa: E402
 from bus.schemas import ChatMessage  # noqa: E402

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from cluster import LocalCluster, ServerProcess
 from fakes import EchoEngine, echo_node, user, wait_for
 from nats.js.api import KeyValueConfig, StreamConfig
 
 from bus import BusClient, ChatStream, Chunk, Done, StreamEvent, subjects
-from bus.cluster import LocalCluster, ServerProcess
 from bus.connection import cluster_size, connect, ensure_stream, replicas_for
 from bus.jobs import JobContext, Jobs, JobWorker
 from bus.schemas_jobs import JobEvent

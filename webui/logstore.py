@@ -22,8 +22,8 @@ from bus import subjects
 from bus.codec import decode, encode
 from bus.connection import ensure_logs_stream
 from bus.errors import BadMessage
-from bus.ratings import Battle, battle_from_vote, dedupe_prompts
 from bus.schemas_logs import BATTLE_VOTES, ChatLog, LogRecord, VoteLog
+from webui.ratings import Battle, battle_from_vote, dedupe_prompts
 
 __all__ = ["LogStore", "read_log"]
 
