@@ -16,8 +16,9 @@ from pathlib import Path
 import msgspec
 import pytest
 from cluster import LocalCluster, ServerProcess
-from fakes import EchoEngine, echo_node, user, wait_for
+from fakes import EchoEngine, echo_node, user
 from nats.js.api import KeyValueConfig, StreamConfig
+from procs import eventually
 
 from bus import BusClient, ChatStream, Chunk, Done, StreamEvent, subjects
 from bus.connection import cluster_size, connect, ensure_stream, replicas_for
@@ -136,7 +137,7 @@ async def test_killing_a_server_loses_nothing(cluster: LocalCluster) -> None:
     try:
         # The node talks to the server that leads the token stream: the worst one to lose.
         async with echo_node(victim.url, EchoEngine("echo-c", step_s=0.05, max_running=8)):
-            await wait_for(lambda: "echo-c" in client.models(), 15)
+            await eventually(lambda: "echo-c" in client.models(), 15)
             job_ids = [await jobs.submit("eval", EchoJob(payload=f"job-{i}")) for i in range(4)]
             chats = [asyncio.create_task(chat(client, "echo-c", 60, f"c{i}")) for i in range(6)]
             await asyncio.sleep(1.0)  # every answer a third of the way through
@@ -165,7 +166,7 @@ async def test_killing_a_server_loses_nothing(cluster: LocalCluster) -> None:
             # And serves: a client that knows only it chats with the node on another member.
             alone = await BusClient.connect(victim.url, name="rejoined")
             try:
-                await wait_for(lambda: "echo-c" in alone.models(), 15)
+                await eventually(lambda: "echo-c" in alone.models(), 15)
                 prompt, _, events = await asyncio.wait_for(chat(alone, "echo-c", 5, "back"), 20)
                 assert isinstance(events[-1], Done)
                 assert "".join(e.text for e in events if isinstance(e, Chunk)) == prompt
@@ -199,7 +200,7 @@ async def test_a_laptop_joins_through_a_leafnode(hub: LocalCluster) -> None:
             echo_node(hub_url, EchoEngine("echo-hub")),
         ):
             both = {"echo-laptop", "echo-hub"}  # each side sees both nodes, in the one node bucket
-            await wait_for(lambda: both <= set(on_hub.models()) and both <= set(on_laptop.models()), 10)
+            await eventually(lambda: both <= set(on_hub.models()) and both <= set(on_laptop.models()), 10)
             for client, model in ((on_hub, "echo-laptop"), (on_laptop, "echo-hub")):
                 prompt, _, events = await asyncio.wait_for(chat(client, model, 8, model), 20)
                 assert isinstance(events[-1], Done), events[-1]
