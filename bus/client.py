@@ -316,10 +316,11 @@ class BusClient:
 
     # ------------------------------------------------------------------ keep-alive
 
-    def _register(self, stream: ChatStream) -> None:
+    def track(self, stream: ChatStream) -> None:
+        """Send keep-alives for `stream`'s current attempt (ChatStream calls this when it follows one)."""
         self._active[stream.attempt_request_id] = stream
 
-    def _unregister(self, stream: ChatStream) -> None:
+    def untrack(self, stream: ChatStream) -> None:
         self._active.pop(stream.attempt_request_id, None)
 
     async def _keepalive_loop(self) -> None:
