@@ -22,13 +22,7 @@ from test_gateway_support import (
 )
 
 # this module's own bus, echo nodes and gateways (module fixtures, see test_gateway_support)
-thread, engines, nodes, gw, strict = (
-    support.thread,
-    support.engines,
-    support.nodes,
-    support.gw,
-    support.strict,
-)
+thread, engines, nodes, gw, strict = support.ECHO_BUS
 
 
 # ----------------------------------------------------------------------------- models, health

@@ -32,13 +32,7 @@ from bus.connection import connect, ensure_nodes_bucket
 from bus.schemas import ModelCard, NodeInfo
 
 # this module's own bus, echo nodes and gateways (module fixtures, see test_gateway_support)
-thread, engines, nodes, gw, strict = (
-    support.thread,
-    support.engines,
-    support.nodes,
-    support.gw,
-    support.strict,
-)
+thread, engines, nodes, gw, strict = support.ECHO_BUS
 
 
 # ----------------------------------------------------------------------------- errors

@@ -152,7 +152,7 @@ def sse_payloads(raw: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the echo bus of the gateway tests
-# Module fixtures: a test module binds them (`thread, engines, nodes, gw, strict = ...`) and gets its own.
+# Module fixtures: a test module binds ECHO_BUS (`thread, engines, nodes, gw, strict = ECHO_BUS`).
 
 KEY = "sk-test-key"
 
@@ -230,3 +230,6 @@ def error_of(r: httpx.Response, status: int, code: str | None = None) -> dict:
     if code is not None:
         assert err["code"] == code, err
     return err
+
+
+ECHO_BUS = (thread, engines, nodes, gw, strict)  # a test module binds these names to get its own
