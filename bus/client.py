@@ -14,10 +14,11 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from bus import subjects
+from bus import logs, subjects
 from bus.codec import decode, encode
 from bus.connection import (
     connect,
@@ -25,7 +26,7 @@ from bus.connection import (
     ensure_resume_bucket,
 )
 from bus.errors import BusUnavailable, ModelNotFound, NodeTimeout, error_for
-from bus.jobs import Jobs
+from bus.jobs import ACK_WAIT_S, Handler, Jobs, JobWorker
 from bus.nodes import ModelEntry, NodeTable
 from bus.prefixes import prefix_hashes
 from bus.schemas import (
@@ -43,6 +44,7 @@ from bus.schemas import (
     ToolSpec,
 )
 from bus.schemas_jobs import JobEvent, JobKind
+from bus.schemas_logs import ChatLog, LogRecord, VoteLog
 from bus.stream import Attempt, ChatStream, new_request_id
 
 __all__ = ["BusClient"]
@@ -286,6 +288,30 @@ class BusClient:
     async def job_events(self, job_id: str, *, follow: bool = True) -> AsyncIterator[JobEvent]:
         async for event in (await self.jobs()).events(job_id, follow=follow):
             yield event
+
+    def job_worker(self, kind: JobKind, handler: Handler, *, ack_wait_s: float = ACK_WAIT_S) -> JobWorker:
+        """A worker that takes `kind` jobs on this connection: `await worker.run()`, `worker.stop()`."""
+        return JobWorker(self.nc, kind, handler, ack_wait_s=ack_wait_s)
+
+    # ------------------------------------------------------------------ logs and buckets
+
+    async def bucket(self, ensure: Callable[[JetStreamContext], Awaitable[KeyValue]]) -> KeyValue:
+        """A KV bucket on this connection, made by `ensure` if missing (`bus.ensure_metrics_bucket`, ...)."""
+        return await ensure(self.js)
+
+    def read_logs(self, subject: str | None = None) -> AsyncIterator[LogRecord]:
+        """Every chat and vote record stored so far (oldest first; `subject` narrows it), then stop."""
+        return logs.read_logs(self.js, subject)
+
+    async def append_log(self, record: ChatLog | VoteLog, msg_id: str) -> None:
+        """Store `record` in the log once per `msg_id`; raises when the bus does not take it."""
+        await logs.append_log(self.js, record, msg_id)
+
+    async def follow_votes(
+        self, on_vote: Callable[[VoteLog], Awaitable[None] | None]
+    ) -> Callable[[], Awaitable[None]]:
+        """Call `on_vote` for every vote, stored and new; returns the coroutine function that stops it."""
+        return await logs.follow_votes(self.js, on_vote)
 
     # ------------------------------------------------------------------ utilities
 

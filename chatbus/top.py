@@ -63,7 +63,7 @@ def render(url: str, nodes: list[NodeInfo], metrics: dict[str, NodeMetrics], rat
 
 async def top(url: str, interval: float, once: bool, out: TextIO) -> int:
     client = await BusClient.connect(url, name="chatbus-top")
-    view = MetricsView(await ensure_metrics_bucket(client.js), client.reconnects)
+    view = MetricsView(await client.bucket(ensure_metrics_bucket), client.reconnects)
     try:
         await view.start()
         if not client.nodes():  # a node may be between heartbeats right after we connect

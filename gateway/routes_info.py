@@ -69,7 +69,7 @@ async def model_detail(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     client, _ = _state(request)
-    connected = client.nc.is_connected
+    connected = client.connected
     nodes = client.nodes() if connected else []
     body = {
         "status": "ok" if connected and nodes else ("no_nodes" if connected else "bus_unavailable"),

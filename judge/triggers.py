@@ -32,7 +32,7 @@ class TriggerStore:
 
     async def kv(self) -> KeyValue:
         if self._kv is None:
-            self._kv = await ensure_triggers_bucket(self.client.js)
+            self._kv = await self.client.bucket(ensure_triggers_bucket)
         return self._kv
 
     async def add(self, spec: EvalSpec, match: str = "*", include_current: bool = False) -> EvalTrigger:

@@ -107,3 +107,21 @@ KNOWN_CYCLES = [{"tui.actions", "tui.answering", "tui.app"}]
 def test_the_import_graph_has_no_new_circle() -> None:
     cycles = _cycles(_module_graph())
     assert sorted(map(sorted, cycles)) == sorted(map(sorted, KNOWN_CYCLES)), cycles
+
+
+CLIENTS = ["gateway", "tui", "webui", "judge", "trainer", "chatbus"]
+
+
+@pytest.mark.parametrize("package", CLIENTS)
+def test_clients_do_not_reach_into_the_bus_connection(package: str) -> None:
+    """`client.nc` / `client.js` belong to BusClient: clients use its methods (connected, max_payload,
+    bucket, read_logs, job_worker, ...)."""
+    bad = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr in ("nc", "js"):
+                owner = node.value
+                name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", "")
+                if name.endswith("client"):
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} reads {name}.{node.attr}")
+    assert not bad, "\n".join(bad)

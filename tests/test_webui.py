@@ -24,7 +24,6 @@ from bus.schemas import ChatMessage
 from bus.schemas_logs import ChatLog, ConvState, VoteLog
 from webui.app import build_root
 from webui.config import Limits, WebConfig
-from webui.logstore import read_log
 from webui.services import Services
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,11 +59,11 @@ async def simulated(services: Services) -> AsyncIterator[User]:
 
 
 async def chat_records(services: Services) -> list[ChatLog]:
-    return [r async for r in read_log(services.client.js) if isinstance(r, ChatLog)]
+    return [r async for r in services.client.read_logs() if isinstance(r, ChatLog)]
 
 
 async def vote_records(services: Services) -> list[VoteLog]:
-    return [r async for r in read_log(services.client.js) if isinstance(r, VoteLog)]
+    return [r async for r in services.client.read_logs() if isinstance(r, VoteLog)]
 
 
 async def test_chat_streams_answer_logs_it_and_survives_reload(services: Services) -> None:

@@ -30,7 +30,6 @@ from procs import eventually, node_process, stop, wait_until
 
 from bus import BusClient
 from bus.schemas_logs import ChatLog, VoteLog
-from webui.logstore import read_log
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -221,7 +220,7 @@ async def page(workdir: Path) -> AsyncIterator[Page]:
 
 
 async def votes(client: BusClient) -> list[VoteLog]:
-    return [r async for r in read_log(client.js) if isinstance(r, VoteLog)]
+    return [r async for r in client.read_logs() if isinstance(r, VoteLog)]
 
 
 async def test_chat_streams_an_answer_from_a_real_model(page: Page, app_url: str) -> None:
@@ -337,7 +336,7 @@ async def test_closing_the_tab_stops_the_answer_on_the_node(
     for _ in range(300):
         logged = [
             r
-            async for r in read_log(client.js)
+            async for r in client.read_logs()
             if isinstance(r, ChatLog) and r.messages[-2].content == prompt and r.finish_reason == "cancelled"
         ]
         if logged:

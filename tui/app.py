@@ -184,8 +184,8 @@ class ChatApp(App[int]):
             return
 
     def _follow_bus(self, client: BusClient) -> None:
-        if client.nc.is_connected != self._connected:
-            self._connected = client.nc.is_connected
+        if client.connected != self._connected:
+            self._connected = client.connected
             if self._connected:
                 self.notice(f"bus is back ({redact(self.url)})")
                 self._fresh_client_wanted = True
@@ -235,7 +235,7 @@ class ChatApp(App[int]):
             )
 
     def _show_status(self, client: BusClient) -> None:
-        if not client.nc.is_connected:
+        if not client.connected:
             self.set_status(f"bus {redact(self.url)} disconnected — reconnecting…", down=True)
             return
         entry = client.models().get(self.conv.model)

@@ -25,7 +25,7 @@ class Services:
         owns = client is None
         client = client or await BusClient.connect(config.nats, name="chatbus-webui")
         try:
-            logs = LogStore(client.js)
+            logs = LogStore(client)
             await logs.start()
         except BaseException:
             if owns:
