@@ -15,6 +15,7 @@ from bus.auth import redact
 from bus.connection import connect
 from bus.errors import BusError
 from bus.logfmt import bind, setup_logging
+from bus.paths import DEFAULT_NATS
 from bus.tokens import creds_in
 from node.engine import Engine
 
@@ -28,7 +29,7 @@ class NodeConfig:
     model: str = "default"
     name: str | None = None
     adapter: str | None = None  # a train job id or a `models/<digest>` artifact
-    nats: str = "nats://127.0.0.1:4222"
+    nats: str = DEFAULT_NATS
     device: str = "auto"
     dtype: str = "auto"
     load_8bit: bool = False

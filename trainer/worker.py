@@ -29,6 +29,7 @@ from bus.codec import encode
 from bus.connection import connect
 from bus.jobs import JobCancelled, JobContext, JobWorker
 from bus.logfmt import setup_logging
+from bus.paths import DEFAULT_NATS
 from trainer.model import DEFAULT_MODEL, base_name
 from trainer.schemas import TrainResult, TrainSpec
 
@@ -40,7 +41,7 @@ EMIT_TIMEOUT_S = 30.0
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    nats: str = "nats://127.0.0.1:4222"
+    nats: str = DEFAULT_NATS
     cache_dir: Path = Path(".cache/chatbus/models")
     work_dir: Path | None = None  # where jobs write their outputs before upload (default: a temp dir)
     ack_wait_s: float = 30.0
