@@ -11,12 +11,18 @@ from pathlib import Path
 
 from nats.errors import TimeoutError as NatsTimeout
 
-from bus.auth import local_url, redact
-from bus.client import BusClient
-from bus.connection import connect
-from bus.errors import BusError
-from bus.paths import add_nats_option, default_cache_dir, default_state_dir, resolve_nats
-from bus.setup import prepare_bus
+from bus import (
+    BusClient,
+    BusError,
+    add_nats_option,
+    connect,
+    default_cache_dir,
+    default_state_dir,
+    local_url,
+    prepare_bus,
+    redact,
+    resolve_nats,
+)
 
 __all__ = ["main"]
 

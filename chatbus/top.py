@@ -9,10 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from bus import BusClient, NodeInfo
-from bus.auth import redact
-from bus.operations import MetricsView, ensure_metrics_bucket
-from bus.schemas_metrics import NodeMetrics
+from bus import BusClient, MetricsView, NodeInfo, NodeMetrics, ensure_metrics_bucket, redact
 
 __all__ = ["add_parser", "render", "run_top"]
 

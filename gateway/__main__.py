@@ -11,9 +11,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from bus.errors import BusUnavailable
-from bus.logfmt import setup_logging
-from bus.paths import resolve_nats
+from bus import BusUnavailable, resolve_nats, setup_logging
 from gateway.main import config_from, parser, serve
 
 

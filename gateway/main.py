@@ -8,9 +8,7 @@ import logging
 
 import uvicorn
 
-from bus import BusClient
-from bus.auth import redact
-from bus.paths import add_nats_option
+from bus import BusClient, add_nats_option, redact
 from gateway.app import build_app
 from gateway.config import GatewayConfig
 

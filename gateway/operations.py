@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 import anyio
 from starlette.requests import Request
 
-from bus import BusClient, ChatStream
-from bus.errors import BusUnavailable
-from bus.operations import (
+from bus import (
+    BusClient,
+    BusUnavailable,
+    ChatStream,
     MetricsView,
     ensure_keys_bucket,
     ensure_limits_bucket,

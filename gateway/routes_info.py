@@ -10,8 +10,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bus import BusClient, ModelEntry, ModelNotFound
-from bus.schemas import EmbedRequest
+from bus import BusClient, EmbedRequest, ModelEntry, ModelNotFound
 from gateway.config import GatewayConfig
 from gateway.errors import ApiError
 from gateway.http import check_bus, check_payload, json_response, read_body

@@ -9,9 +9,7 @@ import os
 import signal
 import sys
 
-from bus.errors import BusUnavailable
-from bus.logfmt import setup_logging
-from bus.paths import add_nats_option, resolve_nats
+from bus import BusUnavailable, add_nats_option, resolve_nats, setup_logging
 from judge.worker import WorkerConfig, serve
 
 

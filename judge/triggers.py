@@ -12,9 +12,7 @@ import uuid
 import msgspec
 from nats.js.kv import KeyValue
 
-from bus.client import BusClient
-from bus.connection import ensure_triggers_bucket
-from bus.jobs import Jobs
+from bus import BusClient, Jobs, ensure_triggers_bucket
 from judge.schemas import EvalSpec, EvalTrigger
 
 __all__ = ["TriggerStore", "TriggerWatcher", "spec_for"]

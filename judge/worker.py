@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from bus.auth import redact
-from bus.client import BusClient
-from bus.jobs import JobContext, Jobs
+from bus import BusClient, JobContext, Jobs, redact
 from judge.answers import answer_key, answer_turns, generate_answers
 from judge.backends import make_judge
 from judge.judging import Judging, pairwise_key, run_bounded, single_key

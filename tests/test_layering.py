@@ -125,3 +125,41 @@ def test_clients_do_not_reach_into_the_bus_connection(package: str) -> None:
                 if name.endswith("client"):
                     bad.append(f"{path.relative_to(ROOT)}:{node.lineno} reads {name}.{node.attr}")
     assert not bad, "\n".join(bad)
+
+
+def _front_door() -> set[str]:
+    """`bus.__all__`, read from bus/__init__.py."""
+    tree = ast.parse((ROOT / "bus" / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    raise AssertionError("bus/__init__.py has no __all__")
+
+
+@pytest.mark.parametrize("package", CLIENTS)
+def test_clients_import_the_bus_only_through_its_front_door(package: str) -> None:
+    """`from bus import X` with X in `bus.__all__`; the modules behind it are not API."""
+    exported = _front_door()
+    bad = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Import):
+                bad += [f"{where} imports {a.name}" for a in node.names if a.name.startswith("bus.")]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module.startswith("bus."):
+                    bad.append(f"{where} imports from {node.module}")
+                elif node.module == "bus":
+                    bad += [
+                        f"{where} imports bus.{a.name}, not exported"
+                        for a in node.names
+                        if a.name not in exported
+                    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_front_door_exports_what_it_names() -> None:
+    import bus
+
+    assert set(bus.__all__) == _front_door() and len(bus.__all__) == len(set(bus.__all__))
+    assert all(hasattr(bus, name) for name in bus.__all__)

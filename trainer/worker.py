@@ -23,13 +23,18 @@ from typing import Any
 
 import msgspec
 
-from bus.artifacts import ArtifactInfo, write_info
-from bus.auth import redact
-from bus.codec import encode
-from bus.connection import connect
-from bus.jobs import JobCancelled, JobContext, JobWorker
-from bus.logfmt import setup_logging
-from bus.paths import DEFAULT_NATS
+from bus import (
+    DEFAULT_NATS,
+    ArtifactInfo,
+    JobCancelled,
+    JobContext,
+    JobWorker,
+    connect,
+    encode,
+    redact,
+    setup_logging,
+    write_info,
+)
 from trainer.model import DEFAULT_MODEL, base_name
 from trainer.schemas import TrainResult, TrainSpec
 

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from bus.paths import add_nats_option, resolve_nats
+from bus import add_nats_option, resolve_nats
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -16,11 +16,7 @@ from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Select, Static, TextArea
 from textual.worker import Worker
 
-from bus.auth import redact
-from bus.client import BusClient
-from bus.errors import BusUnavailable
-from bus.nodes import ModelEntry
-from bus.stream import ChatStream
+from bus import BusClient, BusUnavailable, ChatStream, ModelEntry, redact
 from tui import inchat
 from tui.actions import run_command
 from tui.answering import stream_answer

@@ -9,8 +9,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from bus.logfmt import setup_logging
-from bus.paths import add_nats_option, resolve_nats
+from bus import add_nats_option, resolve_nats, setup_logging
 from webui.config import Limits, WebConfig
 
 

@@ -38,9 +38,7 @@ def _export(args: argparse.Namespace, url: str) -> int:
 
 async def fetch(url: str, only: str | None = None) -> list[Any]:
     """Every record in the log (or only answers / only votes), oldest first."""
-    from bus import subjects
-    from bus.connection import connect
-    from bus.logs import read_logs
+    from bus import connect, read_logs, subjects
 
     subject = {"chat": subjects.log_chat(), "vote": subjects.log_vote()}.get(only or "")
     nc = await connect(url, name="chatbus-export-logs")

@@ -13,8 +13,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from bus import BusClient
-from bus.schemas_logs import BATTLE_VOTES, ChatLog, VoteLog
+from bus import BATTLE_VOTES, BusClient, ChatLog, VoteLog
 from webui.ratings import Battle, battle_from_vote, dedupe_prompts
 
 __all__ = ["LogStore"]
