@@ -109,12 +109,13 @@ async def test_streams_and_buckets_get_a_replica_per_server(
         await ensure_stream(js, StreamConfig(name="CB_OLD", subjects=["cbold.>"]))
         await prepare_bus(nc)  # every stream and bucket, as `chatbus up` makes them
         for stream in [*CHATBUS_STREAMS, "CB_OLD"]:
-            for _ in range(50):  # a raised stream gets its new peers a moment later
+
+            async def three_peers(stream: str = stream) -> bool:
                 replicas, peers, _ = await replica_sets(cluster.urls, stream)
-                if len(peers) == 3:
-                    break
-                await asyncio.sleep(0.1)
-            assert replicas == 3 and len(peers) == 3, (stream, peers)
+                return replicas == 3 and len(peers) == 3
+
+            # a raised stream gets its new peers a moment later
+            await eventually(three_peers, 10, what=f"{stream} on 3 peers")
         # A client that sees one server (a laptop through a leafnode) never shrinks a stream.
         monkeypatch.setattr("bus.connection.cluster_size", lambda nc: 1)
         await ensure_stream(js, StreamConfig(name="CB_OLD", subjects=["cbold.>"], max_msgs=10))
@@ -157,12 +158,12 @@ async def test_killing_a_server_loses_nothing(cluster: LocalCluster) -> None:
             victim.start()
             await victim.wait_jetstream()
             for name in CHATBUS_STREAMS:
-                for _ in range(100):
-                    _, peers, current = await replica_sets(cluster.urls, name)
-                    if victim.name in current and len(current) == 3:
-                        break
-                    await asyncio.sleep(0.2)
-                assert victim.name in current and len(current) == 3, (name, peers, current)
+
+                async def caught_up(name: str = name) -> bool:
+                    _, _, current = await replica_sets(cluster.urls, name)
+                    return victim.name in current and len(current) == 3
+
+                await eventually(caught_up, 20, what=f"{victim.name} current on {name}")
             # And serves: a client that knows only it chats with the node on another member.
             alone = await BusClient.connect(victim.url, name="rejoined")
             try:

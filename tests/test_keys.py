@@ -294,14 +294,13 @@ async def test_each_role_does_its_part_and_no_more(secured: dict[str, str]) -> N
         finally:
             await ops.stop()
             await client.close()
-        out = io.StringIO()
-        for _ in range(50):  # the node puts its first snapshot within a second
+
+        async def top_shows_the_node() -> bool:  # the node puts its first snapshot within a second
             out = io.StringIO()
             await top(urls["ui"], 0, True, out)
-            if node.node_id in out.getvalue() and "echo-secured" in out.getvalue():
-                break
-            await asyncio.sleep(0.1)
-        assert node.node_id in out.getvalue()
+            return node.node_id in out.getvalue() and "echo-secured" in out.getvalue()
+
+        await eventually(top_shows_the_node, what="the node in `chatbus top`")
     for role, subject in [
         ("gateway", "$KV.cb_keys.forged"),
         ("ui", "$KV.cb_keys.forged"),
