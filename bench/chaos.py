@@ -32,19 +32,19 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]  # tests/cluster.py launches clusters
 
 from chaos_load import PROMPTS, Load, Result, Spec, hostile  # noqa: E402
 from chaos_parts import SoakJob  # noqa: E402
+from cluster import LocalCluster  # noqa: E402
 
 from bus import BusClient  # noqa: E402
-from bus.cluster import LocalCluster  # noqa: E402
 from bus.connection import connect  # noqa: E402
 from bus.jobs import Jobs  # noqa: E402
 from bus.schemas import ChatMessage  # noqa: E402
 from bus.schemas_logs import ChatLog, ConvState, VoteLog  # noqa: E402
 from bus.server import free_port, stop_process_group  # noqa: E402
-from webui.logstore import LogStore, read_log  # noqa: E402
+from webui.logstore import LogStore  # noqa: E402
 
 FAULTS = ["node-kill", "node-stop", "gateway-kill", "nats-kill", "node-term", "worker-kill"]
 
@@ -186,8 +186,8 @@ async def faults(system: System, stop_at: float, every: float, log: list[str]) -
 async def logs_and_votes(url: str, stop_at: float, tally: Counter[str]) -> None:
     """Append a chat log and a vote every 0.5 s through the web app's LogStore, then count what the
     stream holds (duplicates too: a retried append must be stored once)."""
-    nc = await connect(url, name="chaos-logs")
-    store = LogStore(nc.jetstream())
+    client = await BusClient.connect(url, name="chaos-logs")
+    store = LogStore(client)
     await store.start()
     run = f"chaos-{os.getpid()}-{int(time.time())}"
     try:
@@ -207,7 +207,7 @@ async def logs_and_votes(url: str, stop_at: float, tally: Counter[str]) -> None:
         while store.pending and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
         seen: Counter[tuple[str, str]] = Counter()
-        async for record in read_log(nc.jetstream()):
+        async for record in client.read_logs():
             conv = record.conv_id if isinstance(record, ChatLog) else record.states[0].conv_id
             if conv.startswith(run):
                 seen[(type(record).__name__, conv)] += 1
@@ -216,7 +216,7 @@ async def logs_and_votes(url: str, stop_at: float, tally: Counter[str]) -> None:
         tally["logs+votes stored twice"] = sum(1 for v in seen.values() if v > 1)
     finally:
         await store.stop()
-        await nc.close()
+        await client.close()
 
 
 async def jobs_through(url: str, stop_at: float, every: float, tally: Counter[str]) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,23 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import BucketNotFoundError
 
 from bus.auth import redact
+from bus.codec import decode, encode
 from bus.connection import connect
 from bus.errors import BadRequest
 from bus.jobs import Jobs
+from bus.schemas_jobs import ArtifactInfo
 
-__all__ = ["describe", "fetch_adapter", "fetch_with", "resolve_artifact"]
+__all__ = [
+    "INFO_FILE",
+    "ArtifactInfo",
+    "describe",
+    "fetch_adapter",
+    "fetch_with",
+    "resolve_artifact",
+    "write_info",
+]
+
+INFO_FILE = "chatbus.json"  # in every stored model dir: its ArtifactInfo
 
 
 async def resolve_artifact(jobs: Jobs, ref: str) -> str:
@@ -46,7 +57,7 @@ async def fetch_with(jobs: Jobs, ref: str, dest: Path) -> Path:
     """Download and unpack into `dest/<digest>` (skipped when already there); returns that dir."""
     name = await resolve_artifact(jobs, ref)
     target = Path(dest) / name.replace("/", "-")
-    if (target / "chatbus.json").is_file():
+    if (target / INFO_FILE).is_file():
         return target
     data = await jobs.get_artifact(name)
 
@@ -62,8 +73,8 @@ async def fetch_with(jobs: Jobs, ref: str, dest: Path) -> Path:
 
 
 async def fetch_adapter(nats_url: str, ref: str, dest: Path) -> Path:
-    """`ref` is a train job id or an artifact name. The dir holds `chatbus.json` ({name, base, method,
-    job_id}), the tokenizer, and either a peft adapter (`adapter_config.json`) or full model weights."""
+    """`ref` is a train job id or an artifact name. The dir holds `chatbus.json` (an ArtifactInfo),
+    the tokenizer, and either a peft adapter (`adapter_config.json`) or full model weights."""
     nc = await connect(nats_url, name="chatbus-fetch")
     try:
         try:
@@ -82,7 +93,11 @@ async def fetch_adapter(nats_url: str, ref: str, dest: Path) -> Path:
         await nc.close()
 
 
-def describe(path: Path) -> dict[str, Any]:
-    """The `chatbus.json` a fetched dir carries (name to serve it under, base, method, job id)."""
-    result: dict[str, Any] = json.loads((Path(path) / "chatbus.json").read_text())
-    return result
+def describe(path: Path) -> ArtifactInfo:
+    """The `chatbus.json` a model dir carries (name to serve it under, base, method, job id)."""
+    return decode((Path(path) / INFO_FILE).read_bytes(), ArtifactInfo)
+
+
+def write_info(path: Path, info: ArtifactInfo) -> None:
+    """Write `chatbus.json` into a model dir (the trainer, before it stores the dir)."""
+    (Path(path) / INFO_FILE).write_bytes(encode(info))

@@ -8,16 +8,17 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from bus import subjects
+from bus import logs, subjects
 from bus.codec import decode, encode
 from bus.connection import (
     connect,
@@ -25,7 +26,7 @@ from bus.connection import (
     ensure_resume_bucket,
 )
 from bus.errors import BusUnavailable, ModelNotFound, NodeTimeout, error_for
-from bus.jobs import Jobs
+from bus.jobs import ACK_WAIT_S, Handler, Jobs, JobWorker
 from bus.nodes import ModelEntry, NodeTable
 from bus.prefixes import prefix_hashes
 from bus.schemas import (
@@ -43,6 +44,7 @@ from bus.schemas import (
     ToolSpec,
 )
 from bus.schemas_jobs import JobEvent, JobKind
+from bus.schemas_logs import ChatLog, LogRecord, VoteLog
 from bus.stream import Attempt, ChatStream, new_request_id
 
 __all__ = ["BusClient"]
@@ -287,38 +289,64 @@ class BusClient:
         async for event in (await self.jobs()).events(job_id, follow=follow):
             yield event
 
+    def job_worker(self, kind: JobKind, handler: Handler, *, ack_wait_s: float = ACK_WAIT_S) -> JobWorker:
+        """A worker that takes `kind` jobs on this connection: `await worker.run()`, `worker.stop()`."""
+        return JobWorker(self.nc, kind, handler, ack_wait_s=ack_wait_s)
+
+    # ------------------------------------------------------------------ logs and buckets
+
+    async def bucket(self, ensure: Callable[[JetStreamContext], Awaitable[KeyValue]]) -> KeyValue:
+        """A KV bucket on this connection, made by `ensure` if missing (`bus.ensure_metrics_bucket`, ...)."""
+        return await ensure(self.js)
+
+    def read_logs(self, subject: str | None = None) -> AsyncIterator[LogRecord]:
+        """Every chat and vote record stored so far (oldest first; `subject` narrows it), then stop."""
+        return logs.read_logs(self.js, subject)
+
+    async def append_log(self, record: ChatLog | VoteLog, msg_id: str) -> None:
+        """Store `record` in the log once per `msg_id`; raises when the bus does not take it."""
+        await logs.append_log(self.js, record, msg_id)
+
+    async def follow_votes(
+        self, on_vote: Callable[[VoteLog], Awaitable[None] | None]
+    ) -> Callable[[], Awaitable[None]]:
+        """Call `on_vote` for every vote, stored and new; returns the coroutine function that stops it."""
+        return await logs.follow_votes(self.js, on_vote)
+
     # ------------------------------------------------------------------ utilities
 
     async def count_tokens(
         self, model: str, *, messages: list[ChatMessage] | None = None, prompt: str | None = None
     ) -> CountReply:
-        reply = await self._ask(
-            subjects.count(model), model, CountRequest(model=model, messages=messages, prompt=prompt)
-        )
-        return decode(reply, CountReply)
+        request = CountRequest(model=model, messages=messages, prompt=prompt)
+        reply: CountReply = await self._ask(subjects.count(model), model, request, CountReply | Rejected)
+        return reply
 
     async def embed(self, model: str, inputs: list[str]) -> EmbedReply:
-        reply = await self._ask(subjects.embed(model), model, EmbedRequest(model=model, inputs=inputs))
-        return decode(reply, EmbedReply)
+        request = EmbedRequest(model=model, inputs=inputs)
+        reply: EmbedReply = await self._ask(subjects.embed(model), model, request, EmbedReply | Rejected)
+        return reply
 
-    async def _ask(self, subject: str, model: str, message: CountRequest | EmbedRequest) -> bytes:
+    async def _ask(self, subject: str, model: str, message: CountRequest | EmbedRequest, answer: Any) -> Any:
+        """One request/reply to any node of `model`; `answer` is the reply type's union with `Rejected`."""
         try:
             msg = await self.nc.request(subject, encode(message), timeout=self.accept_timeout_s * 3)
         except NoRespondersError:
             raise ModelNotFound(model, list(self.models())) from None
         except NatsTimeout:
             raise NodeTimeout(f"no node answered for model {model!r}") from None
-        if msg.data.startswith(b'{"type":"gen.rejected"'):
-            rejected = decode(msg.data, Rejected)
-            raise error_for(rejected.code, rejected.message)
-        return bytes(msg.data)
+        reply = decode(msg.data, answer)
+        if isinstance(reply, Rejected):
+            raise error_for(reply.code, reply.message)
+        return reply
 
     # ------------------------------------------------------------------ keep-alive
 
-    def _register(self, stream: ChatStream) -> None:
+    def track(self, stream: ChatStream) -> None:
+        """Send keep-alives for `stream`'s current attempt (ChatStream calls this when it follows one)."""
         self._active[stream.attempt_request_id] = stream
 
-    def _unregister(self, stream: ChatStream) -> None:
+    def untrack(self, stream: ChatStream) -> None:
         self._active.pop(stream.attempt_request_id, None)
 
     async def _keepalive_loop(self) -> None:

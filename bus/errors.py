@@ -14,6 +14,8 @@ __all__ = [
     "ContextLengthExceeded",
     "GenerationFailed",
     "InvalidName",
+    "JobCancelled",
+    "ModelLoadError",
     "ModelNotFound",
     "NoNodeAvailable",
     "NodeBusy",
@@ -24,6 +26,8 @@ __all__ = [
 
 
 class Code(str, Enum):
+    """The wire code of an error: what `Failed.code` and `Rejected.code` carry."""
+
     BAD_REQUEST = "bad_request"
     CONTEXT_LENGTH = "context_length_exceeded"
     MODEL_NOT_FOUND = "model_not_found"
@@ -40,7 +44,10 @@ class Code(str, Enum):
 
 
 class BusError(Exception):
-    """Base of every chatbus error; `code` is what goes on the wire."""
+    """Base of every chatbus error; `code` is what goes on the wire (`Failed.code`, `Rejected.code`).
+
+    Catch this to handle any chatbus failure; the message is one line meant for the user.
+    """
 
     code: Code = Code.INTERNAL
 
@@ -50,15 +57,30 @@ class BusError(Exception):
 
 
 class BadMessage(BusError):
+    """Bytes on the bus did not decode as the expected message, or carry a newer wire version.
+
+    Raised by `bus.codec.decode`; the sender runs another chatbus release or is not chatbus at all:
+    upgrade the older side (the message says which version each speaks).
+    """
+
     code = Code.BAD_REQUEST
 
 
 class BadRequest(BusError):
+    """A request no node could honour as asked (a parameter out of range, an empty prompt, ...).
+
+    Raised by a node (it travels back as `Rejected`) or by a client before sending; the message names
+    the field: fix that field and send again. The gateway answers it with HTTP 400.
+    """
+
     code = Code.BAD_REQUEST
 
 
 class InvalidName(BadRequest, ValueError):
-    """A name that cannot go on the bus (empty, too long, control characters); `field` says which."""
+    """A name that cannot go on the bus (empty, too long, control characters); `field` says which.
+
+    Raised by `bus.subjects.check_name` before a name becomes a subject token: choose another name.
+    """
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
@@ -66,16 +88,26 @@ class InvalidName(BadRequest, ValueError):
 
 
 class ContextLengthExceeded(BadRequest):
+    """The prompt plus `max_tokens` does not fit the model's context: shorten the prompt or ask for fewer tokens."""
+
     code = Code.CONTEXT_LENGTH
 
 
 class Unsupported(BadRequest):
-    """A request this node cannot honour as asked (an unknown constraint kind or version, ...)."""
+    """A request this node cannot honour as asked (an unknown constraint kind or version, ...).
+
+    Raised by a node; send it to a node that supports the feature, or drop the feature from the request.
+    """
 
     code = Code.UNSUPPORTED
 
 
 class ModelNotFound(BusError):
+    """No node on the bus serves `model`; the message lists what is served.
+
+    Raised by `BusClient` when routing; start a node with that model or pick one of `served`.
+    """
+
     code = Code.MODEL_NOT_FOUND
 
     def __init__(self, model: str, served: list[str]) -> None:
@@ -87,6 +119,11 @@ class ModelNotFound(BusError):
 
 
 class NodeBusy(BusError):
+    """Every node that serves the model refused the request for capacity.
+
+    Raised by `BusClient` after its retries; wait `retry_after_s` and try again, or start another node.
+    """
+
     code = Code.BUSY
 
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
@@ -95,23 +132,62 @@ class NodeBusy(BusError):
 
 
 class NoNodeAvailable(BusError):
+    """The model is known but no live node could take the request (all gone or unreachable).
+
+    Raised by `BusClient` when routing or failing over; check that a node for the model is running.
+    """
+
     code = Code.NO_NODE
 
 
 class NodeTimeout(BusError):
+    """A node did not answer (accept, reply or the next token) within its deadline.
+
+    Raised by `BusClient`; the node may be overloaded or gone: retry, or raise the timeout.
+    """
+
     code = Code.TIMEOUT
 
 
 class Cancelled(BusError):
+    """The generation was cancelled on its node before it finished (by the asker, or a node shutting down).
+
+    Nothing to fix when the asker cancelled; otherwise retry.
+    """
+
     code = Code.CANCELLED
 
 
+class JobCancelled(Cancelled):
+    """Raised inside a job handler (by `JobContext.check_cancelled`) when the job was cancelled or its
+    worker is stopping; the handler lets it propagate and `JobWorker` records or hands back the job."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} was cancelled")
+        self.job_id = job_id
+
+
 class BusUnavailable(BusError):
+    """The NATS server cannot be reached (or refused the credential).
+
+    Raised by `bus.connect` and by `BusClient` calls; start the bus (`chatbus up`) or check `--nats`.
+    """
+
     code = Code.BUS_UNAVAILABLE
 
 
+class ModelLoadError(BusError):
+    """A model (or a training base) could not be loaded; raised by `node.loader` at startup.
+
+    The message is one line saying what to do instead (another dtype, a quantization extra, a path).
+    """
+
+
 class GenerationFailed(BusError):
-    """A node reported `Failed` (or vanished) and no failover could finish the answer."""
+    """A node reported `Failed` (or vanished) and no failover could finish the answer.
+
+    `code` is the node's wire code; the message is the node's. Retry, or read the node's log.
+    """
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)

@@ -42,7 +42,7 @@ from nats.js.object_store import ObjectStore
 from bus import subjects
 from bus.codec import decode, encode
 from bus.connection import ensure_bucket, ensure_object_store, ensure_stream
-from bus.errors import BadRequest
+from bus.errors import BadRequest, JobCancelled
 from bus.schemas_jobs import TERMINAL_STATES, JobEvent, JobKind, JobRecord, JobState, JobSubmit
 
 __all__ = ["JobCancelled", "JobContext", "JobWorker", "Jobs"]
@@ -72,10 +72,6 @@ async def _through_elections(call: Callable[[], Awaitable[T]]) -> T:
                 raise
             log.info("job bookkeeping: %r; retrying", e)
             await asyncio.sleep(0.5)
-
-
-class JobCancelled(Exception):
-    """Raised inside a handler (by `JobContext.check_cancelled`) when the job was cancelled."""
 
 
 async def ensure_job_streams(js: JetStreamContext) -> None:
@@ -124,6 +120,13 @@ class Jobs:
         self._kv = await self.js.key_value(subjects.JOBS_BUCKET)
         self._obs = await self.js.object_store(subjects.ARTIFACTS_BUCKET)
         return self
+
+    @property
+    def records(self) -> KeyValue:
+        """The job records' KV bucket (after start or attach), for a live view such as `KVMirror`."""
+        if self._kv is None:
+            raise RuntimeError("Jobs.records before start() or attach()")
+        return self._kv
 
     # ------------------------------------------------------------------ submit / follow
 

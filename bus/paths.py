@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = [
+    "DEFAULT_NATS",
+    "add_nats_option",
     "default_cache_dir",
     "default_state_dir",
     "private_dir",
     "read_nats_url",
+    "resolve_nats",
     "write_nats_url",
     "write_private",
 ]
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
+
+
+def add_nats_option(parser: argparse.ArgumentParser, help: str = "") -> None:
+    """The one `--nats` flag every command declares; `resolve_nats` turns it into the URL."""
+    parser.add_argument(
+        "--nats", default=None, help=help or f"NATS URL (default: $CHATBUS_NATS, else {DEFAULT_NATS})"
+    )
+
+
+def resolve_nats(flag: str | None, environ: Mapping[str, str], state_dir: Path | None = None) -> str:
+    """The bus a command joins: `--nats`, else $CHATBUS_NATS, else (given `state_dir`) the one a running
+    `chatbus up` recorded there, else the default port. Each `__main__` passes its environment."""
+    recorded = read_nats_url(state_dir) if state_dir is not None else None
+    return flag or environ.get("CHATBUS_NATS") or recorded or DEFAULT_NATS
 
 
 def default_state_dir() -> Path:

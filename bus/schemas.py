@@ -18,6 +18,7 @@ __all__ = [
     "PENALTY_RANGE",
     "SEED_RANGE",
     "TEMPERATURE_RANGE",
+    "WIRE_VERSION",
     "Accepted",
     "Cancel",
     "ChatMessage",
@@ -51,8 +52,11 @@ class _Wire(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Base of every message: frozen, keyword-only, compact on the wire."""
 
 
+WIRE_VERSION = 1  # the newest message version this release speaks; bus/codec.py rejects newer ones
+
+
 class _Tagged(_Wire, frozen=True, kw_only=True, tag_field="type"):
-    v: int = 1
+    v: int = WIRE_VERSION
 
 
 # ----------------------------------------------------------------------------- generation

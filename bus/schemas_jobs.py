@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 import msgspec
 
-from bus.schemas import _Tagged
+from bus.schemas import _Tagged, _Wire
 
-__all__ = ["TERMINAL_STATES", "JobEvent", "JobKind", "JobRecord", "JobState", "JobSubmit"]
+__all__ = ["TERMINAL_STATES", "ArtifactInfo", "JobEvent", "JobKind", "JobRecord", "JobState", "JobSubmit"]
 
 JobKind = Literal["train", "eval"]
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -63,3 +63,13 @@ class JobRecord(_Tagged, frozen=True, kw_only=True, tag="job.record"):
     artifacts: list[str] = msgspec.field(default_factory=list)
     result: Any = None  # decode with msgspec.convert(result, YourResultType)
     attempt: int = 0
+
+
+class ArtifactInfo(_Wire, frozen=True, kw_only=True):
+    """`chatbus.json`, what a stored model dir says about itself: the trainer writes it, a node reads it
+    (both through bus/artifacts.py) to know the name to serve it under and the base it applies to."""
+
+    name: str
+    base: str = ""  # the base model the adapter applies to ("", "default" or a dir or hub id)
+    method: str = "lora"  # lora | qlora | full (full: the dir holds whole model weights)
+    job_id: str = ""  # the train job that made it

@@ -30,19 +30,14 @@ from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from bus import subjects
 from bus.codec import decode, encode
-from bus.connection import HEARTBEAT_S, TOKENS_MAX_AGE_S
+from bus.connection import TOKENS_MAX_AGE_S
+from bus.dispatch import StreamHost, dispatch
 from bus.errors import (
     BadMessage,
     BadRequest,
     BusError,
     BusUnavailable,
     Code,
-    GenerationFailed,
-    ModelNotFound,
-    NodeBusy,
-    NodeTimeout,
-    NoNodeAvailable,
-    error_for,
 )
 from bus.probe import Verdict, probe
 from bus.schemas import (
@@ -51,19 +46,14 @@ from bus.schemas import (
     Chunk,
     Done,
     Failed,
-    GenerateReply,
     GenerateRequest,
     KeepAlive,
-    Rejected,
     StreamEvent,
     Usage,
 )
 
 if TYPE_CHECKING:
-    from nats.aio.msg import Msg
     from nats.js.client import JetStreamContext
-
-    from bus.client import BusClient
 
 __all__ = ["Attempt", "ChatStream", "new_request_id"]
 
@@ -96,7 +86,7 @@ class ChatStream(AsyncIterator[StreamEvent]):
     """`await start()` raises typed errors before any event (handy for HTTP status codes);
     iterating starts it implicitly. `aclose()` cancels an unfinished generation on the node."""
 
-    def __init__(self, client: BusClient, request: GenerateRequest, max_failovers: int) -> None:
+    def __init__(self, client: StreamHost, request: GenerateRequest, max_failovers: int) -> None:
         self._client = client
         self.request = request
         self.request_id = request.request_id
@@ -127,7 +117,7 @@ class ChatStream(AsyncIterator[StreamEvent]):
     @classmethod
     def resuming(
         cls,
-        client: BusClient,
+        client: StreamHost,
         request: GenerateRequest,
         max_failovers: int,
         attempts: list[Attempt],
@@ -177,111 +167,16 @@ class ChatStream(AsyncIterator[StreamEvent]):
             raise
 
     async def _dispatch(self, request: GenerateRequest, exclude: set[str], *, failover: bool = False) -> None:
-        """Find a node that accepts `request` and subscribe to its token stream.
-
-        `failover=True` skips the queue group (any node, even one we no longer hear from: a failover
-        must not land on the hung node it is fleeing, which still holds its subscriptions), and a
-        node that does not answer within a few heartbeats (hung too, not yet expired from the node
-        table) is passed over instead of ending the answer.
-        """
-        table = self._client.table
-        for value, what in ((request.model, "model"), (request.request_id, "request_id")):
-            subjects.check_name(value, what)  # before anything goes on the wire
-        if not self._client.connected:
-            raise BusUnavailable(
-                "the NATS server is unreachable right now; chatbus reconnects by itself, retry shortly"
-            )
-        payload = encode(request)
-        if len(payload) > self._client.max_payload:
-            raise BadRequest(
-                f"the request encodes to {len(payload)} bytes, over the {self._client.max_payload} bytes "
-                f"one NATS message may carry (server max_payload); shorten the prompt"
-            )
-        busy: NodeBusy | None = None
-        silent: NodeTimeout | None = None
-        timeout = (
-            min(self._client.accept_timeout_s, 2 * HEARTBEAT_S) if failover else self._client.accept_timeout_s
+        """Find a node that accepts `request` (bus/dispatch.py) and follow its token stream."""
+        sent, accepted = await dispatch(
+            self._client,
+            request,
+            exclude,
+            failover=failover,
+            stream_id=self.request.request_id,
+            abandoned=self._cancelled,
         )
-        targets = [
-            (n.node_id, subjects.gen_node(request.model, n.node_id))
-            for n in table.candidates(request.model, exclude, self._client.prefixes_for(request))
-        ]
-        if not failover:  # last, the queue group: any node we have not heard of yet
-            targets.append(("", subjects.gen(request.model)))
-        for node_id, subject in targets:
-            table.note_dispatch(node_id, +1)  # before the request, so a concurrent burst spreads out
-            # A named node admits from its event loop within milliseconds, even when busy: one
-            # that does not within a couple of probe timeouts hangs, and the next one is asked.
-            wait = min(timeout, 2 * self._client.probe_timeout_s) if node_id else timeout
-            try:
-                msg = await self._request(subject, payload, wait)
-            except NoRespondersError:
-                table.note_dispatch(node_id, -1)
-                continue
-            except NatsTimeout:
-                table.note_dispatch(node_id, -1)
-                silent = NodeTimeout(f"no node answered for model {request.model!r} within {wait:.0f}s")
-                if node_id:  # it may wake up and take this id: the next node gets a fresh one
-                    request = await self._abandon(node_id, request)
-                    payload = encode(request)
-                if node_id or failover:
-                    continue
-                raise silent from None
-            try:
-                reply: Accepted | Rejected = decode(msg.data, GenerateReply)
-            except BadMessage as e:
-                table.note_dispatch(node_id, -1)
-                raise GenerationFailed(
-                    Code.INTERNAL.value, f"a node answered {subject} with an unreadable reply: {e}"
-                ) from None
-            if isinstance(reply, Rejected):
-                table.note_dispatch(node_id, -1)
-                if reply.code == Code.BUSY.value:
-                    busy = NodeBusy(reply.message, reply.retry_after_s or 1.0)
-                    exclude.add(reply.node_id)
-                    continue
-                raise error_for(reply.code, reply.message)
-            await self._accepted(request, reply)
-            return
-        error = busy or silent
-        if error is not None:
-            raise error
-        served = list(table.models())
-        if request.model in served or failover:
-            raise NoNodeAvailable(
-                f"every node serving {request.model!r} is gone or draining; try again shortly"
-            )
-        raise ModelNotFound(request.model, served)
-
-    async def _abandon(self, node_id: str, request: GenerateRequest) -> GenerateRequest:
-        """`request` under a fresh attempt id, after `node_id` did not answer it: two nodes must
-        never write one token stream. The silent node is told to cancel, for when it wakes up."""
-        self._cancelled.add(request.request_id)
-        with contextlib.suppress(Exception):
-            await self._client.nc.publish(
-                subjects.ctl(node_id), encode(Cancel(request_id=request.request_id))
-            )
-        base = self.request.request_id[: subjects.MAX_NAME_BYTES // 2]
-        return msgspec.structs.replace(request, request_id=f"{base}-s{secrets.token_hex(3)}")
-
-    async def _request(self, subject: str, payload: bytes, timeout: float) -> Msg:
-        """One core request, sent again at once if the connection is re-established meanwhile (what
-        was in flight is lost then; a node takes a repeated request id as the same request). Only
-        once: a request that loses the connection twice may be what the server closes it for."""
-        deadline = time.monotonic() + timeout
-        for _ in range(2):
-            reconnects = self._client.reconnects()
-            left = max(0.01, deadline - time.monotonic())
-            request = asyncio.ensure_future(self._client.nc.request(subject, payload, timeout=left))
-            while not request.done() and self._client.reconnects() == reconnects:
-                await asyncio.wait({request}, timeout=0.2)
-            if request.done():
-                return request.result()
-            request.cancel()
-            with contextlib.suppress(BaseException):
-                await request
-            log.info("connection re-established during a request to %s: sending it again", subject)
-        raise BusUnavailable(f"the NATS connection dropped twice while asking {subject[:80]}; retry shortly")
+        await self._accepted(sent, accepted)
 
     async def _accepted(self, request: GenerateRequest, reply: Accepted) -> None:
         self.node_id = reply.node_id
@@ -297,7 +192,7 @@ class ChatStream(AsyncIterator[StreamEvent]):
         self._forgot = False
         self._last_event_at = time.monotonic()
         await self._subscribe()
-        self._client._register(self)
+        self._client.track(self)
 
     async def _subscribe(self) -> None:
         """(Re)subscribe to this attempt's token stream from its start; seen events are skipped."""
@@ -548,7 +443,7 @@ class ChatStream(AsyncIterator[StreamEvent]):
     # ------------------------------------------------------------------ ending
 
     async def _drop_subscription(self) -> None:
-        self._client._unregister(self)
+        self._client.untrack(self)
         sub, self._sub = self._sub, None
         if sub is not None:
             with contextlib.suppress(Exception):

@@ -11,25 +11,26 @@ from pathlib import Path
 
 from nats.errors import TimeoutError as NatsTimeout
 
-from bus.auth import local_url, redact
-from bus.client import BusClient
-from bus.connection import connect
-from bus.errors import BusError
-from bus.paths import DEFAULT_NATS, default_cache_dir, default_state_dir, read_nats_url
-from bus.setup import prepare_bus
+from bus import (
+    BusClient,
+    BusError,
+    add_nats_option,
+    connect,
+    default_cache_dir,
+    default_state_dir,
+    local_url,
+    prepare_bus,
+    redact,
+    resolve_nats,
+)
 
 __all__ = ["main"]
 
 PLUGIN_PACKAGES = ("chatbus", "gateway", "tui", "webui", "trainer", "judge")
 
 
-def resolve_nats(flag: str | None, state_dir: Path) -> str:
-    """--nats, else $CHATBUS_NATS, else what a running `chatbus up` recorded, else the default port."""
-    return flag or os.environ.get("CHATBUS_NATS") or read_nats_url(state_dir) or DEFAULT_NATS
-
-
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nats", default=None, help="NATS URL (default: the one `chatbus up` started)")
+    add_nats_option(p, "NATS URL (default: $CHATBUS_NATS, else the one `chatbus up` started)")
     p.add_argument(
         "--state-dir", type=Path, default=default_state_dir(), help="chatbus state (server data, URL)"
     )
@@ -178,15 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["node"]:  # everything after `node` belongs to the node's own parser
         own = any(a.startswith("--creds") for a in argv) or os.environ.get("CHATBUS_CREDS")
+        environ = dict(os.environ)
         if "--nats" not in argv and not os.environ.get("CHATBUS_NATS") and not own:
             # On the machine of a running `chatbus up`: join its bus with the node credential.
             url = local_url(default_state_dir(), "node")
             if url:
-                os.environ["CHATBUS_NATS"] = url  # the node's own parser defaults to it
+                environ["CHATBUS_NATS"] = url  # the node's own parser defaults to it
         from node.__main__ import parse
         from node.main import main as node_main
 
-        return node_main(parse(argv[1:]))
+        return node_main(parse(argv[1:], environ))
     args = _parser().parse_args(argv)
     try:
         if args.command == "up":
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 auth=not args.no_auth,
             )
             return asyncio.run(run_up(cfg))
-        url = resolve_nats(args.nats, args.state_dir)
+        url = resolve_nats(args.nats, os.environ, args.state_dir)
         if hasattr(args, "func"):
             return int(args.func(args, url))
         if args.command == "models":

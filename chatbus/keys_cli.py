@@ -9,11 +9,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bus.auth import local_url, redact
-from bus.connection import connect
-from bus.keys import create_key, list_keys, list_usage, parse_duration, revoke_key
-from bus.operations import ensure_keys_bucket, ensure_usage_bucket
-from bus.schemas_keys import KeyRecord, KeyUsage
+from bus import (
+    KeyRecord,
+    KeyUsage,
+    connect,
+    create_key,
+    ensure_keys_bucket,
+    ensure_usage_bucket,
+    list_keys,
+    list_usage,
+    local_url,
+    parse_duration,
+    redact,
+    revoke_key,
+)
 
 __all__ = ["add_parser", "run_keys"]
 

@@ -9,11 +9,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bus import subjects
-from bus.auth import issued, local_url, redact
-from bus.connection import connect
-from bus.errors import BusUnavailable
-from bus.tokens import issue, revoke
+from bus import BusUnavailable, connect, local_url, redact, subjects
+from bus import issue_node_token as issue
+from bus import issued_credentials as issued
+from bus import revoke_node_token as revoke
 
 __all__ = ["add_commands", "forget_node"]
 

@@ -9,10 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from bus import BusClient, NodeInfo
-from bus.auth import redact
-from bus.operations import MetricsView, ensure_metrics_bucket
-from bus.schemas_metrics import NodeMetrics
+from bus import BusClient, MetricsView, NodeInfo, NodeMetrics, ensure_metrics_bucket, redact
 
 __all__ = ["add_parser", "render", "run_top"]
 
@@ -63,7 +60,7 @@ def render(url: str, nodes: list[NodeInfo], metrics: dict[str, NodeMetrics], rat
 
 async def top(url: str, interval: float, once: bool, out: TextIO) -> int:
     client = await BusClient.connect(url, name="chatbus-top")
-    view = MetricsView(await ensure_metrics_bucket(client.js), client.reconnects)
+    view = MetricsView(await client.bucket(ensure_metrics_bucket), client.reconnects)
     try:
         await view.start()
         if not client.nodes():  # a node may be between heartbeats right after we connect

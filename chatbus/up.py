@@ -18,13 +18,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bus.auth import ROLES, provision, redact, with_credential
-from bus.client import BusClient
-from bus.connection import connect
-from bus.errors import BusUnavailable
-from bus.paths import clear_nats_url, write_nats_url
-from bus.server import EmbeddedServer, stop_process_group
-from bus.setup import prepare_bus
+from bus import (
+    ROLES,
+    BusClient,
+    BusUnavailable,
+    EmbeddedServer,
+    clear_nats_url,
+    connect,
+    prepare_bus,
+    redact,
+    stop_process_group,
+    with_credential,
+    write_nats_url,
+)
+from bus import provision_credentials as provision
 from node.service import new_node_id
 
 __all__ = ["Child", "UpConfig", "run_up"]

@@ -5,30 +5,29 @@ The only place the gateway reads its environment ($CHATBUS_NATS, $CHATBUS_API_KE
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from bus.errors import BusUnavailable
-from bus.logfmt import setup_logging
+from bus import BusUnavailable, resolve_nats, setup_logging
 from gateway.main import config_from, parser, serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    log_format = args.log_format or os.environ.get("CHATBUS_LOG_FORMAT") or "text"
+    return run(args, resolve_nats(args.nats, os.environ), os.environ)
+
+
+def run(args: argparse.Namespace, nats_url: str, environ: Mapping[str, str]) -> int:
+    """Serve with parsed gateway options (`python -m gateway` and `chatbus gateway` alike)."""
+    log_format = args.log_format or environ.get("CHATBUS_LOG_FORMAT") or "text"
     setup_logging(args.log_level, log_format)
-    nats_url = args.nats or os.environ.get("CHATBUS_NATS") or "nats://127.0.0.1:4222"
     try:
         asyncio.run(
             serve(
-                nats_url,
-                args.host,
-                args.port,
-                config_from(args, dict(os.environ)),
-                args.log_level,
-                log_format,
+                nats_url, args.host, args.port, config_from(args, dict(environ)), args.log_level, log_format
             )
         )
     except BusUnavailable as e:

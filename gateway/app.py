@@ -16,9 +16,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from bus import BusClient
-from bus.errors import BusError
-from bus.logfmt import bind
+from bus import BusClient, BusError
+from bus import bind_log_fields as bind
 from gateway.config import GatewayConfig
 from gateway.context import RequestContext
 from gateway.errors import ApiError

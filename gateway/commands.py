@@ -19,16 +19,8 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
 
 
 def _run(args: argparse.Namespace, url: str) -> int:
-    from gateway.__main__ import main
+    import os
 
-    argv = ["--nats", url, "--host", args.host, "--port", str(args.port), "--log-level", args.log_level]
-    argv += ["--max-body-bytes", str(args.max_body_bytes), "--max-n", str(args.max_n)]
-    argv += ["--deadline", str(args.deadline), "--keepalive-timeout", str(args.keepalive_timeout)]
-    argv += ["--sse-ping", str(args.sse_ping)]
-    if args.log_format:
-        argv += ["--log-format", args.log_format]
-    for key in args.api_key:
-        argv += ["--api-key", key]
-    for origin in args.cors_origin:
-        argv += ["--cors-origin", origin]
-    return main(argv)
+    from gateway.__main__ import run
+
+    return run(args, url, os.environ)

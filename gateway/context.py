@@ -9,7 +9,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bus.logfmt import bind
+from bus import bind_log_fields as bind
 
 __all__ = ["RequestContext", "request_id"]
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from bus.errors import (
+from bus import (
     BadMessage,
     BadRequest,
     BusError,

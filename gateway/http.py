@@ -60,7 +60,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def check_bus(client: BusClient) -> None:
     """503 at once when NATS is down (instead of waiting for a request timeout)."""
-    if not client.nc.is_connected:
+    if not client.connected:
         raise BusUnavailable(
             "the gateway has lost its NATS connection and is reconnecting; retry shortly "
             "(is nats-server running?)"
@@ -70,7 +70,7 @@ def check_bus(client: BusClient) -> None:
 def check_payload(client: BusClient, message: msgspec.Struct, param: str) -> None:
     """413 for a request the bus cannot carry in one message (NATS max_payload)."""
     size = len(encode(message))
-    limit = client.nc.max_payload - _HEADROOM
+    limit = client.max_payload - _HEADROOM
     if size > limit:
         raise ApiError(
             413,

@@ -29,12 +29,19 @@ from dataclasses import dataclass, field
 
 from nats.js.kv import KeyValue
 
-from bus import subjects
-from bus.codec import decode
-from bus.errors import BadMessage
-from bus.keys import add_usage, cas_update, digest
-from bus.operations import LIMITS_TTL_S, KVMirror, Reconnects, follow
-from bus.schemas_keys import KeyRecord
+from bus import (
+    LIMITS_TTL_S,
+    BadMessage,
+    KeyRecord,
+    KVMirror,
+    Reconnects,
+    add_usage,
+    cas_update,
+    decode,
+    subjects,
+)
+from bus import follow_bucket as follow
+from bus import key_digest as digest
 from gateway.errors import ApiError
 
 __all__ = ["KeyStore", "Lease", "Limiter"]

@@ -8,8 +8,7 @@ import logging
 
 import uvicorn
 
-from bus import BusClient
-from bus.auth import redact
+from bus import BusClient, add_nats_option, redact
 from gateway.app import build_app
 from gateway.config import GatewayConfig
 
@@ -22,7 +21,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m gateway", description="OpenAI-compatible API over the chatbus bus."
     )
-    p.add_argument("--nats", default=None, help="NATS URL (default: $CHATBUS_NATS or nats://127.0.0.1:4222)")
+    add_nats_option(p)
     add_options(p)
     return p
 

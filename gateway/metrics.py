@@ -20,9 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bus import BusClient
-from bus.operations import MetricsView
-from bus.schemas_metrics import NodeMetrics
+from bus import BusClient, MetricsView, NodeMetrics
 
 __all__ = ["BusCollector", "GatewayMetrics", "HttpMetrics", "metrics"]
 

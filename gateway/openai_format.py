@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bus.schemas import TokenLogprob
-from bus.tool_calls import CallParser, Output, parse_all
+from bus import TokenLogprob
+from bus import ToolCallOutput as Output
+from bus import ToolCallParser as CallParser
+from bus import parse_tool_calls as parse_all
 
 __all__ = ["Choice", "Shape", "chat_shape", "completion_shape", "usage_json"]
 

@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 import anyio
 from starlette.requests import Request
 
-from bus import BusClient, ChatStream
-from bus.errors import BusUnavailable
-from bus.operations import (
+from bus import (
+    BusClient,
+    BusUnavailable,
+    ChatStream,
     MetricsView,
     ensure_keys_bucket,
     ensure_limits_bucket,
@@ -66,11 +67,10 @@ class GatewayOps:
         return True
 
     async def start(self) -> None:
-        js = self.client.js
-        again = self.client.reconnects
-        view = MetricsView(await ensure_metrics_bucket(js), again)
-        keys = KeyStore(await ensure_keys_bucket(js), again)
-        limits, usage = await ensure_limits_bucket(js), await ensure_usage_bucket(js)
+        bucket, again = self.client.bucket, self.client.reconnects
+        view = MetricsView(await bucket(ensure_metrics_bucket), again)
+        keys = KeyStore(await bucket(ensure_keys_bucket), again)
+        limits, usage = await bucket(ensure_limits_bucket), await bucket(ensure_usage_bucket)
         limiter = Limiter(limits, usage, self.gateway_id, again)
         try:
             await view.start()

@@ -17,9 +17,7 @@ import re
 import msgspec
 from starlette.requests import Request
 
-from bus import BusClient, ChatStream
-from bus.schemas import GenerateRequest
-from bus.stream import Attempt
+from bus import Attempt, BusClient, ChatStream, GenerateRequest
 from gateway.errors import ApiError
 
 __all__ = ["ChoiceRecord", "Recorder", "ResumeRecord", "event_id", "key_of", "load", "resume_point"]

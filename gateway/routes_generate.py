@@ -14,11 +14,17 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bus import BusClient, ChatStream, SamplingParams
-from bus.errors import BadRequest, BusError, ContextLengthExceeded
-from bus.logfmt import bind
-from bus.schemas import GenerateRequest
-from bus.tool_calls import CallParser
+from bus import (
+    BadRequest,
+    BusClient,
+    BusError,
+    ChatStream,
+    ContextLengthExceeded,
+    GenerateRequest,
+    SamplingParams,
+)
+from bus import ToolCallParser as CallParser
+from bus import bind_log_fields as bind
 from gateway.config import GatewayConfig
 from gateway.context import request_id
 from gateway.errors import ApiError

@@ -10,8 +10,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bus import BusClient, ModelEntry, ModelNotFound
-from bus.schemas import EmbedRequest
+from bus import BusClient, EmbedRequest, ModelEntry, ModelNotFound
 from gateway.config import GatewayConfig
 from gateway.errors import ApiError
 from gateway.http import check_bus, check_payload, json_response, read_body
@@ -69,7 +68,7 @@ async def model_detail(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     client, _ = _state(request)
-    connected = client.nc.is_connected
+    connected = client.connected
     nodes = client.nodes() if connected else []
     body = {
         "status": "ok" if connected and nodes else ("no_nodes" if connected else "bus_unavailable"),

@@ -17,10 +17,19 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bus import ChatStream, Chunk, Done
-from bus.errors import BusError, error_for
-from bus.schemas import ChatMessage, GenerateRequest, SamplingParams, ToolCall
-from bus.tool_calls import CallParser, Output
+from bus import (
+    BusError,
+    ChatMessage,
+    ChatStream,
+    Chunk,
+    Done,
+    GenerateRequest,
+    SamplingParams,
+    ToolCall,
+    error_for,
+)
+from bus import ToolCallOutput as Output
+from bus import ToolCallParser as CallParser
 from gateway.errors import ApiError, error_reply
 from gateway.http import check_bus, check_payload, json_response, read_body
 from gateway.schemas import parse

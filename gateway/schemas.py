@@ -12,9 +12,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from bus.errors import InvalidName
-from bus.schemas import ChatMessage, SamplingParams, ToolCall
-from bus.subjects import check_name
+from bus import ChatMessage, InvalidName, SamplingParams, ToolCall, check_name
 from gateway.errors import ApiError
 
 __all__ = [

@@ -11,9 +11,7 @@ import anyio
 import msgspec
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from bus import ChatStream, Chunk, Done
-from bus.errors import BusError, Cancelled, ContextLengthExceeded, error_for
-from bus.schemas import StreamEvent
+from bus import BusError, Cancelled, ChatStream, Chunk, ContextLengthExceeded, Done, StreamEvent, error_for
 from gateway.errors import ApiError, error_reply
 from gateway.openai_format import Choice, Shape, usage_json
 from gateway.resume import Recorder, event_id

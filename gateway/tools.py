@@ -13,9 +13,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from bus.constraints import compile_grammar, json_schema_constraint, tool_call_constraint
-from bus.errors import BadRequest
-from bus.schemas import Constraint, ToolSpec
+from bus import (
+    BadRequest,
+    Constraint,
+    ToolSpec,
+    compile_grammar,
+    json_schema_constraint,
+    tool_call_constraint,
+)
 from gateway.errors import ApiError
 
 __all__ = ["MAX_TOOLS", "Plan", "plan_of"]

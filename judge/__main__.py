@@ -9,14 +9,13 @@ import os
 import signal
 import sys
 
-from bus.errors import BusUnavailable
-from bus.logfmt import setup_logging
+from bus import BusUnavailable, add_nats_option, resolve_nats, setup_logging
 from judge.worker import WorkerConfig, serve
 
 
 def parse(argv: list[str] | None = None) -> WorkerConfig:
     p = argparse.ArgumentParser(prog="python -m judge", description="Run chatbus evaluation jobs.")
-    p.add_argument("--nats", default=os.environ.get("CHATBUS_NATS", "nats://127.0.0.1:4222"), help="NATS URL")
+    add_nats_option(p)
     p.add_argument(
         "--ack-wait", type=float, default=30.0, help="seconds before a dead worker's job is redelivered"
     )
@@ -26,7 +25,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     a = p.parse_args(argv)
     setup_logging(logging.DEBUG if a.verbose else logging.INFO, os.environ.get("CHATBUS_LOG_FORMAT"))
     return WorkerConfig(
-        nats=a.nats,
+        nats=resolve_nats(a.nats, os.environ),
         ack_wait_s=a.ack_wait,
         triggers=not a.no_triggers,
         trigger_poll_s=a.trigger_poll,

@@ -7,8 +7,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bus.client import BusClient
-from bus.schemas import ChatMessage, SamplingParams
+from bus import BusClient, ChatMessage, SamplingParams
 from judge.backends import JudgeFailure, ask_bus
 from judge.questions import Question
 from judge.store import RecordStore

@@ -8,19 +8,23 @@ from typing import Protocol
 
 import openai
 
-from bus.client import BusClient
-from bus.constraints import json_schema_constraint
-from bus.errors import (
+from bus import (
+    BusClient,
     BusError,
     BusUnavailable,
+    ChatMessage,
     Code,
+    Constraint,
+    Done,
+    Failed,
     ModelNotFound,
     NodeBusy,
     NodeTimeout,
     NoNodeAvailable,
+    SamplingParams,
     error_for,
+    json_schema_constraint,
 )
-from bus.schemas import ChatMessage, Constraint, Done, Failed, SamplingParams
 from judge.verdicts import Verdict, verdict_instruction, verdict_schema, verdict_text
 
 __all__ = ["BusJudge", "JudgeBackend", "JudgeFailure", "OpenAIJudge", "ask_bus", "make_judge"]

@@ -12,9 +12,7 @@ from typing import Any
 
 import msgspec
 
-from bus.client import BusClient
-from bus.jobs import Jobs
-from bus.schemas_jobs import JobRecord
+from bus import BusClient, JobRecord, Jobs
 from judge.questions import dump_questions, load_questions, load_references, with_references
 from judge.results import compute_agreement, show_result
 from judge.schemas import EvalResult, EvalSpec

@@ -8,8 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bus.errors import BadRequest
-from bus.jobs import Jobs
+from bus import BadRequest, Jobs
 
 __all__ = ["RecordStore", "answers_name", "judgments_name", "parse_jsonl", "to_jsonl"]
 

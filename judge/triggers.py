@@ -12,9 +12,7 @@ import uuid
 import msgspec
 from nats.js.kv import KeyValue
 
-from bus.client import BusClient
-from bus.connection import ensure_triggers_bucket
-from bus.jobs import Jobs
+from bus import BusClient, Jobs, ensure_triggers_bucket
 from judge.schemas import EvalSpec, EvalTrigger
 
 __all__ = ["TriggerStore", "TriggerWatcher", "spec_for"]
@@ -32,7 +30,7 @@ class TriggerStore:
 
     async def kv(self) -> KeyValue:
         if self._kv is None:
-            self._kv = await ensure_triggers_bucket(self.client.js)
+            self._kv = await self.client.bucket(ensure_triggers_bucket)
         return self._kv
 
     async def add(self, spec: EvalSpec, match: str = "*", include_current: bool = False) -> EvalTrigger:

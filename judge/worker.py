@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from bus.auth import redact
-from bus.client import BusClient
-from bus.jobs import JobContext, Jobs, JobWorker
+from bus import BusClient, JobContext, Jobs, redact
 from judge.answers import answer_key, answer_turns, generate_answers
 from judge.backends import make_judge
 from judge.judging import Judging, pairwise_key, run_bounded, single_key
@@ -241,7 +239,7 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event) -> None:
     async with contextlib.AsyncExitStack() as stack:
         client = await BusClient.connect(cfg.nats, name="chatbus-judge")
         stack.push_async_callback(client.close)
-        worker = JobWorker(client.nc, "eval", EvalRunner(client, cfg.environ), ack_wait_s=cfg.ack_wait_s)
+        worker = client.job_worker("eval", EvalRunner(client, cfg.environ), ack_wait_s=cfg.ack_wait_s)
         tasks = [asyncio.create_task(worker.run(), name="eval-worker")]
         watcher = None
         if cfg.triggers:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
+from bus.paths import add_nats_option, resolve_nats
 from node.main import NodeConfig, main
 
 
-def parse(argv: list[str] | None = None) -> NodeConfig:
+def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """The node's options; `environ` (default: this process's) gives $CHATBUS_NATS, $CHATBUS_CREDS, ..."""
+    env = os.environ if environ is None else environ
     p = argparse.ArgumentParser(prog="python -m node", description="Serve a model on the chatbus bus.")
     p.add_argument(
         "--model", default="default", help="local model dir, hub id, or 'default' (SmolLM2-135M-Instruct)"
@@ -21,11 +25,11 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
         default=None,
         help="serve a model trained on the bus: a train job id or a stored `models/<digest>` artifact",
     )
-    p.add_argument("--nats", default=os.environ.get("CHATBUS_NATS"), help="NATS URL")
+    add_nats_option(p)
     p.add_argument(
         "--creds",
         type=Path,
-        default=os.environ.get("CHATBUS_CREDS"),
+        default=env.get("CHATBUS_CREDS"),
         help="this node's credential file (`chatbus node-token create`); its name is the node id",
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps", "xpu", "npu"])
@@ -69,14 +73,15 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
     p.add_argument(
         "--log-format",
         choices=["text", "json"],
-        default=os.environ.get("CHATBUS_LOG_FORMAT", "text"),
+        default=env.get("CHATBUS_LOG_FORMAT", "text"),
         help="json: one object a line, a line per request ($CHATBUS_LOG_FORMAT)",
     )
     a = p.parse_args(argv)
-    from bus.paths import DEFAULT_NATS, default_cache_dir
+    from bus.paths import default_cache_dir
     from bus.tokens import with_creds
 
-    nats = with_creds(a.nats, a.creds) if a.creds else a.nats or DEFAULT_NATS
+    # with a credential and no URL, the URL comes from the credential file
+    nats = with_creds(a.nats or env.get("CHATBUS_NATS"), a.creds) if a.creds else resolve_nats(a.nats, env)
 
     return NodeConfig(
         model=a.model,

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from bus.errors import ModelLoadError
+
 __all__ = [
     "DEFAULT_MODEL",
     "LoadedModel",
@@ -36,10 +38,6 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-
-
-class ModelLoadError(Exception):
-    """A model could not be loaded; the message says what to do instead (one line, user-facing)."""
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import signal
 import sys
@@ -16,6 +15,7 @@ from bus.auth import redact
 from bus.connection import connect
 from bus.errors import BusError
 from bus.logfmt import bind, setup_logging
+from bus.paths import DEFAULT_NATS
 from bus.tokens import creds_in
 from node.engine import Engine
 
@@ -29,7 +29,7 @@ class NodeConfig:
     model: str = "default"
     name: str | None = None
     adapter: str | None = None  # a train job id or a `models/<digest>` artifact
-    nats: str = "nats://127.0.0.1:4222"
+    nats: str = DEFAULT_NATS
     device: str = "auto"
     dtype: str = "auto"
     load_8bit: bool = False
@@ -90,18 +90,19 @@ def pick_engine(cfg: NodeConfig, adapter: bool) -> str:
 
 
 def build_hf_engine(cfg: NodeConfig, adapter_dir: Path | None = None) -> Engine:
+    from bus.artifacts import describe
     from node.hf import HFEngine
     from node.loader import DEFAULT_MODEL, load_model
 
     spec: str | None = None if cfg.model == "default" else cfg.model
     name = cfg.name
     if adapter_dir is not None:
-        info = json.loads((adapter_dir / "chatbus.json").read_text())
-        name = name or info.get("name")
-        if info.get("method") == "full":
+        info = describe(adapter_dir)
+        name = name or info.name
+        if info.method == "full":
             spec = str(adapter_dir)
-        elif cfg.model == "default" and info.get("base") not in (None, "", "default", DEFAULT_MODEL):
-            spec = info["base"]  # the adapter's own base, unless the user named one
+        elif cfg.model == "default" and info.base not in ("", "default", DEFAULT_MODEL):
+            spec = info.base  # the adapter's own base, unless the user named one
     loaded = load_model(
         spec,
         cache_dir=cfg.cache_dir,
@@ -188,12 +189,12 @@ def main(cfg: NodeConfig) -> int:
 
     try:
         asyncio.run(serve(cfg))
+    except ModelLoadError as e:  # a BusError too: keep it first, it has its own exit code
+        say(f"error: {e}")
+        return 3
     except BusError as e:
         say(f"error: {e}")
         return 2
-    except ModelLoadError as e:
-        say(f"error: {e}")
-        return 3
     except KeyboardInterrupt:
         return 130
     return 0

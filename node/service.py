@@ -26,7 +26,7 @@ from nats.js.kv import KeyValue
 from bus import subjects
 from bus.codec import decode, encode
 from bus.connection import HEARTBEAT_S
-from bus.errors import BadMessage, BadRequest, BusError, Code
+from bus.errors import BadRequest, BusError, Code
 from bus.publisher import RecordPublisher
 from bus.schemas import (
     Accepted,
@@ -74,37 +74,6 @@ class _Job:
     seq: int = 0
     prompt_tokens: int = 0
     end_code: Code | None = None  # why we cancelled it, if we did
-
-
-WIRE_VERSION = 1  # the schema version this node speaks
-
-
-class _Envelope(msgspec.Struct):
-    """Just enough of any message to say what it is, when it does not decode as what we expect."""
-
-    type: str = "?"
-    v: int = WIRE_VERSION
-
-
-def read(data: bytes, type_: Any) -> Any:
-    """Decode a message a node receives; a newer schema version gets its own clear error."""
-    try:
-        message = decode(data, type_)
-    except BadMessage:
-        try:
-            envelope = msgspec.json.decode(data, type=_Envelope)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            envelope = _Envelope()
-        if envelope.v <= WIRE_VERSION:
-            raise
-        message = envelope
-    if message.v > WIRE_VERSION:
-        raise BadMessage(
-            f"unsupported message version {message.v} ({getattr(message, 'type', type(message).__name__)!r}): "
-            f"this node speaks chatbus wire version {WIRE_VERSION}; upgrade the node or send version "
-            f"{WIRE_VERSION}"
-        )
-    return message
 
 
 def validate(req: GenerateRequest) -> None:
@@ -338,7 +307,7 @@ class NodeService:
 
     async def _on_control(self, msg: Msg) -> None:
         try:
-            ctl: Cancel | KeepAlive | Probe = read(msg.data, ControlMessage)
+            ctl: Cancel | KeepAlive | Probe = decode(msg.data, ControlMessage)
         except BusError as e:
             log.warning("ignoring a bad control message on %s: %s", msg.subject, e)
             return
@@ -448,7 +417,7 @@ class NodeService:
             )
             return
         try:
-            reply = await handler(read(msg.data, type_))
+            reply = await handler(decode(msg.data, type_))
         except BusError as e:
             log.warning("rejecting a bad message on %s: %s", msg.subject, e)
             reply = Rejected(request_id="", node_id=self.node_id, code=e.code.value, message=e.message)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import httpx
 
@@ -145,15 +144,6 @@ async def echo_node(url: str, engine: EchoEngine, node_id: str | None = None) ->
 
 def user(text: str) -> list[ChatMessage]:
     return [ChatMessage(role="user", content=text)]
-
-
-async def wait_for(predicate: Callable[[], object], timeout: float = 8.0) -> None:
-    """Poll `predicate` until it holds; fail the test after `timeout` seconds."""
-    for _ in range(int(timeout / 0.05)):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 async def sse_events(r: httpx.Response) -> AsyncIterator[tuple[str | None, str]]:

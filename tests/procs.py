@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from conftest import MODEL_CACHE
@@ -74,12 +76,47 @@ def node_process(
 
 
 def wait_until(
-    predicate, timeout: float = 120.0, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None
-) -> None:  # type: ignore[no-untyped-def]
+    predicate: Callable[[], object],
+    timeout: float = 120.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+    what: str = "",
+) -> None:
+    """Poll `predicate` until it holds: the one polling helper of the tests (`eventually` from a coroutine).
+
+    Fails after `timeout` seconds, or at once when `proc` exits; the failure shows `log`."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process exited with {proc.returncode}:\n{log.read_text() if log else ''}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s" + (f":\n{log.read_text()}" if log else ""))
+        _check(deadline, timeout, proc, log, what)
         time.sleep(0.1)
+
+
+async def eventually(
+    predicate: Callable[[], object],
+    timeout: float = 10.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+    what: str = "",
+) -> None:
+    """`wait_until` for a coroutine: `predicate` may return an awaitable; polls without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        _check(deadline, timeout, proc, log, what)
+        await asyncio.sleep(0.05)
+
+
+def _check(
+    deadline: float, timeout: float, proc: subprocess.Popen[bytes] | None, log: Path | None, what: str
+) -> None:
+    shown = f":\n{log.read_text(errors='replace')}" if log else ""
+    if proc is not None and proc.poll() is not None:
+        raise AssertionError(
+            f"process exited with {proc.returncode} while waiting for {what or 'a condition'}{shown}"
+        )
+    if time.monotonic() > deadline:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what or 'a condition'}{shown}")

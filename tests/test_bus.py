@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from fakes import EchoEngine, user, wait_for
+from fakes import EchoEngine, user
 from fakes import echo_node as running_node
+from procs import eventually
 
 from bus import BusClient, Chunk, Done, Failed, ModelNotFound, SamplingParams
 from bus.connection import connect
@@ -20,7 +21,7 @@ async def collect(stream) -> list:
 
 async def test_stream_is_gapless_and_ends_in_one_done(nats_url: str, client: BusClient) -> None:
     async with running_node(nats_url, EchoEngine("echo-a")):
-        await wait_for(lambda: "echo-a" in client.models())
+        await eventually(lambda: "echo-a" in client.models())
         events = await collect(client.chat("echo-a", user("one two three four")))
         assert [e.seq for e in events] == list(range(1, len(events) + 1))
         assert isinstance(events[-1], Done) and sum(isinstance(e, Done | Failed) for e in events) == 1
@@ -39,17 +40,28 @@ async def test_unknown_model_fails_at_once(client: BusClient) -> None:
 
 async def test_bad_params_and_context_are_typed(nats_url: str, client: BusClient) -> None:
     async with running_node(nats_url, EchoEngine("echo-b", context=3)):
-        await wait_for(lambda: "echo-b" in client.models())
+        await eventually(lambda: "echo-b" in client.models())
         with pytest.raises(BadRequest, match="top_p"):
             await client.chat("echo-b", user("x"), SamplingParams(top_p=0)).start()
         with pytest.raises(ContextLengthExceeded, match="context"):
             await client.chat("echo-b", user("a b c d e")).start()
 
 
+async def test_count_and_embed_replies_and_rejections_are_typed(nats_url: str, client: BusClient) -> None:
+    async with running_node(nats_url, EchoEngine("echo-k")):
+        await eventually(lambda: "echo-k" in client.models())
+        assert (await client.count_tokens("echo-k", prompt="a b c")).tokens == 3
+        assert (await client.embed("echo-k", ["a b"])).prompt_tokens == 2
+        with pytest.raises(BadRequest, match="exactly one"):
+            await client.count_tokens("echo-k")
+        with pytest.raises(BadRequest, match="empty"):
+            await client.embed("echo-k", [])
+
+
 async def test_cancel_stops_the_engine(nats_url: str, client: BusClient) -> None:
     engine = EchoEngine("echo-c", step_s=0.05)
     async with running_node(nats_url, engine):
-        await wait_for(lambda: "echo-c" in client.models())
+        await eventually(lambda: "echo-c" in client.models())
         stream = client.chat("echo-c", user(" ".join(["w"] * 200)))
         first = await anext(stream)
         assert isinstance(first, Chunk)
@@ -57,17 +69,17 @@ async def test_cancel_stops_the_engine(nats_url: str, client: BusClient) -> None
         rest = await collect(stream)
         assert isinstance(rest[-1], Done) and rest[-1].finish_reason == "cancelled"
         assert len(rest) < 10
-        await wait_for(lambda: not engine.running_ids)
+        await eventually(lambda: not engine.running_ids)
 
 
 async def test_aclose_cancels_on_node(nats_url: str, client: BusClient) -> None:
     engine = EchoEngine("echo-d", step_s=0.05)
     async with running_node(nats_url, engine) as service:
-        await wait_for(lambda: "echo-d" in client.models())
+        await eventually(lambda: "echo-d" in client.models())
         stream = client.chat("echo-d", user(" ".join(["w"] * 200)))
         await anext(stream)
         await stream.aclose()
-        await wait_for(lambda: not service._jobs)
+        await eventually(lambda: not service._jobs)
 
 
 async def test_two_nodes_share_requests(nats_url: str, client: BusClient) -> None:
@@ -75,7 +87,7 @@ async def test_two_nodes_share_requests(nats_url: str, client: BusClient) -> Non
         running_node(nats_url, EchoEngine("echo-e", step_s=0.02)) as a,
         running_node(nats_url, EchoEngine("echo-e", step_s=0.02)) as b,
     ):
-        await wait_for(
+        await eventually(
             lambda: len(client.models().get("echo-e", None).nodes if "echo-e" in client.models() else []) == 2
         )
         streams = [client.chat("echo-e", user("a b c d e f")) for _ in range(8)]
@@ -87,7 +99,7 @@ async def test_two_nodes_share_requests(nats_url: str, client: BusClient) -> Non
 
 async def test_busy_node_rejects_and_client_says_so(nats_url: str, client: BusClient) -> None:
     async with running_node(nats_url, EchoEngine("echo-f", step_s=0.05, max_running=1)):
-        await wait_for(lambda: "echo-f" in client.models())
+        await eventually(lambda: "echo-f" in client.models())
         first = client.chat("echo-f", user(" ".join(["w"] * 100)))
         await first.start()
         with pytest.raises(NodeBusy):
@@ -101,7 +113,7 @@ async def test_failover_continues_on_another_node(nats_url: str, client: BusClie
         nc = await connect(nats_url, name="doomed")
         doomed = NodeService(nc, EchoEngine("echo-g", step_s=0.03), max_queued=0)
         await doomed.start()
-        await wait_for(
+        await eventually(
             lambda: len(client.models().get("echo-g").nodes) == 2 if "echo-g" in client.models() else False
         )
         # Make the doomed node the one chosen, then take it down mid-answer (drain → shutting_down).
@@ -124,8 +136,8 @@ async def test_failover_continues_on_another_node(nats_url: str, client: BusClie
 
 async def test_node_deregisters_on_drain(nats_url: str, client: BusClient) -> None:
     async with running_node(nats_url, EchoEngine("echo-h")):
-        await wait_for(lambda: "echo-h" in client.models())
-    await wait_for(lambda: "echo-h" not in client.models(), timeout=2)
+        await eventually(lambda: "echo-h" in client.models())
+    await eventually(lambda: "echo-h" not in client.models(), timeout=2)
 
 
 async def test_full_node_rejects_and_the_client_goes_elsewhere(nats_url: str, client: BusClient) -> None:
@@ -133,7 +145,7 @@ async def test_full_node_rejects_and_the_client_goes_elsewhere(nats_url: str, cl
         running_node(nats_url, EchoEngine("echo-i", step_s=0.05, max_running=1)) as a,
         running_node(nats_url, EchoEngine("echo-i", step_s=0.05, max_running=1)) as b,
     ):
-        await wait_for(lambda: "echo-i" in client.models() and len(client.models()["echo-i"].nodes) == 2)
+        await eventually(lambda: "echo-i" in client.models() and len(client.models()["echo-i"].nodes) == 2)
         first = client.chat("echo-i", user(" ".join(["w"] * 100)))
         await first.start()
         second = client.chat("echo-i", user(" ".join(["w"] * 100)))

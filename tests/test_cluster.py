@@ -15,11 +15,12 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from fakes import EchoEngine, echo_node, user, wait_for
+from cluster import LocalCluster, ServerProcess
+from fakes import EchoEngine, echo_node, user
 from nats.js.api import KeyValueConfig, StreamConfig
+from procs import eventually
 
 from bus import BusClient, ChatStream, Chunk, Done, StreamEvent, subjects
-from bus.cluster import LocalCluster, ServerProcess
 from bus.connection import cluster_size, connect, ensure_stream, replicas_for
 from bus.jobs import JobContext, Jobs, JobWorker
 from bus.schemas_jobs import JobEvent
@@ -108,12 +109,13 @@ async def test_streams_and_buckets_get_a_replica_per_server(
         await ensure_stream(js, StreamConfig(name="CB_OLD", subjects=["cbold.>"]))
         await prepare_bus(nc)  # every stream and bucket, as `chatbus up` makes them
         for stream in [*CHATBUS_STREAMS, "CB_OLD"]:
-            for _ in range(50):  # a raised stream gets its new peers a moment later
+
+            async def three_peers(stream: str = stream) -> bool:
                 replicas, peers, _ = await replica_sets(cluster.urls, stream)
-                if len(peers) == 3:
-                    break
-                await asyncio.sleep(0.1)
-            assert replicas == 3 and len(peers) == 3, (stream, peers)
+                return replicas == 3 and len(peers) == 3
+
+            # a raised stream gets its new peers a moment later
+            await eventually(three_peers, 10, what=f"{stream} on 3 peers")
         # A client that sees one server (a laptop through a leafnode) never shrinks a stream.
         monkeypatch.setattr("bus.connection.cluster_size", lambda nc: 1)
         await ensure_stream(js, StreamConfig(name="CB_OLD", subjects=["cbold.>"], max_msgs=10))
@@ -136,7 +138,7 @@ async def test_killing_a_server_loses_nothing(cluster: LocalCluster) -> None:
     try:
         # The node talks to the server that leads the token stream: the worst one to lose.
         async with echo_node(victim.url, EchoEngine("echo-c", step_s=0.05, max_running=8)):
-            await wait_for(lambda: "echo-c" in client.models(), 15)
+            await eventually(lambda: "echo-c" in client.models(), 15)
             job_ids = [await jobs.submit("eval", EchoJob(payload=f"job-{i}")) for i in range(4)]
             chats = [asyncio.create_task(chat(client, "echo-c", 60, f"c{i}")) for i in range(6)]
             await asyncio.sleep(1.0)  # every answer a third of the way through
@@ -156,16 +158,16 @@ async def test_killing_a_server_loses_nothing(cluster: LocalCluster) -> None:
             victim.start()
             await victim.wait_jetstream()
             for name in CHATBUS_STREAMS:
-                for _ in range(100):
-                    _, peers, current = await replica_sets(cluster.urls, name)
-                    if victim.name in current and len(current) == 3:
-                        break
-                    await asyncio.sleep(0.2)
-                assert victim.name in current and len(current) == 3, (name, peers, current)
+
+                async def caught_up(name: str = name) -> bool:
+                    _, _, current = await replica_sets(cluster.urls, name)
+                    return victim.name in current and len(current) == 3
+
+                await eventually(caught_up, 20, what=f"{victim.name} current on {name}")
             # And serves: a client that knows only it chats with the node on another member.
             alone = await BusClient.connect(victim.url, name="rejoined")
             try:
-                await wait_for(lambda: "echo-c" in alone.models(), 15)
+                await eventually(lambda: "echo-c" in alone.models(), 15)
                 prompt, _, events = await asyncio.wait_for(chat(alone, "echo-c", 5, "back"), 20)
                 assert isinstance(events[-1], Done)
                 assert "".join(e.text for e in events if isinstance(e, Chunk)) == prompt
@@ -199,7 +201,7 @@ async def test_a_laptop_joins_through_a_leafnode(hub: LocalCluster) -> None:
             echo_node(hub_url, EchoEngine("echo-hub")),
         ):
             both = {"echo-laptop", "echo-hub"}  # each side sees both nodes, in the one node bucket
-            await wait_for(lambda: both <= set(on_hub.models()) and both <= set(on_laptop.models()), 10)
+            await eventually(lambda: both <= set(on_hub.models()) and both <= set(on_laptop.models()), 10)
             for client, model in ((on_hub, "echo-laptop"), (on_laptop, "echo-hub")):
                 prompt, _, events = await asyncio.wait_for(chat(client, model, 8, model), 20)
                 assert isinstance(events[-1], Done), events[-1]

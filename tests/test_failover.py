@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from procs import node_argv, spawn, stop
+from procs import eventually, node_argv, spawn, stop
 
 from bus import BusClient, ChatMessage, Chunk, Done, SamplingParams
 from bus.stream import ChatStream
@@ -30,14 +30,12 @@ def ask(text: str) -> list[ChatMessage]:
     return [ChatMessage(role="user", content=text)]
 
 
-async def wait_nodes(client: BusClient, n: int, procs: list[subprocess.Popen[bytes]]) -> None:
-    for _ in range(2400):
+async def wait_nodes(client: BusClient, n: int, proc: subprocess.Popen[bytes]) -> None:
+    def up() -> bool:
         entry = client.models().get(MODEL)
-        if entry and len(entry.nodes) >= n:
-            return
-        assert all(p.poll() is None for p in procs), "a node exited"
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{n} node(s) never came up")
+        return bool(entry and len(entry.nodes) >= n)
+
+    await eventually(up, 240, proc=proc, what=f"{n} node(s)")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +43,7 @@ async def first(nats_url: str, client: BusClient, tmp_path_factory: pytest.TempP
     logs = tmp_path_factory.mktemp("failover")
     proc = spawn(node_argv(nats_url, extra=["--node-id", "fo-a"]), logs / "fo-a.log")
     try:
-        await wait_nodes(client, 1, [proc])
+        await wait_nodes(client, 1, proc)
         yield proc
     finally:
         if proc.poll() is None:
@@ -58,7 +56,7 @@ async def second(first, nats_url: str, client: BusClient, tmp_path_factory: pyte
     logs = tmp_path_factory.mktemp("failover-b")
     proc = spawn(node_argv(nats_url, extra=["--node-id", "fo-b"]), logs / "fo-b.log")
     try:
-        await wait_nodes(client, 2, [proc])
+        await wait_nodes(client, 2, proc)
         yield proc
     finally:
         stop(proc)

@@ -7,7 +7,8 @@ import contextlib
 import time
 
 import pytest
-from fakes import EchoEngine, user, wait_for
+from fakes import EchoEngine, user
+from procs import eventually
 
 from bus import BusClient, Chunk, Done, Failed
 from bus.connection import connect
@@ -33,11 +34,11 @@ async def test_everything_reconnects_after_server_restart(own_server: EmbeddedSe
     await service.start()
     client = await BusClient.connect(own_server.url, name="c")
     try:
-        await wait_for(lambda: "echo-r" in client.models(), 15)
+        await eventually(lambda: "echo-r" in client.models(), 15)
         own_server.kill()
         own_server.start()  # same port, same data dir
         back = time.monotonic()
-        await wait_for(lambda: nc.is_connected and client.nc.is_connected, 20)
+        await eventually(lambda: nc.is_connected and client.nc.is_connected, 20)
         events: list[object] = []
         error: Exception | None = None
         for _ in range(100):  # the first tries may race the node's re-registration
@@ -65,7 +66,7 @@ async def test_client_that_vanishes_stops_generation(own_server: EmbeddedServer)
     await service.start()
     client = await BusClient.connect(own_server.url, name="doomed", keepalive_every_s=1000)
     try:
-        await wait_for(lambda: "echo-k" in client.models(), 15)
+        await eventually(lambda: "echo-k" in client.models(), 15)
         from bus.schemas import GenerateRequest
 
         stream = client._stream(
@@ -75,9 +76,9 @@ async def test_client_that_vanishes_stops_generation(own_server: EmbeddedServer)
         await anext(stream)
         await client.nc.close()  # the client process is gone: no cancel, no keep-alive
         gone = time.monotonic()
-        await wait_for(lambda: not service._jobs, 10)
+        await eventually(lambda: not service._jobs, 10)
         measured("client gone (keep-alive timeout 1 s) -> node stops", time.monotonic() - gone)
-        await wait_for(lambda: "lost-1" not in engine.running_ids, 5)
+        await eventually(lambda: "lost-1" not in engine.running_ids, 5)
     finally:
         with contextlib.suppress(Exception):
             await client.close()
@@ -91,7 +92,7 @@ async def test_lost_node_without_failover_fails_clearly(own_server: EmbeddedServ
     await service.start()
     client = await BusClient.connect(own_server.url, name="c", stall_check_s=0.5)
     try:
-        await wait_for(lambda: "echo-l" in client.models(), 15)
+        await eventually(lambda: "echo-l" in client.models(), 15)
         stream = client.chat("echo-l", user("w " * 200))
         await anext(stream)
         # The node freezes: its connection stays open but nothing more comes (as under SIGSTOP).
@@ -120,13 +121,13 @@ async def test_an_answer_resumes_in_another_client(own_server: EmbeddedServer) -
             # keep-alive timeout: what the heir's keep-alives satisfy / short, not to wait for it
             keepalive_s = 1.0 if wait_for_the_cancel else 15.0
             doomed = await BusClient.connect(own_server.url, name="doomed", keepalive_s=keepalive_s)
-            await wait_for(lambda d=doomed: "echo-s" in d.models() and "echo-s" in heir.models(), 15)
+            await eventually(lambda d=doomed: "echo-s" in d.models() and "echo-s" in heir.models(), 15)
             stream = doomed.chat("echo-s", user(" ".join(words)))
             seen = [await anext(stream) for _ in range(5)]
             request, attempts = stream.request, stream.attempts
             await doomed.nc.close()  # gone: no cancel, no keep-alive
             if wait_for_the_cancel:
-                await wait_for(lambda: not service._jobs, 10)
+                await eventually(lambda: not service._jobs, 10)
             resumed = heir.resume(request, attempts, after=5)
             rest = [e async for e in resumed]
             assert isinstance(rest[-1], Done) and rest[-1].usage.completion_tokens == 40, rest[-1]

@@ -12,8 +12,8 @@ import sys
 import httpx
 import openai
 import pytest
-from procs import node_process, spawn, stop, wait_until
-from test_gateway_support import eventually, sse_payloads
+from procs import eventually, node_process, spawn, stop, wait_until
+from test_gateway_support import sse_payloads
 
 from bus import subjects
 from bus.codec import decode

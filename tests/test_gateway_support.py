@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
+import httpx
+import openai
+import pytest
 import uvicorn
 from fakes import EchoEngine
+from procs import wait_until
 
 from bus import BusClient
 from bus.connection import connect
@@ -129,20 +134,6 @@ class EchoNode:
         self.thread.call(self._stop())
 
 
-async def eventually(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
-
-
 def sse_payloads(raw: str) -> list[str]:
     """The data of every SSE event in a raw body, checking the exact `[id: ...\\n]data: ...\\n\\n` framing.
 
@@ -158,3 +149,87 @@ def sse_payloads(raw: str) -> list[str]:
         assert all(line.startswith("id: ") for line in head), repr(event)
         payloads.append(data[len("data: ") :])
     return payloads
+
+
+# ----------------------------------------------------------------------------- the echo bus of the gateway tests
+# Module fixtures: a test module binds ECHO_BUS (`thread, engines, nodes, gw, strict = ECHO_BUS`).
+
+KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="module")
+def thread():
+    t = LoopThread()
+    yield t
+    t.stop()
+
+
+@pytest.fixture(scope="module")
+def engines() -> dict[str, EchoEngine]:
+    return {
+        "echo": EchoEngine("echo", step_s=0.005, max_running=8),
+        "slow": EchoEngine("slow", step_s=0.05, max_running=4),
+        "tiny": EchoEngine("tiny", step_s=0.05, max_running=1),
+    }
+
+
+@pytest.fixture(scope="module")
+def nodes(thread, nats_url, engines):
+    with EchoNode(thread, nats_url, engines["echo"]), EchoNode(thread, nats_url, engines["slow"]):
+        with EchoNode(thread, nats_url, engines["tiny"]):
+            yield
+
+
+@pytest.fixture(scope="module")
+def gw(thread, nats_url, nodes):
+    config = GatewayConfig(cors_origins=("http://example.com",), max_body_bytes=2 * 1024 * 1024)
+    with gateway(thread, nats_url, config) as g:
+        wait_models(g, {"echo", "slow", "tiny"})
+        yield g
+
+
+@pytest.fixture(scope="module")
+def strict(thread, nats_url, nodes):
+    """API keys, a short generation deadline and a short accept timeout."""
+    config = GatewayConfig(api_keys=(KEY, "sk-other"), deadline_s=0.6)
+    with gateway(thread, nats_url, config, accept_timeout_s=1.0) as g:
+        wait_models(g, {"echo", "slow"}, KEY)
+        yield g
+
+
+def wait_models(g: Gateway, names: set[str], key: str | None = None) -> None:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    wait_until(
+        lambda: names <= {m["id"] for m in httpx.get(f"{g.url}/v1/models", headers=headers).json()["data"]},
+        15,
+        what=f"models {names}",
+    )
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def sdk(g: Gateway, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{g.url}/v1", api_key=key, max_retries=0)
+
+
+async def post(g: Gateway, path: str, body: object, key: str | None = None) -> httpx.Response:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    async with httpx.AsyncClient(base_url=g.url, timeout=30) as http:
+        content = body if isinstance(body, bytes | str) else json.dumps(body)
+        return await http.post(path, content=content, headers=headers)
+
+
+def error_of(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+ECHO_BUS = (thread, engines, nodes, gw, strict)  # a test module binds these names to get its own

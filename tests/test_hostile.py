@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from fakes import EchoEngine, echo_node, user, wait_for
-from procs import node_argv, spawn, stop, wait_until
+from fakes import EchoEngine, echo_node, user
+from procs import eventually, node_argv, spawn, stop, wait_until
 
 from bus import BusClient, BusError, Chunk, Done, subjects
 from bus.errors import InvalidName
@@ -149,10 +149,10 @@ async def test_client_and_node_reconnect_after_a_server_error(strict_server: Emb
     async with echo_node(strict_server.url, EchoEngine("echo-h", step_s=0.01)) as node:
         client = await BusClient.connect(strict_server.url, name="hostile-client", stall_check_s=0.5)
         try:
-            await wait_for(lambda: "echo-h" in client.models(), 15)
+            await eventually(lambda: "echo-h" in client.models(), 15)
             for nc in (node.nc, client.nc):  # a protocol line over max_control_line
                 await nc.publish("cb.raw." + "z" * CONTROL_LINE, b"")
-                await wait_for(lambda nc=nc: nc.stats["reconnects"] >= 1 and nc.is_connected, 10)
+                await eventually(lambda nc=nc: nc.stats["reconnects"] >= 1 and nc.is_connected, 10)
             with pytest.raises(BusError, match="model"):
                 await client.chat("\x00", user("never sent")).start()
             text = ""

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cluster import LocalCluster
 from test_cluster import EchoJob, echo_job
 
 from bus import subjects
-from bus.cluster import LocalCluster
 from bus.connection import connect
 from bus.jobs import Jobs, JobWorker
 from bus.setup import prepare_bus

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from procs import spawn, stop
+from procs import eventually, spawn, stop
 from test_judge_support import (
     ScriptEngine,
     answerer,
@@ -22,6 +22,7 @@ from test_judge_support import (
     wait_models,
 )
 
+from bus.schemas_jobs import JobRecord
 from judge.questions import load_questions
 from judge.results import show_result
 from judge.schemas import EvalSpec
@@ -249,12 +250,13 @@ async def test_judge_worker_runs_triggers_by_itself(bus, nats_url: str, tmp_path
     worker = spawn([sys.executable, "-m", "judge", "--nats", nats_url, "--trigger-poll", "0.3"], log)
     try:
         async with bus_engines(nats_url, [ScriptEngine("auto-lora", answerer("GOOD"), step_s=0.005)]):
-            for _ in range(300):
-                mine = [r for r in await jobs.list("eval") if b'"auto-lora"' in bytes(r.spec)]
-                if mine and mine[0].state == "done":
-                    break
-                await asyncio.sleep(0.1)
-            assert mine and mine[0].state == "done", log.read_text()
+            mine: list[JobRecord] = []
+
+            async def triggered_job_done() -> bool:
+                mine[:] = [r for r in await jobs.list("eval") if b'"auto-lora"' in bytes(r.spec)]
+                return bool(mine) and mine[0].state == "done"
+
+            await eventually(triggered_job_done, 30, proc=worker, log=log, what="the triggered eval job")
             assert mine[0].result["scores"] == {"auto-lora": 8.0}
     finally:
         assert stop(worker) == 0, log.read_text()

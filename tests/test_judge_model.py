@@ -102,12 +102,14 @@ async def test_single_end_to_end_with_the_real_model(bus) -> None:  # type: igno
     _accounted(result)
     assert result.judged == 4 and not result.failures, result.failures  # the grammar: every verdict parses
     answers = parse_jsonl(await jobs.get_artifact(answers_name(job_id)))
+    assert len(answers) == 2
     assert all(len(a["choices"][0]["turns"]) == 2 and a["choices"][0]["turns"][0] for a in answers)
     judgments = parse_jsonl(await jobs.get_artifact(judgments_name(job_id)))
     assert len(judgments) == 4 and {j["judge"][1] for j in judgments} == {"single-ref", "single-ref-multi"}
     assert all(j["judgment"] or j.get("error") for j in judgments)
     for j in judgments:  # a score only where the verdict parsed
         assert (j["score"] == -1) == bool(j.get("error")) and (j["score"] == -1 or 1 <= j["score"] <= 10)
+    assert set(result.scores) == {"smol-a", "smol-b"}  # every verdict parsed: both models have a score
     assert all(1 <= s <= 10 for s in result.scores.values())
 
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 
 import msgspec
 from fakes import EchoEngine
+from procs import eventually
 
 from bus.client import BusClient
 from bus.connection import connect
@@ -105,8 +106,4 @@ async def run_eval(jobs: Jobs, spec: EvalSpec) -> tuple[str, list, EvalResult | 
 
 
 async def wait_models(client: BusClient, names: list[str], timeout: float = 180.0) -> None:
-    for _ in range(int(timeout / 0.1)):
-        if set(names) <= set(client.models()):
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"models {names} never appeared; served: {sorted(client.models())}")
+    await eventually(lambda: set(names) <= set(client.models()), timeout, what=f"models {names}")

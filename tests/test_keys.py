@@ -18,7 +18,7 @@ import openai
 import pytest
 from fakes import EchoEngine, echo_node
 from permissions import refused
-from procs import ROOT, spawn, stop, wait_until
+from procs import ROOT, eventually, spawn, stop, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from test_gateway_support import EchoNode, LoopThread
 
@@ -294,14 +294,13 @@ async def test_each_role_does_its_part_and_no_more(secured: dict[str, str]) -> N
         finally:
             await ops.stop()
             await client.close()
-        out = io.StringIO()
-        for _ in range(50):  # the node puts its first snapshot within a second
+
+        async def top_shows_the_node() -> bool:  # the node puts its first snapshot within a second
             out = io.StringIO()
             await top(urls["ui"], 0, True, out)
-            if node.node_id in out.getvalue() and "echo-secured" in out.getvalue():
-                break
-            await asyncio.sleep(0.1)
-        assert node.node_id in out.getvalue()
+            return node.node_id in out.getvalue() and "echo-secured" in out.getvalue()
+
+        await eventually(top_shows_the_node, what="the node in `chatbus top`")
     for role, subject in [
         ("gateway", "$KV.cb_keys.forged"),
         ("ui", "$KV.cb_keys.forged"),
@@ -332,25 +331,16 @@ async def test_a_revocation_after_a_server_restart_is_seen(tmp_path: Path) -> No
             await admin.close()
             store = ops.keys
             assert store is not None
-            for _ in range(50):
-                if store.lookup(secret) is not None:
-                    break
-                await asyncio.sleep(0.05)
-            assert store.lookup(secret) is not None
+            await eventually(
+                lambda: store.lookup(secret) is not None, what="the new key in the gateway's store"
+            )
             server.kill()
             server.start()  # same port, same data dir
-            for _ in range(200):
-                if client.nc.is_connected and client.reconnects():
-                    break
-                await asyncio.sleep(0.05)
+            await eventually(lambda: client.nc.is_connected and client.reconnects(), what="the reconnect")
             admin = await connect(server.url, name="test-admin")
             await revoke_key(await ensure_keys_bucket(admin.jetstream()), "survivor")
             await admin.close()
-            for _ in range(100):
-                if store.lookup(secret).revoked:  # type: ignore[union-attr]
-                    break
-                await asyncio.sleep(0.1)
-            assert store.lookup(secret).revoked  # type: ignore[union-attr]
+            await eventually(lambda: store.lookup(secret).revoked, what="the revocation")  # type: ignore[union-attr]
         finally:
             await ops.stop()
             await client.close()

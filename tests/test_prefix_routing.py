@@ -6,7 +6,8 @@ through a real BusClient.
 
 from __future__ import annotations
 
-from fakes import EchoEngine, echo_node, wait_for
+from fakes import EchoEngine, echo_node
+from procs import eventually
 
 from bus import BusClient, ChatMessage, SamplingParams
 from bus.nodes import CACHE_SLACK
@@ -34,13 +35,13 @@ async def test_next_turns_follow_the_history(nats_url: str, client: BusClient) -
         echo_node(nats_url, EchoEngine(MODEL), "cache-a"),
         echo_node(nats_url, EchoEngine(MODEL), "cache-b"),
     ):
-        await wait_for(lambda: MODEL in client.models() and len(client.models()[MODEL].nodes) == 2)
+        await eventually(lambda: MODEL in client.models() and len(client.models()[MODEL].nodes) == 2)
         follows = 0
         for i in range(8):
             history = [ChatMessage(role="user", content=f"conversation {i} starts here")]
             node, reply = await turn(client, history)
             history.append(ChatMessage(role="assistant", content=reply))
-            await wait_for(lambda h=history: holder_of(client, h))  # type: ignore[misc]
+            await eventually(lambda h=history: holder_of(client, h))  # type: ignore[misc]
             assert holder_of(client, history) == {node}
             history.append(ChatMessage(role="user", content="and then?"))
             again, _ = await turn(client, history)
@@ -52,10 +53,10 @@ async def test_much_busier_holder_is_passed_over(nats_url: str, client: BusClien
     name = MODEL + "-busy"
     holder, other = EchoEngine(name, step_s=0.5, max_running=2), EchoEngine(name, max_running=2)
     async with echo_node(nats_url, holder, "busy-a"), echo_node(nats_url, other, "busy-b"):
-        await wait_for(lambda: name in client.models() and len(client.models()[name].nodes) == 2)
+        await eventually(lambda: name in client.models() and len(client.models()[name].nodes) == 2)
         history = [ChatMessage(role="user", content="hello there")]
         holder.held.extend(prefix_hashes(history))
-        await wait_for(lambda: holder_of(client, history) == {"busy-a"})
+        await eventually(lambda: holder_of(client, history) == {"busy-a"})
         route = lambda: client.table.candidates(name, set(), prefix_hashes(history))[0].node_id  # noqa: E731
         assert route() == "busy-a"
         # Load the holder past the slack (requests straight into its engine: the bus only sees the load).
@@ -63,11 +64,11 @@ async def test_much_busier_holder_is_passed_over(nats_url: str, client: BusClien
         for i in range(hogs):
             request = EngineRequest(request_id=f"hog{i}", prompt=" ".join(["w"] * 50))
             holder.submit(request, lambda d: None)
-        await wait_for(lambda: any(n.node_id == "busy-a" and n.running >= hogs for n in client.nodes()))
+        await eventually(lambda: any(n.node_id == "busy-a" and n.running >= hogs for n in client.nodes()))
         assert route() == "busy-b"
         for i in range(hogs):
             holder.cancel(f"hog{i}")
-        await wait_for(lambda: any(n.node_id == "busy-a" and n.running == 0 for n in client.nodes()), 15)
+        await eventually(lambda: any(n.node_id == "busy-a" and n.running == 0 for n in client.nodes()), 15)
         assert route() == "busy-a"
 
 

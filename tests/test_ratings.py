@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from bus.ratings import (
+from webui.ratings import (
     Battle,
     battle_counts,
     battle_from_vote,

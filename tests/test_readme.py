@@ -13,17 +13,13 @@ import urllib.request
 from pathlib import Path
 
 from conftest import MODEL_CACHE
-from procs import ROOT, stop
+from procs import ROOT, stop, wait_until
 
 from bus.server import free_port
 
 
 def _wait_for_line(log: Path, needle: str, proc: subprocess.Popen[bytes], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while needle not in log.read_text(errors="replace"):
-        assert proc.poll() is None, f"chatbus up exited with {proc.returncode}:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"no {needle!r} in time:\n{log.read_text()}"
-        time.sleep(0.2)
+    wait_until(lambda: needle in log.read_text(errors="replace"), timeout, proc, log, what=repr(needle))
 
 
 def _get(url: str, timeout: float = 60) -> str:

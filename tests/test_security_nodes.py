@@ -12,8 +12,9 @@ from pathlib import Path
 
 import nats
 import pytest
-from fakes import EchoEngine, echo_node, user, wait_for
+from fakes import EchoEngine, echo_node, user
 from permissions import refused
+from procs import eventually
 
 from bus import BusClient, subjects
 from bus.artifacts import describe, fetch_adapter
@@ -180,7 +181,7 @@ async def test_a_node_fetches_an_adapter_only_with_a_credential_that_allows_it(
     finally:
         await nc.close()
     fetched = await fetch_adapter(urls["node"], name, tmp_path / "fetched")  # `chatbus up`'s nodes may
-    assert describe(fetched)["name"] == "tuned"
+    assert describe(fetched).name == "tuned"
     with pytest.raises(BadRequest, match="--adapters"):  # alice's credential was made without --adapters
         await fetch_adapter(urls["alice"], name, tmp_path / "alice")
 
@@ -217,7 +218,7 @@ async def test_a_node_is_listed_only_for_the_models_its_credential_allows(
             )
             kv = await nc.jetstream().key_value(subjects.NODES_BUCKET)
             await kv.put(subjects.node_key("alice", "echo"), encode(forged))
-            await wait_for(lambda: any(n.node_id == "alice" for n in client.nodes()))
+            await eventually(lambda: any(n.node_id == "alice" for n in client.nodes()))
             await asyncio.sleep(1.0)  # carol heartbeats at start: long enough for it to show, were it allowed
             assert set(client.models()) == {"echo"}, client.models()
             assert {n.node_id for n in client.models()["echo"].nodes} == {"alice"}
@@ -234,11 +235,11 @@ async def test_a_revoked_node_is_cut_off_while_another_keeps_serving(
     await revoked.start()
     try:
         async with echo_node(urls["keep"], EchoEngine("echo"), node_id="keep"):
-            await wait_for(lambda: {"rev", "keep"} <= {n.node_id for n in client.nodes()})
+            await eventually(lambda: {"rev", "keep"} <= {n.node_id for n in client.nodes()})
             assert (
                 await asyncio.to_thread(cli, ["node-token", "revoke", "rev", "--state-dir", str(state)]) == 0
             )
-            await wait_for(lambda: not revoked.nc.is_connected, timeout=5)
+            await eventually(lambda: not revoked.nc.is_connected, timeout=5)
             with pytest.raises(BusUnavailable, match="refused our credentials"):
                 await connect(urls["rev"], name="test-rev-again", timeout=5)
             await asyncio.sleep(1.0)  # a reconnect attempt or two of its own
@@ -269,7 +270,7 @@ async def test_a_revoked_node_process_stops(
         node.main.serve(node.main.NodeConfig(nats=urls["gone"], cache_dir=tmp_path))
     )
     try:
-        await wait_for(lambda: "gone" in {n.node_id for n in client.nodes()})
+        await eventually(lambda: "gone" in {n.node_id for n in client.nodes()})
         assert await asyncio.to_thread(cli, ["node-token", "revoke", "gone", "--state-dir", str(state)]) == 0
         with pytest.raises(BusError, match="refuses this node's credential"):
             await asyncio.wait_for(serving, 30)

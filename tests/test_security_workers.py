@@ -12,8 +12,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from fakes import wait_for
 from permissions import refused
+from procs import eventually
 
 from bus.auth import ROLES, Provisioned, provision, with_credential
 from bus.connection import connect
@@ -112,7 +112,7 @@ async def test_a_revoked_worker_is_cut_off(
             await asyncio.to_thread(cli, ["worker-token", "revoke", "trainer9", "--state-dir", str(state)])
             == 0
         )
-        await wait_for(lambda: not nc.is_connected, timeout=5)
+        await eventually(lambda: not nc.is_connected, timeout=5)
         with pytest.raises(BusUnavailable, match="refused our credentials"):
             await connect(url, name="test-trainer9-again", timeout=5)
     finally:

@@ -155,7 +155,7 @@ async def test_lora_job_from_the_cli_teaches_a_fact(
     assert await jobs.put_artifact("datasets", FACT.encode()) == msgspec.json.decode(record.spec)["data"]
 
     adapter = await fetch_adapter(nats_url, job_id, tmp_path / "adapters")
-    assert describe(adapter)["name"] == result.name and (adapter / "adapter_config.json").is_file()
+    assert describe(adapter).name == result.name and (adapter / "adapter_config.json").is_file()
     base_answer, tuned_answer, merged_answer = await asyncio.to_thread(
         answers, adapter, model_cache, tmp_path / "merged"
     )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fakes import EchoEngine, echo_node, wait_for
+from fakes import EchoEngine, echo_node
+from procs import eventually
 from test_tui_support import answers, ask, make_app, notices, transcript, type_line, until, users
 from textual.widgets import Input, Select
 
@@ -70,7 +71,7 @@ async def test_quitting_mid_answer_stops_it_on_the_node(nats_url: str, tmp_path:
             await until(pilot, lambda: app.stream is not None and len(app.stream.text.split()) >= 3)
             steps = engine.steps
             await pilot.press("ctrl+q")
-        await wait_for(lambda: not node._jobs, timeout=15)
+        await eventually(lambda: not node._jobs, timeout=15)
         assert (
             engine.steps - steps < 100
         )  # stopped within a few steps, not decoded to its end (150) for nobody

@@ -26,11 +26,10 @@ from unittest import mock
 
 import aiohttp
 import pytest
-from procs import node_process, stop, wait_until
+from procs import eventually, node_process, stop, wait_until
 
 from bus import BusClient
 from bus.schemas_logs import ChatLog, VoteLog
-from webui.logstore import read_log
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -159,6 +158,9 @@ def webui_process(nats_url: str, port: int, state: Path, log: Path) -> Iterator[
         stop(proc)
 
 
+MAX_BATTLES = 4  # an answer that names a model makes a battle unrated; four in a row is rare
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("webui-e2e")
@@ -177,11 +179,9 @@ def nodes(nats_url: str, workdir: Path, model_cache: Path) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 async def app_url(nats_url: str, client: BusClient, nodes: None, workdir: Path) -> AsyncIterator[str]:
-    for _ in range(600):
-        if {"arena-red", "arena-blue"} <= set(client.models()):
-            break
-        await asyncio.sleep(0.2)
-    assert {"arena-red", "arena-blue"} <= set(client.models()), "the two real nodes did not come up"
+    await eventually(
+        lambda: {"arena-red", "arena-blue"} <= set(client.models()), 120, what="the two real nodes"
+    )
     port = free_port()
     with webui_process(nats_url, port, workdir / "state", workdir / "webui.log"):
         yield f"http://127.0.0.1:{port}"
@@ -220,7 +220,7 @@ async def page(workdir: Path) -> AsyncIterator[Page]:
 
 
 async def votes(client: BusClient) -> list[VoteLog]:
-    return [r async for r in read_log(client.js) if isinstance(r, VoteLog)]
+    return [r async for r in client.read_logs() if isinstance(r, VoteLog)]
 
 
 async def test_chat_streams_an_answer_from_a_real_model(page: Page, app_url: str) -> None:
@@ -244,23 +244,31 @@ async def test_chat_streams_an_answer_from_a_real_model(page: Page, app_url: str
 async def test_arena_battle_vote_is_logged_and_moves_the_leaderboard(
     page: Page, app_url: str, client: BusClient, workdir: Path, nats_url: str
 ) -> None:
+    """Both sides are SmolLM2, so an answer may name it: such a battle is logged but not rated (checked
+    too), and the test fights another battle, up to MAX_BATTLES, until one is rated and moves the board."""
     await page.goto(app_url + "/arena")
-    await page.type(".cb-input textarea", "What is 2 + 2?")
-    await page.click(".cb-send")
-    await page.click_text("A is better", timeout=300)  # shown once both answers are done
-    verdict = await page.wait(
-        "[...document.querySelectorAll('.q-page *')].map(e => e.innerText).find(t => t && t.startsWith('You voted'))",
-        timeout=120,
-    )
-    assert "Model A was arena-" in verdict
+    for battle in range(1, MAX_BATTLES + 1):
+        if battle > 1:
+            await page.click_text("New battle")
+            await page.wait("!document.querySelector('.cb-input textarea').disabled")
+        await page.type(".cb-input textarea", "What is 2 + 2?")
+        await page.click(".cb-send")
+        await page.click_text("A is better", timeout=300)  # shown once both answers are done
+        verdict = await page.wait(
+            "[...document.querySelectorAll('.q-page *')].map(e => e.innerText).find(t => t && t.startsWith('You voted'))",
+            timeout=120,
+        )
+        assert "Model A was arena-" in verdict
+        logged = [v for v in await votes(client) if v.mode == "arena"]
+        assert len(logged) == battle and logged[-1].kind == "leftvote" and logged[-1].anonymous
+        if not logged[-1].leaked_identity:
+            break
+        assert "won't count toward the ratings" in verdict
+    else:
+        pytest.fail(f"all {MAX_BATTLES} battles named a model; none could be rated")
     await page.screenshot("arena")
-    logged = [v for v in await votes(client) if v.mode == "arena"]
-    assert len(logged) == 1 and logged[0].kind == "leftvote" and logged[0].anonymous
-    winner = logged[0].models[0]
+    winner = logged[-1].models[0]
     await page.goto(app_url + "/leaderboard")
-    if logged[0].leaked_identity:  # an answer named a model: logged, not rated
-        await page.wait("document.body.innerText.includes('No battles yet')")
-        return
     await page.wait(f"document.querySelector('.q-table')?.innerText.includes({json.dumps(winner)})")
     first_row = await page.eval("document.querySelector('.q-table tbody tr').innerText")
     assert winner in first_row
@@ -328,7 +336,7 @@ async def test_closing_the_tab_stops_the_answer_on_the_node(
     for _ in range(300):
         logged = [
             r
-            async for r in read_log(client.js)
+            async for r in client.read_logs()
             if isinstance(r, ChatLog) and r.messages[-2].content == prompt and r.finish_reason == "cancelled"
         ]
         if logged:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from fakes import wait_for
 from nicegui import ElementFilter
 from nicegui.testing import User
-from test_webui import chat_records, nicegui_storage, services, simulated
+from procs import eventually
+from test_webui import last_chat, nicegui_storage, services, simulated
 
 from tui.conversation import Conversation
 from webui.conversations import MAX_CHATS, Chats, title_of, to_json, to_markdown
@@ -33,7 +33,7 @@ async def ask(user: User, text: str) -> None:
     user.find(marker="chat-input").type(text)
     user.find(marker="send").click()
     index = 2 * before + 1  # the answer's index in the conversation
-    await wait_for(lambda: bool(list_marked(user, f"stats-{index}")), timeout=60)
+    await eventually(lambda: bool(list_marked(user, f"stats-{index}")), timeout=60)
 
 
 def list_marked(user: User, marker: str) -> list:
@@ -54,24 +54,24 @@ async def test_chats_are_listed_searched_opened_renamed_and_deleted(services: Se
         assert titles(user) == ["bananas are yellow", "apples grow on trees"]  # newest first
         search = list_marked(user, "chat-search")[0]
         search.set_value("CURVED")  # in a message, not the title
-        await wait_for(lambda: titles(user) == ["bananas are yellow"])
+        await eventually(lambda: titles(user) == ["bananas are yellow"])
         search.set_value("")
-        await wait_for(lambda: len(titles(user)) == 2)
+        await eventually(lambda: len(titles(user)) == 2)
         user.find(marker="chat-item-1").click()  # open the apples chat
-        await wait_for(lambda: bubbles(user) == ["apples grow on trees"])
+        await eventually(lambda: bubbles(user) == ["apples grow on trees"])
         await user.open("/")  # a reload shows the chat that was opened, and the list
         assert bubbles(user) == ["apples grow on trees"] and len(titles(user)) == 2
         user.find(marker="chat-rename-1").click()
         list_marked(user, "rename-input")[0].set_value("Fruit questions")
         user.find(marker="rename-save").click()
-        await wait_for(lambda: "Fruit questions" in titles(user))
+        await eventually(lambda: "Fruit questions" in titles(user))
         assert titles(user) == ["bananas are yellow", "Fruit questions"]  # opening does not reorder
         user.find(marker="chat-delete-0").click()  # bananas: not the open chat, which stays
-        await wait_for(lambda: titles(user) == ["Fruit questions"])
+        await eventually(lambda: titles(user) == ["Fruit questions"])
         assert bubbles(user) == ["apples grow on trees"]
         user.find(marker="chat-delete-0").click()  # the open chat: the page starts a new one
         await user.should_see("What can I help with?")
-        await wait_for(lambda: titles(user) == [], timeout=3)
+        await eventually(lambda: titles(user) == [], timeout=3)
 
 
 async def test_edit_and_resend_replaces_what_came_after(services: Services) -> None:
@@ -83,12 +83,10 @@ async def test_edit_and_resend_replaces_what_came_after(services: Services) -> N
         user.find(marker="edit-0").click()
         list_marked(user, "edit-input")[0].set_value("six seven")
         user.find(marker="edit-send").click()
-        await wait_for(
+        await eventually(
             lambda: bool(list_marked(user, "stats-1")) and bubbles(user) == ["six seven"], timeout=20
         )
-        await wait_for(lambda: not services.logs.pending)
-        last = (await chat_records(services))[-1]
-        assert [m.content for m in last.messages] == ["six seven", "six seven"]
+        await last_chat(services, lambda r: [m.content for m in r.messages] == ["six seven", "six seven"])
 
 
 async def test_export_downloads_markdown_and_json(services: Services) -> None:

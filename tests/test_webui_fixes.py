@@ -7,12 +7,13 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fakes import EchoEngine, wait_for
+from fakes import EchoEngine
 from fakes import echo_node as running_node
 from nicegui import ElementFilter, ui
 from nicegui.testing import User
 from nicegui.testing.user_simulation import user_simulation
-from test_webui import _markdown, chat_records, nicegui_storage, services, simulated, visible
+from procs import eventually
+from test_webui import _markdown, chat_records, last_chat, nicegui_storage, services, simulated, visible
 
 from webui.app import build_root
 from webui.services import Services
@@ -46,7 +47,7 @@ async def test_an_empty_leaderboard_shows_one_empty_state(services: Services) ->
     async with simulated(services) as user:
         await user.open("/leaderboard")
         await user.should_see("No battles yet")
-        await wait_for(lambda: shown(user, "no-battles"))
+        await eventually(lambda: shown(user, "no-battles"))
         assert not shown(user, "ratings")  # no empty table, no empty charts beside it
 
 
@@ -70,7 +71,7 @@ async def test_a_chat_vote_counts_once_and_answers_show_their_stats(services: Se
         await user.open("/")
         user.find(marker="clear").click()
         await _ask(user, "count my vote once")
-        await wait_for(lambda: visible(user, "upvote-1"), timeout=60)
+        await eventually(lambda: visible(user, "upvote-1"), timeout=60)
         await user.should_see(marker="stats-1")
         stats = user.find(marker="stats-1").elements.pop().text
         assert stats.startswith("4 tokens") and "tok/s" in stats and "node " in stats
@@ -79,7 +80,7 @@ async def test_a_chat_vote_counts_once_and_answers_show_their_stats(services: Se
         await user.should_see("Thanks for the upvote!")
         user.find(marker="upvote-1").click()  # a second click (or a stale button) adds nothing
         user.find(marker="downvote-1").click()
-        await wait_for(lambda: not services.logs.pending)
+        await eventually(lambda: not services.logs.pending)
         assert len([v for v in services.logs.votes() if v.kind == "upvote"]) == before + 1
         assert not any(v.kind == "downvote" for v in services.logs.votes())
         assert not user.find(marker="upvote-1").elements.pop().enabled
@@ -88,11 +89,11 @@ async def test_a_chat_vote_counts_once_and_answers_show_their_stats(services: Se
 async def test_an_offline_model_gives_the_question_back(services: Services, nats_url: str) -> None:
     async with simulated(services) as user:
         async with running_node(nats_url, EchoEngine("echo-gone")):
-            await wait_for(lambda: "echo-gone" in services.model_names())
+            await eventually(lambda: "echo-gone" in services.model_names())
             await user.open("/")
             user.find(marker="clear").click()
             _elements(user, ui.select)[0].set_value("echo-gone")
-        await wait_for(lambda: "echo-gone" not in services.model_names())
+        await eventually(lambda: "echo-gone" not in services.model_names())
         await _ask(user, "is anyone there")
         await user.should_see(marker="answer-error", retries=60)
         await user.should_see("Your message is back in the input")
@@ -111,10 +112,8 @@ async def test_out_of_range_parameters_are_refused_and_repetition_penalty_is_sen
         _marked(user, "param-temperature").value = 0.5
         _marked(user, "param-repetition_penalty").value = 1.3
         await _ask(user, "penalised words")
-        await wait_for(lambda: "penalised words" in _markdown(user), timeout=60)
-        await wait_for(lambda: not services.logs.pending)
-        last = (await chat_records(services))[-1]
-        assert last.params.repetition_penalty == 1.3 and last.params.temperature == 0.5
+        await eventually(lambda: "penalised words" in _markdown(user), timeout=60)
+        await last_chat(services, lambda r: (r.params.repetition_penalty, r.params.temperature) == (1.3, 0.5))
 
 
 async def test_side_by_side_clears_the_old_verdict_and_has_no_vote_for_one_model(services: Services) -> None:
@@ -122,11 +121,11 @@ async def test_side_by_side_clears_the_old_verdict_and_has_no_vote_for_one_model
         await user.open("/side-by-side")
         assert not visible(user, "same-model")
         await _ask(user, "first round")
-        await wait_for(lambda: visible(user, "vote-row"), timeout=60)
+        await eventually(lambda: visible(user, "vote-row"), timeout=60)
         user.find(marker="tievote").click()
         await user.should_see("You voted: Tie")
         await _ask(user, "follow up")
-        await wait_for(lambda: visible(user, "vote-row"), timeout=60)
+        await eventually(lambda: visible(user, "vote-row"), timeout=60)
         assert user.find(marker="verdict").elements.pop().text == ""
         # Regenerate answers the last question again on both sides.
         chats = len(await chat_records(services))
@@ -137,15 +136,15 @@ async def test_side_by_side_clears_the_old_verdict_and_has_no_vote_for_one_model
                 break
             await asyncio.sleep(0.1)
         assert len(records) == chats + 2 and records[-1].messages[-2].content == "follow up"
-        await wait_for(lambda: visible(user, "vote-row"), timeout=60)
+        await eventually(lambda: visible(user, "vote-row"), timeout=60)
         # The same model on both sides: said so, and no vote.
         user.find(marker="new-battle").click()
         for select in _elements(user, ui.select):
             select.set_value("echo-one")
         await user.should_see(marker="same-model")
         await _ask(user, "mirror mirror")
-        await wait_for(lambda: "mirror" in _markdown(user), timeout=60)
-        await wait_for(lambda: not services.logs.pending)
+        await eventually(lambda: "mirror" in _markdown(user), timeout=60)
+        await eventually(lambda: not services.logs.pending)
         assert not visible(user, "vote-row")
 
 
@@ -182,11 +181,11 @@ async def test_votes_beyond_the_hourly_limit_are_refused(services: Services) -> 
         for round_ in range(2):
             before = len(services.logs.votes())
             await _ask(user, f"round {round_} of votes")
-            await wait_for(lambda: visible(user, "vote-row"), timeout=60)
+            await eventually(lambda: visible(user, "vote-row"), timeout=60)
             user.find(marker="tievote").click()
             if round_ == 0:
                 await user.should_see("You voted: Tie")
-                await wait_for(lambda n=before + 1: len(services.logs.votes()) == n)
+                await eventually(lambda n=before + 1: len(services.logs.votes()) == n)
                 user.find(marker="new-battle").click()
         await user.should_see("You have reached the limit of 1 vote an hour")
         assert len(services.logs.votes()) == before  # the second vote was not logged

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from fakes import wait_for
 from nicegui import app
 from nicegui.storage import Storage
 from nicegui.testing import User
 from nicegui.testing.user_simulation import user_simulation
 from permissions import refused
+from procs import eventually
 
 from bus import BusClient, EmbeddedServer, NodeInfo, subjects
 from bus.auth import ROLES, provision, with_credential
@@ -191,7 +191,7 @@ async def test_jobs_page_empty_state_and_unknown_job(client: BusClient, nats_url
             await user.should_see("No job 'train-nope' on this bus")
             failed = record("eval-failed-1", "eval", "failed", at=time.time())
             await services.jobs.put_record(msgspec.structs.replace(failed, message="JudgeFailure: no judge"))  # type: ignore[union-attr]
-            await wait_for(lambda: services.job_records.get("eval-failed-1") is not None)  # type: ignore[union-attr]
+            await eventually(lambda: services.job_records.get("eval-failed-1") is not None)  # type: ignore[union-attr]
             await user.open("/jobs/eval-failed-1")
             await user.should_see("The job failed: JudgeFailure: no judge")
             await user.open("/usage")
@@ -236,9 +236,9 @@ async def test_the_web_apps_credentials_on_a_secured_bus(tmp_path: Path) -> None
                 ]
                 assert services.jobs is not None and services.job_records is not None, services.jobs_error
                 job_id = await client.submit_job("train", NoSpec())  # no worker: it stays queued
-                await wait_for(lambda: services.job_records.get(job_id) is not None)  # type: ignore[union-attr]
+                await eventually(lambda: services.job_records.get(job_id) is not None)  # type: ignore[union-attr]
                 await services.jobs.cancel(job_id)
-                await wait_for(lambda: services.job_records.get(job_id).state == "cancelled")  # type: ignore[union-attr]
+                await eventually(lambda: services.job_records.get(job_id).state == "cancelled")  # type: ignore[union-attr]
             finally:
                 await services.close()
     finally:

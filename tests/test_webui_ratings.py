@@ -8,7 +8,14 @@ import time
 
 import pytest
 
-from bus.ratings import (
+from bus.schemas import ChatMessage
+from bus.schemas_logs import ConvState, VoteLog
+from webui.config import Limits
+from webui.limits import LimitExceeded, RateLimiter
+from webui.logstore import battles_from_votes
+from webui.pages.duel import draw_pair
+from webui.pages.leaderboard import _rows
+from webui.ratings import (
     PROVISIONAL_BATTLES,
     Battle,
     compute_bt,
@@ -18,13 +25,6 @@ from bus.ratings import (
     pair_probabilities,
     ranks_from_ci,
 )
-from bus.schemas import ChatMessage
-from bus.schemas_logs import ConvState, VoteLog
-from webui.config import Limits
-from webui.limits import LimitExceeded, RateLimiter
-from webui.logstore import battles_from_votes
-from webui.pages.duel import draw_pair
-from webui.pages.leaderboard import _rows
 
 
 def _b(winner: str, len_a: int = 0, len_b: int = 0, prompt: str = "") -> Battle:

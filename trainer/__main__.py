@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from bus import add_nats_option, resolve_nats
 from trainer.worker import WorkerConfig, main
 
 
@@ -18,7 +19,7 @@ def default_cache_dir() -> Path:
 
 def parse(argv: list[str]) -> WorkerConfig:
     p = argparse.ArgumentParser(prog="python -m trainer", description="Run chatbus train jobs from the bus.")
-    p.add_argument("--nats", default=os.environ.get("CHATBUS_NATS", "nats://127.0.0.1:4222"))
+    add_nats_option(p)
     p.add_argument(
         "--cache-dir", type=Path, default=default_cache_dir(), help="model cache (shared with nodes)"
     )
@@ -31,7 +32,7 @@ def parse(argv: list[str]) -> WorkerConfig:
     )
     a = p.parse_args(argv)
     return WorkerConfig(
-        nats=a.nats,
+        nats=resolve_nats(a.nats, os.environ),
         cache_dir=a.cache_dir,
         work_dir=a.work_dir,
         ack_wait_s=a.ack_wait,

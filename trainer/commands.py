@@ -13,10 +13,7 @@ from typing import Any
 
 import msgspec
 
-from bus.connection import connect
-from bus.errors import BusError
-from bus.jobs import Jobs
-from bus.schemas_jobs import JobEvent, JobRecord
+from bus import BusError, JobEvent, JobRecord, Jobs, connect
 from trainer.data import DatasetError, parse_dataset
 from trainer.datatools import add_data_commands
 from trainer.schemas import TrainSpec
@@ -228,7 +225,8 @@ async def cmd_cancel(args: argparse.Namespace, url: str) -> int:
 
 async def cmd_merge(args: argparse.Namespace, url: str) -> int:
     """FastChat's apply_lora: base + adapter → one plain model dir any node can serve with --model."""
-    from bus.artifacts import describe, fetch_with
+    from bus import describe_artifact as describe
+    from bus import fetch_artifact as fetch_with
     from trainer.__main__ import default_cache_dir
     from trainer.merge import merge_adapter
 
@@ -237,12 +235,12 @@ async def cmd_merge(args: argparse.Namespace, url: str) -> int:
         with tempfile.TemporaryDirectory(prefix="chatbus-merge-") as tmp:
             adapter = await fetch_with(jobs, args.ref, Path(tmp))
             info = describe(adapter)
-            if info.get("method") == "full":
+            if info.method == "full":
                 print("error: that job stored full weights already; nothing to merge", file=sys.stderr)
                 return 1
             cache = args.cache_dir or default_cache_dir()
-            await asyncio.to_thread(merge_adapter, adapter, info["base"], cache, args.out)
-        print(f"merged {info['name']} into {args.out}; serve it: chatbus node --model {args.out}")
+            await asyncio.to_thread(merge_adapter, adapter, info.base, cache, args.out)
+        print(f"merged {info.name} into {args.out}; serve it: chatbus node --model {args.out}")
         return 0
     finally:
         await jobs.nc.close()

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from bus import ModelLoadError
 from trainer.schemas import TrainSpec
 
 __all__ = ["DEFAULT_MODEL", "Loaded", "ModelError", "base_name", "load_for_training", "resolve_base"]
@@ -30,8 +31,9 @@ _DTYPES = {
 }
 
 
-class ModelError(Exception):
-    """The base model cannot be trained as asked; the message says what to do instead."""
+class ModelError(ModelLoadError):
+    """The base model cannot be trained as asked (raised by `load_for_training` inside a train job, which
+    then fails with this message); the message says what to do instead: another method, dtype or base."""
 
 
 @dataclass
@@ -65,7 +67,7 @@ def resolve_base(base: str, cache_dir: Path, progress: Callable[[str], None] = p
 
 def _default_model_dir(cache_dir: Path, progress: Callable[[str], None]) -> Path:
     """The node's converted default model (one cache, one conversion code path)."""
-    from node.loader import ModelLoadError, default_model_dir
+    from node.loader import default_model_dir
 
     try:
         return default_model_dir(cache_dir, progress)

@@ -23,11 +23,18 @@ from typing import Any
 
 import msgspec
 
-from bus.auth import redact
-from bus.codec import encode
-from bus.connection import connect
-from bus.jobs import JobCancelled, JobContext, JobWorker
-from bus.logfmt import setup_logging
+from bus import (
+    DEFAULT_NATS,
+    ArtifactInfo,
+    JobCancelled,
+    JobContext,
+    JobWorker,
+    connect,
+    encode,
+    redact,
+    setup_logging,
+    write_info,
+)
 from trainer.model import DEFAULT_MODEL, base_name
 from trainer.schemas import TrainResult, TrainSpec
 
@@ -39,7 +46,7 @@ EMIT_TIMEOUT_S = 30.0
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    nats: str = "nats://127.0.0.1:4222"
+    nats: str = DEFAULT_NATS
     cache_dir: Path = Path(".cache/chatbus/models")
     work_dir: Path | None = None  # where jobs write their outputs before upload (default: a temp dir)
     ack_wait_s: float = 30.0
@@ -105,9 +112,7 @@ async def handle(ctx: JobContext, cfg: WorkerConfig) -> msgspec.Raw:
         if outcome.stopped:
             raise JobCancelled(ctx.job_id)
         name = spec.name or f"{base_name(spec.base)}-{ctx.job_id.rsplit('-', 1)[-1]}"
-        (out_dir / "chatbus.json").write_text(
-            json.dumps({"name": name, "base": spec.base, "method": spec.method, "job_id": ctx.job_id})
-        )
+        write_info(out_dir, ArtifactInfo(name=name, base=spec.base, method=spec.method, job_id=ctx.job_id))
         if spec.method != "full":
             _point_adapter_at_base(out_dir, spec.base)
         t_store = time.perf_counter()

@@ -7,10 +7,12 @@ import os
 import sys
 from pathlib import Path
 
+from bus import add_nats_option, resolve_nats
+
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tui", description="Chat with models on the chatbus bus.")
-    p.add_argument("--nats", default=os.environ.get("CHATBUS_NATS", "nats://127.0.0.1:4222"), help="NATS URL")
+    add_nats_option(p)
     p.add_argument("--state-dir", type=Path, default=None, help="state dir for the embedded defaults")
     p.add_argument("--model", default=None, help="model name (default: the first one served)")
     p.add_argument("--system", default=None, help="system prompt")
@@ -24,7 +26,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-start", action="store_true", help="never start the embedded defaults when nothing answers"
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.nats = resolve_nats(args.nats, os.environ)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,10 +9,8 @@ from typing import TYPE_CHECKING
 
 from textual.widgets import Markdown
 
-from bus.errors import BusError, Code, ModelNotFound, NoNodeAvailable
-from bus.schemas import Chunk, Done, Failed
-from bus.stream import ChatStream
-from bus.tool_calls import readable
+from bus import BusError, ChatStream, Chunk, Code, Done, Failed, ModelNotFound, NoNodeAvailable
+from bus import readable_tool_calls as readable
 from tui.widgets import Answer, PromptInput, UserTurn
 
 if TYPE_CHECKING:

@@ -16,11 +16,7 @@ from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Select, Static, TextArea
 from textual.worker import Worker
 
-from bus.auth import redact
-from bus.client import BusClient
-from bus.errors import BusUnavailable
-from bus.nodes import ModelEntry
-from bus.stream import ChatStream
+from bus import BusClient, BusUnavailable, ChatStream, ModelEntry, redact
 from tui import inchat
 from tui.actions import run_command
 from tui.answering import stream_answer
@@ -184,8 +180,8 @@ class ChatApp(App[int]):
             return
 
     def _follow_bus(self, client: BusClient) -> None:
-        if client.nc.is_connected != self._connected:
-            self._connected = client.nc.is_connected
+        if client.connected != self._connected:
+            self._connected = client.connected
             if self._connected:
                 self.notice(f"bus is back ({redact(self.url)})")
                 self._fresh_client_wanted = True
@@ -235,7 +231,7 @@ class ChatApp(App[int]):
             )
 
     def _show_status(self, client: BusClient) -> None:
-        if not client.nc.is_connected:
+        if not client.connected:
             self.set_status(f"bus {redact(self.url)} disconnected — reconnecting…", down=True)
             return
         entry = client.models().get(self.conv.model)

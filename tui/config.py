@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bus.schemas import SamplingParams
+from bus import SamplingParams
 
 __all__ = ["ChatConfig", "config_from_args"]
 

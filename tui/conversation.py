@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bus.schemas import ChatMessage, SamplingParams
+from bus import ChatMessage, SamplingParams
 
 __all__ = ["FORMAT", "Conversation", "ConversationFileError"]
 

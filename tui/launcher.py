@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from bus.paths import default_state_dir, read_nats_url
-from bus.server import stop_process_group
+from bus import default_state_dir, read_nats_url, stop_process_group
 
 __all__ = ["EmbeddedDefaults", "is_local", "port_of", "reachable"]
 

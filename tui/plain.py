@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from bus.auth import redact
-from bus.client import BusClient
-from bus.errors import BusError
-from bus.schemas import Chunk, Failed
+from bus import BusClient, BusError, Chunk, Failed, redact
 from tui.config import ChatConfig
 from tui.conversation import Conversation
 

@@ -7,8 +7,7 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Input, Label, Select, TextArea
 
-from bus.nodes import ModelEntry
-from bus.schemas import SamplingParams
+from bus import ModelEntry, SamplingParams
 from tui.conversation import Conversation
 
 __all__ = ["Settings", "parse_param"]

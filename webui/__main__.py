@@ -9,7 +9,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from bus.logfmt import setup_logging
+from bus import add_nats_option, resolve_nats, setup_logging
 from webui.config import Limits, WebConfig
 
 
@@ -30,7 +30,7 @@ def _secret(state_dir: Path, name: str = "cookie-secret") -> str:
 
 def parse(argv: list[str] | None = None) -> WebConfig:
     p = argparse.ArgumentParser(prog="python -m webui", description="The chatbus web app (NiceGUI).")
-    p.add_argument("--nats", default=os.environ.get("CHATBUS_NATS", "nats://127.0.0.1:4222"), help="NATS URL")
+    add_nats_option(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument(
@@ -53,7 +53,7 @@ def parse(argv: list[str] | None = None) -> WebConfig:
     level = logging.DEBUG if a.verbose else logging.INFO
     setup_logging(level, os.environ.get("CHATBUS_LOG_FORMAT"), "%(asctime)s %(name)s %(message)s")
     return WebConfig(
-        nats=a.nats,
+        nats=resolve_nats(a.nats, os.environ),
         host=a.host,
         port=a.port,
         storage_secret=os.environ.get("CHATBUS_WEB_SECRET") or _secret(a.state_dir),

@@ -11,10 +11,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bus import BusError, ChatMessage, ChatStream, Chunk, Done, Failed, SamplingParams
-from bus.schemas import Usage
-from bus.schemas_logs import ChatLog, Mode
-from bus.tool_calls import readable
+from bus import BusError, ChatLog, ChatMessage, ChatStream, Chunk, Done, Failed, SamplingParams, Usage
+from bus import LogMode as Mode
+from bus import readable_tool_calls as readable
 from webui.services import Services
 
 __all__ = ["Answer", "AnswerResult", "new_id"]

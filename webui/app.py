@@ -9,8 +9,7 @@ from typing import Any
 
 from nicegui import app, ui
 
-from bus import BusError
-from bus.auth import redact
+from bus import BusError, redact
 from webui.config import WebConfig
 from webui.layout import Shell
 from webui.pages.chat import chat_page

@@ -38,13 +38,11 @@ def _export(args: argparse.Namespace, url: str) -> int:
 
 async def fetch(url: str, only: str | None = None) -> list[Any]:
     """Every record in the log (or only answers / only votes), oldest first."""
-    from bus import subjects
-    from bus.connection import connect
-    from webui.logstore import read_log
+    from bus import connect, read_logs, subjects
 
     subject = {"chat": subjects.log_chat(), "vote": subjects.log_vote()}.get(only or "")
     nc = await connect(url, name="chatbus-export-logs")
     try:
-        return [r async for r in read_log(nc.jetstream(), subject)]
+        return [r async for r in read_logs(nc.jetstream(), subject)]
     finally:
         await nc.close()

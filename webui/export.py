@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 from typing import IO, Any
 
-from bus.schemas import ChatMessage
-from bus.schemas_logs import ChatLog, ConvState, LogRecord, VoteLog
+from bus import ChatLog, ChatMessage, ConvState, LogRecord, VoteLog
 
 __all__ = ["fastchat_record", "fastchat_state", "write_jsonl"]
 

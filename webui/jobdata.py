@@ -17,10 +17,7 @@ from typing import Any
 import msgspec
 from nats.js.kv import KeyValue
 
-from bus import decode
-from bus.errors import BadMessage
-from bus.operations import KVMirror, Reconnects
-from bus.schemas_jobs import TERMINAL_STATES, JobEvent, JobRecord
+from bus import TERMINAL_STATES, BadMessage, JobEvent, JobRecord, KVMirror, Reconnects, decode
 
 __all__ = [
     "JobsMirror",

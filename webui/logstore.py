@@ -11,78 +11,31 @@ import contextlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
-from nats.js.errors import NotFoundError
+from bus import BATTLE_VOTES, BusClient, ChatLog, VoteLog
+from webui.ratings import Battle, battle_from_vote, dedupe_prompts
 
-from bus import subjects
-from bus.codec import decode, encode
-from bus.connection import ensure_logs_stream
-from bus.errors import BadMessage
-from bus.ratings import Battle, battle_from_vote, dedupe_prompts
-from bus.schemas_logs import BATTLE_VOTES, ChatLog, LogRecord, VoteLog
-
-__all__ = ["LogStore", "read_log"]
+__all__ = ["LogStore"]
 
 log = logging.getLogger(__name__)
-
-
-async def read_log(js: JetStreamContext, subject: str | None = None) -> AsyncIterator[LogRecord]:
-    """Every record stored so far (oldest first), then stop."""
-    try:
-        info = await js.stream_info(subjects.LOGS_STREAM)
-    except NotFoundError:
-        return
-    if not info.state.messages:
-        return
-    sub = await js.subscribe(
-        subject or subjects.logs_all(),
-        stream=subjects.LOGS_STREAM,
-        ordered_consumer=True,
-        deliver_policy=DeliverPolicy.ALL,
-    )
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=2.0)
-            except Exception:  # nothing more on this subject
-                return
-            try:
-                yield decode(msg.data, LogRecord)
-            except BadMessage as e:
-                log.warning("skipping an unreadable log record: %s", e)
-            if msg.metadata.num_pending == 0:
-                return
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
 
 
 class LogStore:
     """Appends records and keeps every vote in memory (followed live from the stream)."""
 
-    def __init__(self, js: JetStreamContext, *, retry_every_s: float = 1.0) -> None:
-        self._js = js
+    def __init__(self, client: BusClient, *, retry_every_s: float = 1.0) -> None:
+        self._client = client
         self._retry_every_s = retry_every_s
-        self._pending: deque[tuple[str, bytes, str]] = deque()
+        self._pending: deque[tuple[ChatLog | VoteLog, str]] = deque()
         self._votes: list[VoteLog] = []
-        self._sub: JetStreamContext.PushSubscription | None = None
+        self._unfollow: Callable[[], Awaitable[None]] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self.version = 0  # bumps on every vote seen in the stream
         self.on_vote: Callable[[VoteLog], None] | None = None
 
     async def start(self) -> None:
-        await ensure_logs_stream(self._js)
-        self._sub = await self._js.subscribe(
-            subjects.log_vote(),
-            stream=subjects.LOGS_STREAM,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL,
-            cb=self._on_vote_msg,
-        )
+        self._unfollow = await self._client.follow_votes(self._on_vote)
         self._flusher = asyncio.create_task(self._flush_loop(), name="webui-log-flush")
 
     async def stop(self) -> None:
@@ -93,9 +46,8 @@ class LogStore:
         await self._flush_once()
         if self._pending:
             log.error("%d log records could not be stored (is NATS down?)", len(self._pending))
-        if self._sub:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        if self._unfollow:
+            await self._unfollow()
 
     @property
     def pending(self) -> int:
@@ -103,18 +55,15 @@ class LogStore:
 
     async def append(self, record: ChatLog | VoteLog) -> bool:
         """Store `record`; False when it is queued for a retry instead (the bus is unreachable)."""
-        subject = subjects.log_vote() if isinstance(record, VoteLog) else subjects.log_chat()
-        item = (subject, encode(record), uuid.uuid4().hex)
+        item = (record, uuid.uuid4().hex)
         if self._pending or not await self._publish(*item):
             self._pending.append(item)
             return False
         return True
 
-    async def _publish(self, subject: str, data: bytes, msg_id: str) -> bool:
+    async def _publish(self, record: ChatLog | VoteLog, msg_id: str) -> bool:
         try:
-            await self._js.publish(
-                subject, data, stream=subjects.LOGS_STREAM, timeout=2.0, headers={"Nats-Msg-Id": msg_id}
-            )
+            await self._client.append_log(record, msg_id)
             return True
         except Exception as e:
             log.warning("log append failed, will retry: %r", e)
@@ -129,12 +78,7 @@ class LogStore:
             await asyncio.sleep(self._retry_every_s)
             await self._flush_once()
 
-    async def _on_vote_msg(self, msg: Msg) -> None:
-        try:
-            vote = decode(msg.data, VoteLog)
-        except BadMessage as e:
-            log.warning("skipping an unreadable vote: %s", e)
-            return
+    def _on_vote(self, vote: VoteLog) -> None:
         self._votes.append(vote)
         self.version += 1
         if self.on_vote:

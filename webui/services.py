@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from bus import BusClient, subjects
-from bus.jobs import Jobs
+from bus import BusClient, Jobs
 from webui.config import WebConfig
 from webui.jobdata import JobsMirror
 from webui.limits import RateLimiter
@@ -35,7 +34,7 @@ class Services:
         if self.history is None:
             self.history = NodeHistory(self.client.nodes)
         if self.usage is None:
-            self.usage = UsageReader(self.client.nc, self.config.usage_nats or None)
+            self.usage = UsageReader(self.client, self.config.usage_nats or None)
 
     @classmethod
     async def start(cls, config: WebConfig, client: BusClient | None = None) -> Services:
@@ -43,7 +42,7 @@ class Services:
         owns = client is None
         client = client or await BusClient.connect(config.nats, name="chatbus-webui")
         try:
-            logs = LogStore(client.js)
+            logs = LogStore(client)
             await logs.start()
         except BaseException:
             if owns:
@@ -59,8 +58,7 @@ class Services:
         """The job records, followed live; the app still serves chat when the bus refuses them."""
         try:
             self.jobs = await self.client.jobs()
-            kv = await self.client.js.key_value(subjects.JOBS_BUCKET)
-            mirror = JobsMirror(kv, self.client.reconnects)
+            mirror = JobsMirror(self.jobs.records, self.client.reconnects)
             await mirror.start()
             self.job_records = mirror
         except Exception as e:

@@ -14,14 +14,16 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from nats.aio.client import Client as NATS
-from nats.js.errors import BucketNotFoundError
-
-from bus import subjects
-from bus.auth import redact
-from bus.connection import connect
-from bus.keys import list_keys, list_usage
-from bus.schemas_keys import KeyRecord, KeyUsage
+from bus import (
+    BusClient,
+    KeyRecord,
+    KeyUsage,
+    ensure_keys_bucket,
+    ensure_usage_bucket,
+    list_keys,
+    list_usage,
+    redact,
+)
 
 __all__ = ["UsageReader", "UsageReport", "admin_mark", "key_rows", "token_matches"]
 
@@ -45,18 +47,18 @@ class UsageReport:
 
 
 class UsageReader:
-    """Reads `cb_keys` and `cb_usage` through `nc`, or through its own connection to `url` when given."""
+    """Reads `cb_keys` and `cb_usage` through `client`, or through its own connection to `url` when given."""
 
-    def __init__(self, nc: NATS, url: str | None = None) -> None:
-        self._nc = nc
+    def __init__(self, client: BusClient, url: str | None = None) -> None:
+        self._client = client
         self._url = url
-        self._own: NATS | None = None
+        self._own: BusClient | None = None
 
-    async def _conn(self) -> NATS:
+    async def _conn(self) -> BusClient:
         if not self._url:
-            return self._nc
-        if self._own is None or self._own.is_closed:
-            self._own = await connect(self._url, name="chatbus-webui-usage")
+            return self._client
+        if self._own is None or not self._own.connected:
+            self._own = await BusClient.connect(self._url, name="chatbus-webui-usage")
         return self._own
 
     async def read(self) -> UsageReport:
@@ -67,19 +69,13 @@ class UsageReader:
             return UsageReport(error=f"{type(e).__name__}: {e}{where}".strip())
 
     async def _read(self) -> UsageReport:
-        js = (await self._conn()).jetstream()
-        try:
-            keys = await list_keys(await js.key_value(subjects.KEYS_BUCKET))
-        except BucketNotFoundError:
-            return UsageReport()  # no key was ever made
-        try:
-            usage = await list_usage(await js.key_value(subjects.USAGE_BUCKET))
-        except BucketNotFoundError:
-            usage = []
+        client = await self._conn()
+        keys = await list_keys(await client.bucket(ensure_keys_bucket))
+        usage = await list_usage(await client.bucket(ensure_usage_bucket))
         return UsageReport(keys, usage)
 
     async def close(self) -> None:
-        if self._own is not None and not self._own.is_closed:
+        if self._own is not None:
             await self._own.close()
 
 

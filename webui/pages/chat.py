@@ -13,8 +13,7 @@ from typing import Any
 
 from nicegui import ui
 
-from bus import ChatMessage, SamplingParams
-from bus.schemas_logs import ConvState, VoteLog
+from bus import ChatMessage, ConvState, SamplingParams, VoteLog
 from webui.answer import Answer, new_id
 from webui.conversations import Chats, title_of, to_json, to_markdown
 from webui.layout import assistant_bubble, empty_state, tool_button, typing_dots, user_bubble

@@ -13,9 +13,7 @@ import time
 
 from nicegui import ui
 
-from bus import ChatMessage
-from bus.ratings import Battle, battle_counts, pair_probabilities
-from bus.schemas_logs import ConvState, VoteLog
+from bus import ChatMessage, ConvState, VoteLog
 from webui.answer import Answer, AnswerResult, new_id, reveals_identity
 from webui.layout import assistant_bubble, empty_state, tool_button, typing_dots, user_bubble
 from webui.limits import LimitExceeded
@@ -28,6 +26,7 @@ from webui.pages.common import (
     scroll_down,
     stats_line,
 )
+from webui.ratings import Battle, battle_counts, pair_probabilities
 from webui.services import Services
 
 __all__ = ["DuelView"]

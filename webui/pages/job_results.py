@@ -10,8 +10,7 @@ from typing import Any
 
 from nicegui import ui
 
-from bus import BusError
-from bus.schemas_jobs import TERMINAL_STATES, JobRecord
+from bus import TERMINAL_STATES, BusError, JobRecord
 from webui.jobdata import TrainView, category_scores, linked_evals, parse_jsonl, result_dict, verdict_rows
 from webui.services import Services
 

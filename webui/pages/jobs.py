@@ -12,9 +12,7 @@ from typing import Any
 from nicegui import ui
 from nicegui.events import GenericEventArguments
 
-from bus import BusError
-from bus.auth import redact
-from bus.schemas_jobs import TERMINAL_STATES, JobRecord
+from bus import TERMINAL_STATES, BusError, JobRecord, redact
 from webui.jobdata import spec_dict
 from webui.pages.job_results import STATE_COLOR, EvalPanel, TrainPanel
 from webui.services import Services

@@ -7,8 +7,8 @@ from typing import Any
 
 from nicegui import ui
 
-from bus.ratings import Rating
 from webui.jobdata import judge_board
+from webui.ratings import Rating
 from webui.services import Services
 
 __all__ = ["JudgeTab"]

@@ -7,9 +7,9 @@ from typing import Any
 from nicegui import run, ui
 from nicegui.events import ValueChangeEventArguments
 
-from bus.ratings import PROVISIONAL_BATTLES, Rating, battle_counts, leaderboard, win_rate_matrix
 from webui.logstore import DEDUPE_KEEP
 from webui.pages.judge_board import JudgeTab
+from webui.ratings import PROVISIONAL_BATTLES, Rating, battle_counts, leaderboard, win_rate_matrix
 from webui.services import Services
 
 __all__ = ["leaderboard_page"]

@@ -1,6 +1,6 @@
 """Launch a NATS cluster (routes) or a hub + leafnode pair on loopback, from the same nats-server binary.
 
-For tests, benchmarks and trying a cluster out on one machine; a real deployment writes the same
+For tests and benchmarks (bench/chaos.py) on one machine; a real deployment writes the same
 configuration (see docs/operations.md) by hand. Every server is its own process group, and `stop()`
 stops exactly the servers this object started.
 """

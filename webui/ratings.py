@@ -1,6 +1,6 @@
 """Arena ratings from pairwise battles: online Elo, Bradley–Terry MLE, bootstrap CIs, win rates.
 
-Pure Python (no numpy) so the web app and the judge share it without heavy imports. Conventions
+Pure Python (no numpy): the web app's leaderboard and battle pages are its only users. Conventions
 follow FastChat's leaderboard: ratings on the Elo scale (400 points = 10x odds, 1000 = average),
 online Elo with K=4, ties (including both-bad) count half a win for each side, and the win-rate
 matrix counts decisive battles only.
