@@ -115,6 +115,8 @@ def node_permissions(
         "$JS.API.STREAM.NAMES",  # does CB_TOKENS exist (by subject; names only, no request ids)
         f"$JS.API.STREAM.INFO.{_NODES_KV}",  # opening the node table
         f"$JS.API.STREAM.INFO.KV_{subjects.METRICS_BUCKET}",  # opening the metrics bucket
+        # prompts sent by reference, chunk by chunk by subject: encrypted, the key comes with the request
+        f"$JS.API.DIRECT.GET.{subjects.PROMPTS_STREAM}.{subjects.prompts_all()}",
     ]
     if adapters:
         for stream in (f"OBJ_{subjects.ARTIFACTS_BUCKET}", f"KV_{subjects.JOBS_BUCKET}"):
@@ -142,7 +144,8 @@ def permissions(role: str, user: str | None = None, kinds: list[str] | None = No
     # What a gateway keeps to resume streams holds users' prompts: gateways only.
     resume = [*subjects.js_read(_RESUME_KV), subjects.kv_all(subjects.RESUME_BUCKET)]
     nodes_kv = subjects.kv_all(subjects.NODES_BUCKET)
-    asks = [*_ASK, *_jetstream(role, user, kinds), "$KV.>"]
+    # A prompt too large for one message goes by reference, under the asker's own user (bus/prompts.py).
+    asks = [*_ASK, *_jetstream(role, user, kinds), "$KV.>", subjects.prompts_of(user)]
     deny = [subjects.tokens_all(), nodes_kv, *no_records]  # nobody but a node forges tokens or nodes
     # Keys are an admin's to make, metrics a node's to put; limit counters and usage a gateway's.
     deny += [subjects.kv_all(b) for b in (subjects.KEYS_BUCKET, subjects.METRICS_BUCKET)]

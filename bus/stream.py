@@ -28,7 +28,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
-from bus import subjects
+from bus import prompts, subjects
 from bus.codec import decode, encode
 from bus.connection import HEARTBEAT_S, TOKENS_MAX_AGE_S
 from bus.errors import (
@@ -54,6 +54,7 @@ from bus.schemas import (
     GenerateReply,
     GenerateRequest,
     KeepAlive,
+    PromptRef,
     Rejected,
     StreamEvent,
     Usage,
@@ -81,6 +82,7 @@ _SUBSCRIBE_RETRY_S = 10.0  # a cluster elects a new leader for the token stream 
 # A node that answers probes yet whose heartbeats do not arrive (its KV puts fail while the cluster
 # elects a leader) is alive: only this long a silence makes it lost.
 _UNHEARD_S = 15.0
+_ACCEPT_S_PER_MIB = 5.0  # more time to accept per MiB of a prompt sent by reference (read, counted)
 
 
 class Attempt(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -123,6 +125,7 @@ class ChatStream(AsyncIterator[StreamEvent]):
         self._subscribed_at = 0.0
         self._forgot = False  # the node said it no longer has the request, once since the last event
         self.probes = 0  # how often the node was asked whether it is still there
+        self._prompt_ref: PromptRef | None = None  # where a prompt too large for a message waits
 
     @classmethod
     def resuming(
@@ -191,17 +194,21 @@ class ChatStream(AsyncIterator[StreamEvent]):
             raise BusUnavailable(
                 "the NATS server is unreachable right now; chatbus reconnects by itself, retry shortly"
             )
+        if not prompts.fits(request, self._client.max_payload):
+            request = await self._by_reference(request)
         payload = encode(request)
         if len(payload) > self._client.max_payload:
             raise BadRequest(
-                f"the request encodes to {len(payload)} bytes, over the {self._client.max_payload} bytes "
-                f"one NATS message may carry (server max_payload); shorten the prompt"
+                f"the request encodes to {len(payload)} bytes even without its prompt, over the "
+                f"{self._client.max_payload} bytes one NATS message may carry (server max_payload)"
             )
         busy: NodeBusy | None = None
         silent: NodeTimeout | None = None
         timeout = (
             min(self._client.accept_timeout_s, 2 * HEARTBEAT_S) if failover else self._client.accept_timeout_s
         )
+        if request.prompt_ref is not None:  # the node reads and counts a large prompt before it answers
+            timeout += _ACCEPT_S_PER_MIB * request.prompt_ref.size / 2**20
         targets = [
             (n.node_id, subjects.gen_node(request.model, n.node_id))
             for n in table.candidates(request.model, exclude, self._client.prefixes_for(request))
@@ -212,7 +219,8 @@ class ChatStream(AsyncIterator[StreamEvent]):
             table.note_dispatch(node_id, +1)  # before the request, so a concurrent burst spreads out
             # A named node admits from its event loop within milliseconds, even when busy: one
             # that does not within a couple of probe timeouts hangs, and the next one is asked.
-            wait = min(timeout, 2 * self._client.probe_timeout_s) if node_id else timeout
+            quick = node_id and request.prompt_ref is None
+            wait = min(timeout, 2 * self._client.probe_timeout_s) if quick else timeout
             try:
                 msg = await self._request(subject, payload, wait)
             except NoRespondersError:
@@ -252,6 +260,17 @@ class ChatStream(AsyncIterator[StreamEvent]):
                 f"every node serving {request.model!r} is gone or draining; try again shortly"
             )
         raise ModelNotFound(request.model, served)
+
+    async def _by_reference(self, request: GenerateRequest) -> GenerateRequest:
+        """`request` with its prompt in the prompts stream (stored once per answer: a failover or a
+        resume sends the same reference), and so the answer's own request from now on."""
+        if request.prompt_ref is not None:
+            return request
+        if self._prompt_ref is None:
+            self._prompt_ref = await prompts.store(self._client.js, request, self._client.max_payload)
+            if self.request.prompt_ref is None:
+                self.request = prompts.by_reference(self.request, self._prompt_ref)
+        return prompts.by_reference(request, self._prompt_ref)
 
     async def _abandon(self, node_id: str, request: GenerateRequest) -> GenerateRequest:
         """`request` under a fresh attempt id, after `node_id` did not answer it: two nodes must
