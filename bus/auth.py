@@ -30,11 +30,14 @@ from bus import subjects
 from bus.paths import private_dir, read_nats_url, write_private
 
 __all__ = [
+    "ASKERS",
     "ROLES",
     "Issued",
     "Provisioned",
+    "across_leafnodes",
     "credential_of",
     "issued",
+    "leaf_node_permissions",
     "local_url",
     "node_permissions",
     "permissions",
@@ -128,6 +131,46 @@ def node_permissions(
     return {"publish": {"allow": pub}, "subscribe": {"allow": sub}, "allow_responses": True}
 
 
+ASKERS = ("gateway", "ui", "worker")  # the roles that ask nodes
+
+
+def leaf_node_permissions(
+    user: str,
+    node_id: str | None = None,
+    models: list[str] | None = None,
+    adapters: bool = False,
+    askers: list[str] | None = None,
+) -> dict[str, Any]:
+    """`node_permissions` for the leafnode connection of a laptop's nats-server, behind which the node
+    runs (docs/security.md, "A node behind a leafnode"). The hub enforces them on everything the
+    laptop sends and on what it forwards to it. Two rules cannot cross a leafnode connection, as
+    nats-server does not apply `allow_responses` nor queue-group permissions to one (nats-server
+    issues #2949, #6281): the node answers into the askers' inboxes by subject (never an admin's),
+    and takes its models' requests with a plain subscription. The JetStream calls come in the hub's
+    domain form (`across_leafnodes`). Models, node id, tokens, heartbeats and reads stay as pinned.
+    `askers`: the NATS users whose inboxes it may answer into (default: the asking roles)."""
+    perms = node_permissions(user, node_id, models, adapters)
+    perms.pop("allow_responses")
+    pub, sub = perms["publish"]["allow"], perms["subscribe"]["allow"]
+    inboxes = [f"{subjects.inbox_prefix(asker)}.>" for asker in askers or ASKERS]
+    perms["publish"]["allow"] = [*pub, *across_leafnodes(pub), *inboxes]
+    perms["subscribe"]["allow"] = [entry.split(" ")[0] for entry in sub]
+    return perms
+
+
+def across_leafnodes(allowed: list[str]) -> list[str]:
+    """The same JetStream calls as they arrive from a laptop's leafnode server, whose mapping sends
+    `$JS.API.>` and `$KV.>` into the hub's JetStream domain (`$JS.<domain>.API.…`, bus/cluster.py
+    `leaf_config`): a leafnode that connects with this credential gets the same rights, no more."""
+    out = []
+    for subject in allowed:
+        if subject.startswith("$JS.API."):
+            out.append("$JS.*.API." + subject.removeprefix("$JS.API."))
+        elif subject.startswith("$KV."):
+            out.append("$JS.*.API." + subject)
+    return out
+
+
 def permissions(role: str, user: str | None = None, kinds: list[str] | None = None) -> dict[str, Any]:
     """The nats-server `permissions` block of `role` for the NATS user `user` (default: the role's
     own user; {} for admin: everything); a worker with `kinds` takes only those kinds of jobs."""
@@ -195,12 +238,16 @@ class Issued:
     adapters: bool = False  # a node: may read the artifact store (to serve a trained adapter)
     kinds: list[str] | None = None  # a worker: the kinds of jobs it takes (None: train and eval)
     created: float = 0.0
+    leaf: bool = False  # a node: for a laptop's leafnode remote (`leaf_node_permissions`)
 
     @property
     def user(self) -> str:
         return f"{self.role}-{self.name}"
 
-    def permissions(self) -> dict[str, Any]:
+    def permissions(self, askers: list[str] | None = None) -> dict[str, Any]:
+        """`askers`: the users a leafnode credential may answer (default: the asking roles)."""
+        if self.role == "node" and self.leaf:
+            return leaf_node_permissions(self.user, self.name, self.models, self.adapters, askers)
         if self.role == "node":
             return node_permissions(self.user, self.name, self.models, self.adapters)
         return permissions(self.role, self.user, self.kinds)
@@ -241,8 +288,10 @@ def provision(state_dir: Path) -> Provisioned:
         if perms := permissions(role):
             user["permissions"] = perms
         users.append(user)
-    for cred in issued(state_dir).values():
-        users.append({"user": cred.user, "password": cred.password, "permissions": cred.permissions()})
+    creds = issued(state_dir).values()
+    askers = [*ASKERS, *(c.user for c in creds if c.role == "worker")]
+    for cred in creds:
+        users.append({"user": cred.user, "password": cred.password, "permissions": cred.permissions(askers)})
     config = folder / "nats.conf"
     # nats-server reads JSON as its config syntax; the pid file lets `chatbus node-token` reload it.
     text = json.dumps({"pid_file": str(folder / "nats.pid"), "authorization": {"users": users}}, indent=1)
