@@ -54,6 +54,7 @@ _DOMAIN = b"chatbus prompt v1\x00"
 
 
 def fits(request: GenerateRequest, max_payload: int) -> bool:
+    """Whether `request` goes in one message of a server whose limit is `max_payload`."""
     return len(encode(request)) <= max_payload - HEADROOM
 
 
