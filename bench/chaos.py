@@ -34,7 +34,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]  # tests/cluster.py launches clusters
 
-from chaos_load import PROMPTS, Load, Result, Spec, hostile  # noqa: E402
+from chaos_load import PROMPTS, TIE_MARGIN, Load, Result, Spec, hostile, margin_of  # noqa: E402
 from chaos_parts import SoakJob  # noqa: E402
 from cluster import LocalCluster  # noqa: E402
 
@@ -74,7 +74,7 @@ class System:
                 ]
             cache = ["--cache-dir", self.args.cache_dir] if self.args.cache_dir else []
             return [py, "-m", "node", "--model", "default", "--nats", urls, "--node-id", name,
-                    "--dtype", "float32", *cache]  # fmt: skip
+                    "--dtype", self.args.dtype, *cache]  # fmt: skip
         if name.startswith("gw"):
             return [py, "-m", "gateway", "--nats", urls, "--port", str(self.ports[name]), "--log-level", "warning"]  # fmt: skip
         return [py, str(ROOT / "bench/chaos_parts.py"), "worker", "--nats", urls]
@@ -267,9 +267,10 @@ async def clients(load: Load, stop_at: float, concurrency: int, hostile_share: f
                         notes.append(f"hostile {name}: {outcome}")
                     continue
                 stream = rng.random() < 0.7
+                prompt, chat = rng.choice(load.usable)
                 spec = Spec(
-                    prompt=rng.randrange(len(PROMPTS)),
-                    chat=rng.random() < 0.6,
+                    prompt=prompt,
+                    chat=chat,
                     stream=stream,
                     hangup=rng.choice([0, 0, 0, 2, 4]) if stream else 0,
                     slow=stream and rng.random() < 0.05,
@@ -288,16 +289,27 @@ async def clients(load: Load, stop_at: float, concurrency: int, hostile_share: f
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def references(load: Load) -> None:
-    """Each prompt's answer, chat and completion, from the undisturbed system."""
+async def references(load: Load, tie_margin: float, chat_share: float = 0.6) -> None:
+    """Each prompt's answer, chat and completion, from the undisturbed system, with the top two
+    logprobs of every step: a prompt whose answer has a near tie is not used (chaos_load.TIE_MARGIN).
+    Chats stay ~`chat_share` of the usable pairs, as in the load."""
     async with httpx.AsyncClient(timeout=300) as http:
         for i in range(len(PROMPTS)):
             for chat in (True, False):
                 body = load.body(Spec(prompt=i, chat=chat, stream=False))
+                body.update({"logprobs": True, "top_logprobs": 2} if chat else {"logprobs": 2})
                 r = await http.post(load.gateways[0] + ("/v1/chat/completions" if chat else "/v1/completions"), json=body)  # fmt: skip
                 r.raise_for_status()
                 choice = r.json()["choices"][0]
                 load.references[(i, chat)] = choice["message"]["content"] if chat else choice["text"]
+                load.margins[(i, chat)] = margin_of(choice, chat)
+    clear = [k for k, m in load.margins.items() if m >= tie_margin]
+    chats, texts = [k for k in clear if k[1]], [k for k in clear if not k[1]]
+    if not chats or not texts:
+        raise SystemExit(
+            f"every prompt's answer has a near tie (margins {load.margins}): no exact check possible"
+        )
+    load.usable = chats * round(chat_share * 10) + texts * round((1 - chat_share) * 10)
 
 
 async def soak(args: argparse.Namespace) -> dict[str, object]:
@@ -318,7 +330,7 @@ async def soak(args: argparse.Namespace) -> dict[str, object]:
         finally:
             await watcher.close()
         load = Load(system.gateways(), model, args.max_tokens, args.request_timeout)
-        await references(load)
+        await references(load, args.tie_margin)
         began = time.monotonic()
         stop_at = began + args.duration
         samples: dict[str, list[float]] = {}
@@ -332,6 +344,7 @@ async def soak(args: argparse.Namespace) -> dict[str, object]:
         return {
             "seconds": round(time.monotonic() - began, 1),
             "engine": args.engine,
+            "prompts": _prompt_table(load, args.tie_margin),
             "tally": dict(sorted(tally.items())),
             "faults": fault_log,
             "restarts": dict(system.restarts),
@@ -343,6 +356,14 @@ async def soak(args: argparse.Namespace) -> dict[str, object]:
         }
     finally:
         system.stop()
+
+
+def _prompt_table(load: Load, tie_margin: float) -> list[str]:
+    """One line per (prompt, chat): its smallest top-two gap and whether the soak used it."""
+    return [
+        f"{'chat' if chat else 'text'} {PROMPTS[i]!r}: margin {m:.4f} {'used' if m >= tie_margin else 'NOT USED (near tie)'}"
+        for (i, chat), m in sorted(load.margins.items())
+    ]
 
 
 async def memory(system: System, stop_at: float, samples: dict[str, list[float]]) -> None:
@@ -363,6 +384,8 @@ def report(result: dict[str, object]) -> None:
     print("  RSS MB (a minute in -> end) of every process that lived 2 minutes or more:")
     for name, (a, b) in result["rss_mb"].items():  # type: ignore[attr-defined]
         print(f"    {name:<24} {a:>7.1f} -> {b:>7.1f}")
+    for line in result["prompts"]:  # type: ignore[attr-defined]
+        print(f"  {line}")
     for note in result["notes"]:  # type: ignore[attr-defined]
         print(f"  ! {note}")
 
@@ -377,6 +400,13 @@ def main() -> None:
     p.add_argument("--fault-every", type=float, default=15)
     p.add_argument("--job-every", type=float, default=5)
     p.add_argument("--request-timeout", type=float, default=120)
+    p.add_argument(
+        "--tie-margin",
+        type=float,
+        default=TIE_MARGIN,
+        help="use only prompts whose answers have no closer top two (nats)",
+    )
+    p.add_argument("--dtype", default="float32", help="the nodes' --dtype (model engine)")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "chatbus-test"))
     p.add_argument("--json", default="", help="also write the result here")
     args = p.parse_args()

@@ -25,7 +25,19 @@ PROMPTS = [
     "What is two plus two?",
     "Give a short tip for learning to cook.",
     "Describe a cat in one sentence.",
+    "What colour is the sky on a clear day?",
+    "Name a planet in our solar system.",
+    "Why do birds fly south in winter?",
+    "Write a haiku about rain.",
+    "What do bees make?",
+    "Tell me one fact about the moon.",
 ]
+# A greedy answer is exact across batch shapes only where the top two tokens of every step are
+# farther apart than a different batch shape, prefix-cache hit or continuation prefill can move them:
+# prompts whose undisturbed answer has a closer pair (in nats) anywhere are not used. The one flip
+# seen in 10-minute float32 soaks was on an answer whose closest pair is 0.045 apart; 0.1 leaves a
+# factor of two (bf16 moves logits far more: raise it, or run the nodes in float32 as by default).
+TIE_MARGIN = 0.1
 
 
 @dataclass
@@ -51,6 +63,9 @@ class Load:
     max_tokens: int
     timeout_s: float
     references: dict[tuple[int, bool], str] = field(default_factory=dict)
+    # Smallest gap (nats) between the top two tokens over each reference answer's steps.
+    margins: dict[tuple[int, bool], float] = field(default_factory=dict)
+    usable: list[tuple[int, bool]] = field(default_factory=list)  # (prompt, chat) with no near tie
 
     def body(self, spec: Spec) -> dict[str, Any]:
         text = PROMPTS[spec.prompt]
@@ -140,6 +155,20 @@ class Load:
             request = http.build_request(
                 "GET", f"{base}{path}/{completion_id}/stream", headers={"Last-Event-ID": last_id}
             )
+
+
+def margin_of(choice: dict[str, Any], chat: bool) -> float:
+    """The smallest top-1 minus top-2 logprob over the steps of one answer (inf without logprobs:
+    an engine that reports none, as the scripted echo engine, has no near ties to fear)."""
+    logprobs = choice.get("logprobs") or {}
+    if chat:
+        steps = [
+            [t["logprob"] for t in step.get("top_logprobs") or []] for step in logprobs.get("content") or []
+        ]
+    else:
+        steps = [list(step.values()) for step in logprobs.get("top_logprobs") or [] if step]
+    gaps = [top[0] - top[1] for top in (sorted(s, reverse=True) for s in steps) if len(top) >= 2]
+    return min(gaps, default=float("inf"))
 
 
 def _error_result(status: int, text: str) -> Result:

@@ -30,11 +30,14 @@ from bus import subjects
 from bus.paths import private_dir, read_nats_url, write_private
 
 __all__ = [
+    "ASKERS",
     "ROLES",
     "Issued",
     "Provisioned",
+    "across_leafnodes",
     "credential_of",
     "issued",
+    "leaf_node_permissions",
     "local_url",
     "node_permissions",
     "permissions",
@@ -116,6 +119,8 @@ def node_permissions(
         "$JS.API.STREAM.NAMES",  # does CB_TOKENS exist (by subject; names only, no request ids)
         f"$JS.API.STREAM.INFO.{_NODES_KV}",  # opening the node table
         f"$JS.API.STREAM.INFO.KV_{subjects.METRICS_BUCKET}",  # opening the metrics bucket
+        # prompts sent by reference, chunk by chunk by subject: encrypted, the key comes with the request
+        f"$JS.API.DIRECT.GET.{subjects.PROMPTS_STREAM}.{subjects.prompts_all()}",
     ]
     if adapters:
         for stream in (f"OBJ_{subjects.ARTIFACTS_BUCKET}", f"KV_{subjects.JOBS_BUCKET}"):
@@ -125,6 +130,46 @@ def node_permissions(
     pub.append(f"$KV.{subjects.METRICS_BUCKET}.{'*' if node_id is None else subjects.metrics_key(node_id)}")
     sub = [*subjects.node_serves(node_id, models), f"{subjects.inbox_prefix(user)}.>"]
     return {"publish": {"allow": pub}, "subscribe": {"allow": sub}, "allow_responses": True}
+
+
+ASKERS = ("gateway", "ui", "worker")  # the roles that ask nodes
+
+
+def leaf_node_permissions(
+    user: str,
+    node_id: str | None = None,
+    models: list[str] | None = None,
+    adapters: bool = False,
+    askers: list[str] | None = None,
+) -> dict[str, Any]:
+    """`node_permissions` for the leafnode connection of a laptop's nats-server, behind which the node
+    runs (docs/security.md, "A node behind a leafnode"). The hub enforces them on everything the
+    laptop sends and on what it forwards to it. Two rules cannot cross a leafnode connection, as
+    nats-server does not apply `allow_responses` nor queue-group permissions to one (nats-server
+    issues #2949, #6281): the node answers into the askers' inboxes by subject (never an admin's),
+    and takes its models' requests with a plain subscription. The JetStream calls come in the hub's
+    domain form (`across_leafnodes`). Models, node id, tokens, heartbeats and reads stay as pinned.
+    `askers`: the NATS users whose inboxes it may answer into (default: the asking roles)."""
+    perms = node_permissions(user, node_id, models, adapters)
+    perms.pop("allow_responses")
+    pub, sub = perms["publish"]["allow"], perms["subscribe"]["allow"]
+    inboxes = [f"{subjects.inbox_prefix(asker)}.>" for asker in askers or ASKERS]
+    perms["publish"]["allow"] = [*pub, *across_leafnodes(pub), *inboxes]
+    perms["subscribe"]["allow"] = [entry.split(" ")[0] for entry in sub]
+    return perms
+
+
+def across_leafnodes(allowed: list[str]) -> list[str]:
+    """The same JetStream calls as they arrive from a laptop's leafnode server, whose mapping sends
+    `$JS.API.>` and `$KV.>` into the hub's JetStream domain (`$JS.<domain>.API.…`, bus/cluster.py
+    `leaf_config`): a leafnode that connects with this credential gets the same rights, no more."""
+    out = []
+    for subject in allowed:
+        if subject.startswith("$JS.API."):
+            out.append("$JS.*.API." + subject.removeprefix("$JS.API."))
+        elif subject.startswith("$KV."):
+            out.append("$JS.*.API." + subject)
+    return out
 
 
 def permissions(role: str, user: str | None = None, kinds: list[str] | None = None) -> dict[str, Any]:
@@ -143,7 +188,8 @@ def permissions(role: str, user: str | None = None, kinds: list[str] | None = No
     # What a gateway keeps to resume streams holds users' prompts: gateways only.
     resume = [*subjects.js_read(_RESUME_KV), subjects.kv_all(subjects.RESUME_BUCKET)]
     nodes_kv = subjects.kv_all(subjects.NODES_BUCKET)
-    asks = [*_ASK, *_jetstream(role, user, kinds), "$KV.>"]
+    # A prompt too large for one message goes by reference, under the asker's own user (bus/prompts.py).
+    asks = [*_ASK, *_jetstream(role, user, kinds), "$KV.>", subjects.prompts_of(user)]
     deny = [subjects.tokens_all(), nodes_kv, *no_records]  # nobody but a node forges tokens or nodes
     # Keys are an admin's to make, metrics a node's to put; limit counters and usage a gateway's.
     deny += [subjects.kv_all(b) for b in (subjects.KEYS_BUCKET, subjects.METRICS_BUCKET)]
@@ -193,12 +239,16 @@ class Issued:
     adapters: bool = False  # a node: may read the artifact store (to serve a trained adapter)
     kinds: list[str] | None = None  # a worker: the kinds of jobs it takes (None: train and eval)
     created: float = 0.0
+    leaf: bool = False  # a node: for a laptop's leafnode remote (`leaf_node_permissions`)
 
     @property
     def user(self) -> str:
         return f"{self.role}-{self.name}"
 
-    def permissions(self) -> dict[str, Any]:
+    def permissions(self, askers: list[str] | None = None) -> dict[str, Any]:
+        """`askers`: the users a leafnode credential may answer (default: the asking roles)."""
+        if self.role == "node" and self.leaf:
+            return leaf_node_permissions(self.user, self.name, self.models, self.adapters, askers)
         if self.role == "node":
             return node_permissions(self.user, self.name, self.models, self.adapters)
         return permissions(self.role, self.user, self.kinds)
@@ -239,8 +289,10 @@ def provision(state_dir: Path) -> Provisioned:
         if perms := permissions(role):
             user["permissions"] = perms
         users.append(user)
-    for cred in issued(state_dir).values():
-        users.append({"user": cred.user, "password": cred.password, "permissions": cred.permissions()})
+    creds = issued(state_dir).values()
+    askers = [*ASKERS, *(c.user for c in creds if c.role == "worker")]
+    for cred in creds:
+        users.append({"user": cred.user, "password": cred.password, "permissions": cred.permissions(askers)})
     config = folder / "nats.conf"
     # nats-server reads JSON as its config syntax; the pid file lets `chatbus node-token` reload it.
     text = json.dumps({"pid_file": str(folder / "nats.pid"), "authorization": {"users": users}}, indent=1)

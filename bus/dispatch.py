@@ -45,6 +45,8 @@ __all__ = ["StreamHost", "dispatch"]
 
 log = logging.getLogger(__name__)
 
+_ACCEPT_S_PER_MIB = 5.0  # more time to accept per MiB of a prompt sent by reference (read, counted)
+
 
 class StreamHost(Protocol):
     """What a ChatStream needs of its client: the connection, the node table, its timeouts, and a
@@ -101,12 +103,14 @@ async def dispatch(
     payload = encode(request)
     if len(payload) > host.max_payload:
         raise BadRequest(
-            f"the request encodes to {len(payload)} bytes, over the {host.max_payload} bytes "
-            f"one NATS message may carry (server max_payload); shorten the prompt"
+            f"the request encodes to {len(payload)} bytes even without its prompt, over the "
+            f"{host.max_payload} bytes one NATS message may carry (server max_payload)"
         )
     busy: NodeBusy | None = None
     silent: NodeTimeout | None = None
     timeout = min(host.accept_timeout_s, 2 * HEARTBEAT_S) if failover else host.accept_timeout_s
+    if request.prompt_ref is not None:  # the node reads and counts a large prompt before it answers
+        timeout += _ACCEPT_S_PER_MIB * request.prompt_ref.size / 2**20
     targets = [
         (n.node_id, subjects.gen_node(request.model, n.node_id))
         for n in table.candidates(request.model, exclude, host.prefixes_for(request))
@@ -117,7 +121,8 @@ async def dispatch(
         table.note_dispatch(node_id, +1)  # before the request, so a concurrent burst spreads out
         # A named node admits from its event loop within milliseconds, even when busy: one
         # that does not within a couple of probe timeouts hangs, and the next one is asked.
-        wait = min(timeout, 2 * host.probe_timeout_s) if node_id else timeout
+        quick = node_id and request.prompt_ref is None
+        wait = min(timeout, 2 * host.probe_timeout_s) if quick else timeout
         try:
             msg = await _request(host, subject, payload, wait)
         except NoRespondersError:

@@ -37,6 +37,8 @@ __all__ = [
     "NodeInfo",
     "Probe",
     "ProbeReply",
+    "PromptBody",
+    "PromptRef",
     "Rejected",
     "SamplingParams",
     "StreamEvent",
@@ -157,6 +159,27 @@ class SamplingParams(_Wire, frozen=True, kw_only=True):
         return out
 
 
+class PromptRef(_Wire, frozen=True, kw_only=True):
+    """Where the large part of a request waits when it is too big for one NATS message (bus/prompts.py):
+    `chunks` messages in the prompts stream under the asker's `cb.prompt.<owner>.<name>.<i>`,
+    encrypted with `key` (hex), which only this request carries; `sha256` is of the plain body."""
+
+    name: str
+    chunks: int
+    size: int
+    sha256: str
+    key: str
+
+
+class PromptBody(_Tagged, frozen=True, kw_only=True, tag="gen.body"):
+    """The parts of a `GenerateRequest` that travel by reference: what makes a request large."""
+
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    tools: list[ToolSpec] = msgspec.field(default_factory=list)
+    constraint: Constraint | None = None
+
+
 class GenerateRequest(_Tagged, frozen=True, kw_only=True, tag="gen.request"):
     """Ask a node to generate. Exactly one of `messages` (chat) or `prompt` (raw completion).
 
@@ -177,6 +200,8 @@ class GenerateRequest(_Tagged, frozen=True, kw_only=True, tag="gen.request"):
     trace_id: str = ""  # the HTTP client's X-Request-ID, for the node's logs
     constraint: Constraint | None = None  # constrained decoding (structured outputs, forced tool calls)
     tools: list[ToolSpec] = msgspec.field(default_factory=list)  # rendered by the chat template
+    # Set instead of messages, prompt, tools and constraint when they are too large for one message.
+    prompt_ref: PromptRef | None = None
 
 
 class Accepted(_Tagged, frozen=True, kw_only=True, tag="gen.accepted"):

@@ -25,6 +25,7 @@ from bus.connection import (
 from bus.errors import BusUnavailable
 from bus.jobs import Jobs
 from bus.operations import ensure_operations_buckets
+from bus.prompts import ensure_prompts_stream
 
 __all__ = ["node_objects", "prepare_bus"]
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 async def prepare_bus(nc: NATS) -> None:
     js = nc.jetstream()
     await ensure_tokens_stream(js)
+    await ensure_prompts_stream(js)
     await ensure_nodes_bucket(js)
     await ensure_resume_bucket(js)
     await ensure_logs_stream(js)

@@ -28,7 +28,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
-from bus import subjects
+from bus import prompts, subjects
 from bus.codec import decode, encode
 from bus.connection import TOKENS_MAX_AGE_S
 from bus.dispatch import StreamHost, dispatch
@@ -48,6 +48,7 @@ from bus.schemas import (
     Failed,
     GenerateRequest,
     KeepAlive,
+    PromptRef,
     StreamEvent,
     Usage,
 )
@@ -113,6 +114,7 @@ class ChatStream(AsyncIterator[StreamEvent]):
         self._subscribed_at = 0.0
         self._forgot = False  # the node said it no longer has the request, once since the last event
         self.probes = 0  # how often the node was asked whether it is still there
+        self._prompt_ref: PromptRef | None = None  # where a prompt too large for a message waits
 
     @classmethod
     def resuming(
@@ -168,6 +170,8 @@ class ChatStream(AsyncIterator[StreamEvent]):
 
     async def _dispatch(self, request: GenerateRequest, exclude: set[str], *, failover: bool = False) -> None:
         """Find a node that accepts `request` (bus/dispatch.py) and follow its token stream."""
+        if not prompts.fits(request, self._client.max_payload):
+            request = await self._by_reference(request)
         sent, accepted = await dispatch(
             self._client,
             request,
@@ -177,6 +181,17 @@ class ChatStream(AsyncIterator[StreamEvent]):
             abandoned=self._cancelled,
         )
         await self._accepted(sent, accepted)
+
+    async def _by_reference(self, request: GenerateRequest) -> GenerateRequest:
+        """`request` with its prompt in the prompts stream (stored once per answer: a failover or a
+        resume sends the same reference), and so the answer's own request from now on."""
+        if request.prompt_ref is not None:
+            return request
+        if self._prompt_ref is None:
+            self._prompt_ref = await prompts.store(self._client.js, request, self._client.max_payload)
+            if self.request.prompt_ref is None:
+                self.request = prompts.by_reference(self.request, self._prompt_ref)
+        return prompts.by_reference(request, self._prompt_ref)
 
     async def _accepted(self, request: GenerateRequest, reply: Accepted) -> None:
         self.node_id = reply.node_id

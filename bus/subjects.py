@@ -14,6 +14,7 @@ __all__ = [
     "METRICS_BUCKET",
     "NODES_BUCKET",
     "NODE_QUEUE",
+    "PROMPTS_STREAM",
     "RESUME_BUCKET",
     "TOKENS_STREAM",
     "USAGE_BUCKET",
@@ -25,6 +26,9 @@ __all__ = [
     "gen_node",
     "kv_token",
     "node_key",
+    "prompt_chunk",
+    "prompts_all",
+    "prompts_of",
     "safe_token",
     "token",
     "tokens_all",
@@ -99,6 +103,26 @@ def _tokens_prefix(owner: str) -> str:
 
 def tokens_all() -> str:
     return f"{PREFIX}.tok.>"
+
+
+PROMPTS_STREAM = "CB_PROMPTS"  # prompts too large for one message, by reference (bus/prompts.py)
+
+
+def prompt_chunk(owner: str, name: str, index: int) -> str:
+    """Chunk `index` of a prompt sent by reference, under its asker's NATS user (as token streams)."""
+    return f"{_prompts_prefix(owner)}.{safe_token(name, 'prompt')}.{int(index)}"
+
+
+def prompts_of(owner: str) -> str:
+    return f"{_prompts_prefix(owner)}.>"
+
+
+def _prompts_prefix(owner: str) -> str:
+    return f"{PREFIX}.prompt.{safe_token(owner or ANONYMOUS, 'owner')}"
+
+
+def prompts_all() -> str:
+    return f"{PREFIX}.prompt.>"
 
 
 def ctl(node_id: str) -> str:

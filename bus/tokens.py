@@ -47,6 +47,7 @@ def issue(
     models: list[str] | None = None,
     adapters: bool = False,
     kinds: list[str] | None = None,
+    leaf: bool = False,
     url: str | None = None,
     out: Path | None = None,
 ) -> tuple[Issued, Path]:
@@ -67,6 +68,7 @@ def issue(
         adapters=adapters,
         kinds=sorted(set(kinds)) if kinds else None,
         created=time.time(),
+        leaf=leaf and role == "node",
     )
     save_issued(state_dir, {**creds, name: cred})
     reload_server(state_dir)

@@ -31,6 +31,11 @@ def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.Arg
             create.add_argument(
                 "--adapters", action="store_true", help="it may read the artifact store (to serve --adapter)"
             )
+            create.add_argument(
+                "--leaf",
+                action="store_true",
+                help="for a laptop's nats-server to join through a leafnode (docs/security.md)",
+            )
         else:
             create.add_argument(
                 "--kind",
@@ -59,7 +64,7 @@ def _list(args: argparse.Namespace, role: str, state: Path) -> int:
         print(f"no {role} credentials issued; `chatbus {role}-token create --name NAME` makes one")
     for c in sorted(creds, key=lambda c: c.created):
         allowed = ",".join(c.models or c.kinds or []) or "any"
-        extra = "  adapters" if c.adapters else ""
+        extra = ("  adapters" if c.adapters else "") + ("  leaf" if c.leaf else "")
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.created))
         what = "models" if role == "node" else "jobs"
         print(f"{c.name:<24} user {c.user:<32} {what} {allowed}{extra}  issued {when}")
@@ -76,6 +81,7 @@ def _create(args: argparse.Namespace, role: str, state: Path) -> int:
             models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
             adapters=getattr(args, "adapters", False),
             kinds=getattr(args, "kind", None),
+            leaf=getattr(args, "leaf", False),
             url=args.url,
             out=args.out,
         )

@@ -20,7 +20,6 @@ from bus import (
     BusError,
     ChatStream,
     ContextLengthExceeded,
-    GenerateRequest,
     SamplingParams,
 )
 from bus import ToolCallParser as CallParser
@@ -28,7 +27,7 @@ from bus import bind_log_fields as bind
 from gateway.config import GatewayConfig
 from gateway.context import request_id
 from gateway.errors import ApiError
-from gateway.http import check_bus, check_payload, json_response, read_body, unless_disconnected
+from gateway.http import check_bus, json_response, read_body, unless_disconnected
 from gateway.openai_format import Choice, Shape, chat_shape, completion_shape
 from gateway.operations import GatewayOps, admit, count_failovers, tracked
 from gateway.resume import ChoiceRecord, Recorder, ResumeRecord, key_of, load, resume_point
@@ -87,15 +86,6 @@ async def chat_completions(request: Request) -> Response:
     _check_n(req.n, config)
     check_bus(client)
     _check_max_tokens(client, req.model, params)
-    probe = GenerateRequest(
-        request_id="0" * 32,
-        model=req.model,
-        messages=messages,
-        params=params,
-        constraint=tools.constraint,
-        tools=tools.tools,
-    )
-    check_payload(client, probe, "messages")
 
     trace = request_id(request)
 
@@ -129,9 +119,6 @@ async def completions(request: Request) -> Response:
     _check_n(req.n * len(prompts), config)
     check_bus(client)
     _check_max_tokens(client, req.model, params)
-    for prompt in prompts:
-        probe = GenerateRequest(request_id="0" * 32, model=req.model, prompt=prompt, params=params)
-        check_payload(client, probe, "prompt")
 
     trace = request_id(request)
 

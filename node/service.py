@@ -23,10 +23,10 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
-from bus import subjects
+from bus import prompts, subjects
 from bus.codec import decode, encode
 from bus.connection import HEARTBEAT_S
-from bus.errors import BadRequest, BusError, Code
+from bus.errors import BadRequest, BusError, Code, ContextLengthExceeded
 from bus.publisher import RecordPublisher
 from bus.schemas import (
     Accepted,
@@ -104,6 +104,7 @@ class NodeService:
         self._loop = asyncio.get_running_loop()
         self._subs: list[object] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._by_reference: set[asyncio.Task[None]] = set()  # admissions of prompts sent by reference
         self._accepting = False
         self._kv: KeyValue | None = None
         self._repair: asyncio.Task[None] | None = None
@@ -181,9 +182,31 @@ class NodeService:
         """Answer Accepted or Rejected; whatever arrives, never let it take the node down."""
 
         async def admit(req: GenerateRequest) -> Accepted | Rejected:
+            fresh = req.request_id not in self._jobs and self._accepting and req.model == self.model
+            if req.prompt_ref is not None and fresh:
+                req = await self._unpack(req)
             return self._admit(req)
 
+        if b'"prompt_ref"' in msg.data:  # (a key: inside JSON strings quotes are escaped)
+            # Read and counted before the answer: not on this subscription's queue, which would hold
+            # up every request behind it for seconds.
+            task = asyncio.create_task(self._answer(msg, GenerateRequest, admit))
+            self._by_reference.add(task)
+            task.add_done_callback(self._by_reference.discard)
+            return
         await self._answer(msg, GenerateRequest, admit)
+
+    async def _unpack(self, req: GenerateRequest) -> GenerateRequest:
+        """A request whose prompt came by reference, with its prompt; one over the context is refused
+        after counting it off the event loop (which keeps answering probes meanwhile), so the engine
+        never tokenizes megabytes on it."""
+        req = await prompts.fetch(self.js, req)
+        n = await asyncio.to_thread(self.engine.count_tokens, req.messages, req.prompt)
+        if n > self.engine.card.context_length:
+            raise ContextLengthExceeded(
+                f"prompt has {n} tokens, model context is {self.engine.card.context_length}"
+            )
+        return req
 
     async def _respond(self, msg: Msg, data: bytes) -> None:
         try:

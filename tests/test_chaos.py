@@ -35,3 +35,22 @@ def test_short_chaos_soak_loses_and_corrupts_nothing(tmp_path: Path) -> None:
     assert tally["votes stored"] == tally["votes written"] > 0
     assert tally.get("logs+votes stored twice", 0) == 0
     assert tally["jobs done"] == tally["jobs with the right result"] == tally["jobs submitted"] > 0
+
+
+def test_the_checker_is_exact_and_skips_only_near_ties() -> None:
+    """What the soak counts as wrong: any text but the reference (a repeated or missing piece
+    included); a prompt is left out only when its reference answer has a near tie somewhere."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from chaos_load import TIE_MARGIN, Load, Spec, margin_of
+
+    load = Load(gateways=[], model="m", max_tokens=8, timeout_s=1, references={(0, True): "Paris is big."})
+    spec = Spec(prompt=0, chat=True, stream=True)
+    assert load._judge_text(spec, "Paris is big.", 0).outcome == "ok"
+    for bad in ("Paris is is big.", "Paris big.", "Paris is big", ""):
+        assert load._judge_text(spec, bad, 1).outcome == "wrong", bad
+    step = lambda *lps: {"top_logprobs": [{"logprob": lp} for lp in lps]}  # noqa: E731
+    tied = {"logprobs": {"content": [step(-0.1, -3.0), step(-0.70, -0.71)]}}
+    clear = {"logprobs": {"content": [step(-0.1, -3.0), step(-0.2, -1.9)]}}
+    assert margin_of(tied, True) < TIE_MARGIN <= margin_of(clear, True) == 1.7
+    assert margin_of({"logprobs": {"top_logprobs": [{"a": -0.5, "b": -0.51}]}}, False) < TIE_MARGIN
+    assert margin_of({"text": "x"}, False) == float("inf")  # no logprobs (the echo engine): exact anyway

@@ -175,6 +175,18 @@ def test_context_length_exceeded(url: str) -> None:
     assert e.value.code == "context_length_exceeded" and "8192" in e.value.message
 
 
+def test_a_2mb_prompt_is_the_contexts_400_not_a_413(url: str) -> None:
+    """Over NATS' 1 MB payload the prompt goes by reference (bus/prompts.py); the node reads it,
+    counts it off its event loop and says it does not fit, with both numbers; then serves on."""
+    big = "The quick brown fox jumps over the lazy dog. " * 46_000  # 2.07 MB
+    with pytest.raises(openai.BadRequestError) as e:
+        sdk(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": big}])
+    assert e.value.status_code == 400 and e.value.code == "context_length_exceeded"
+    assert "8192" in e.value.message and e.value.param == "messages"
+    r = sdk(url).chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=8, temperature=0)
+    assert "Paris" in (r.choices[0].message.content or "")
+
+
 def test_raw_sse_framing(url: str) -> None:
     body = {"model": MODEL, "prompt": "One, two,", "max_tokens": 5, "stream": True, "temperature": 0}
     raw = httpx.post(

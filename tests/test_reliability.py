@@ -26,7 +26,7 @@ from procs import node_argv, spawn, stop, wait_until
 from bus import BusClient, ChatMessage, Chunk, Done, Failed, SamplingParams, subjects
 from bus.codec import decode, encode
 from bus.connection import connect
-from bus.errors import BadRequest
+from bus.errors import ContextLengthExceeded
 from bus.schemas import GenerateRequest, StreamEvent
 from bus.server import free_port
 from bus.stream import ChatStream
@@ -260,9 +260,9 @@ async def test_garbage_on_node_subjects_is_answered_and_nodes_keep_serving(
         await nc.flush()
     finally:
         await nc.close()
-    # A prompt over the payload limit is a typed error in the client, before any node sees it.
-    with pytest.raises(BadRequest, match="max_payload"):
-        await client.chat(MODEL, ask("x" * (client.max_payload + 1))).start()
+    # A prompt over the payload limit goes by reference (bus/prompts.py): over the context, a typed error.
+    with pytest.raises(ContextLengthExceeded, match="model context is 8192"):
+        await client.chat(MODEL, ask("hello " * (client.max_payload // 6 + 1))).start()
     # Both nodes are alive and still answer.
     for node_id in NODES:
         assert procs[node_id].poll() is None

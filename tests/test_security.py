@@ -22,6 +22,7 @@ from bus.auth import ROLES, Provisioned, provision, redact, with_credential
 from bus.connection import connect
 from bus.errors import BusUnavailable
 from bus.jobs import JobContext, Jobs, JobWorker
+from bus.schemas import SamplingParams
 from bus.server import EmbeddedServer
 from chatbus.cli import cmd_setup_bus
 
@@ -116,6 +117,17 @@ FORBIDDEN = [
     ("worker", "pub", "$JS.API.STREAM.UPDATE.KV_cb_jobs", "source other streams into one it may read"),
     ("ui", "pub", "$JS.API.STREAM.CREATE.MINE", "create a stream that sources others"),
     ("gateway", "pub", "$JS.API.STREAM.DELETE.KV_cb_nodes", "delete the node table"),
+    # Prompts sent by reference (bus/prompts.py): askers write their own, nodes read chunks by subject.
+    ("node", "pub", "cb.prompt.gateway.x.0", "write a prompt sent by reference"),
+    ("ui", "pub", "cb.prompt.gateway.x.0", "swap a gateway's prompt sent by reference"),
+    ("worker", "pub", "cb.prompt.ui.x.0", "swap a UI's prompt sent by reference"),
+    ("ui", "pub", "$JS.API.DIRECT.GET.CB_PROMPTS.cb.prompt.gateway.x.0", "read prompts sent by reference"),
+    ("gateway", "pub", "$JS.API.DIRECT.GET.CB_PROMPTS", "read prompts by sequence number"),
+    ("node", "pub", "$JS.API.DIRECT.GET.CB_PROMPTS", "read prompts by sequence number"),
+    ("node", "pub", "$JS.API.STREAM.MSG.GET.CB_PROMPTS", "read prompts by sequence number"),
+    ("node", "pub", "$JS.API.CONSUMER.CREATE.CB_PROMPTS", "read every prompt through a consumer"),
+    ("node", "pub", "$JS.API.STREAM.PURGE.CB_PROMPTS", "drop prompts in flight"),
+    ("gateway", "pub", "$JS.API.STREAM.CREATE.CB_PROMPTS", "shape the prompts stream (republish it)"),
 ]
 
 
@@ -138,6 +150,9 @@ async def test_the_server_refuses_what_a_role_may_not_do(
         ("ui", "pub", "$JS.API.DIRECT.GET.KV_cb_nodes.$KV.cb_nodes.x"),
         ("ui", "pub", "$JS.API.CONSUMER.CREATE.CB_TOKENS.c.cb.tok.ui.x"),
         ("gateway", "pub", "$JS.API.CONSUMER.CREATE.CB_TOKENS.c.cb.tok.gateway.x"),
+        ("gateway", "pub", "cb.prompt.gateway.x.0"),
+        ("ui", "pub", "cb.prompt.ui.x.0"),
+        ("node", "pub", "$JS.API.DIRECT.GET.CB_PROMPTS.cb.prompt.ui.x.0"),
     ],
 )
 async def test_what_a_role_needs_is_not_refused(
@@ -153,6 +168,29 @@ async def test_every_asking_role_chats_with_a_node(ready: None, urls: dict[str, 
         chunks = [c async for c in client.chat("echo", user("hello there"))]
         assert "hello there" in "".join(getattr(c, "text", "") for c in chunks)
     finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("role", ["gateway", "ui", "worker"])
+async def test_a_prompt_over_one_message_goes_by_reference(
+    ready: None, urls: dict[str, str], role: str
+) -> None:
+    """Each asking role stores it under its own user; the node (role `node`) reads it back by
+    subject; what the node could read by a wildcard without the request's key is ciphertext."""
+    client = await BusClient.connect(urls[role], name=f"test-{role}-big")
+    node = await connect(urls["node"], name="test-node-peek")
+    try:
+        words = " ".join(f"w{i}" for i in range(990))
+        big = f"{words} " + "x" * client.max_payload  # ~1 MB words (990 echo tokens + 1 long one)
+        stream = client.chat("echo", user(big), SamplingParams(max_tokens=2))
+        assert "".join([getattr(e, "text", "") async for e in stream]) == "w0 w1"
+        assert stream.request.prompt_ref is not None
+        peek = await node.jetstream().get_msg(
+            subjects.PROMPTS_STREAM, subject=f"cb.prompt.{role}.*.0", direct=True
+        )
+        assert peek.data and b"w1 w2 w3" not in peek.data
+    finally:
+        await node.close()
         await client.close()
 
 
