@@ -161,7 +161,7 @@ def leaf_node_permissions(
 
 def across_leafnodes(allowed: list[str]) -> list[str]:
     """The same JetStream calls as they arrive from a laptop's leafnode server, whose mapping sends
-    `$JS.API.>` and `$KV.>` into the hub's JetStream domain (`$JS.<domain>.API.…`, bus/cluster.py
+    `$JS.API.>` and `$KV.>` into the hub's JetStream domain (`$JS.<domain>.API.…`, tests/cluster.py
     `leaf_config`): a leafnode that connects with this credential gets the same rights, no more."""
     out = []
     for subject in allowed:

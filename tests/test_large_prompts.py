@@ -9,7 +9,8 @@ import httpx
 import openai
 import pytest
 from fakes import EchoEngine
-from test_gateway_support import EchoNode, LoopThread, eventually, gateway
+from procs import eventually
+from test_gateway_support import EchoNode, LoopThread, gateway
 
 from bus import BusClient, prompts, subjects
 from bus.errors import BadRequest

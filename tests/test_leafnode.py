@@ -2,7 +2,7 @@
 a request through the hub's gateway, and the hub holds the leaf connection to that credential's rights.
 
 Real nats-server processes: a hub (JetStream domain `hub`, the role users of bus.auth.provision, a
-leafnode listener) and a laptop server made by `bus.cluster.leaf_config`, whose remote logs in with a
+leafnode listener) and a laptop server made by `leaf_config` in `tests/cluster.py`, whose remote logs in with a
 credential from `chatbus node-token create --leaf` (bus.auth.leaf_node_permissions).
 """
 
@@ -16,12 +16,13 @@ from pathlib import Path
 import nats
 import openai
 import pytest
-from bus.cluster import ServerProcess, leaf_config, member_config
+from cluster import ServerProcess, leaf_config, member_config
 from fakes import EchoEngine, echo_node
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import KeyNotFoundError
-from test_gateway_support import LoopThread, eventually, gateway
+from procs import eventually
+from test_gateway_support import LoopThread, gateway
 
 from bus import subjects
 from bus.auth import Issued, provision, save_issued, with_credential
