@@ -11,9 +11,10 @@ resume on another gateway sends the same small reference again.
 Why encrypted: nodes read CB_PROMPTS by subject, and nats-server resolves a wildcard in a direct
 get's subject to the newest match, so permissions alone cannot keep a node to the prompts sent to
 it. The key travels only inside the request, so a node can read only what it was asked to serve.
-The keystream is SHAKE-256 of that key (256 random bits, one key per prompt, never reused), and the
-SHA-256 of the plain body in the reference turns a chunk that was swapped, cut short or expired into
-a clear error, never into a different prompt.
+The cipher is ChaCha20-Poly1305 from `cryptography` (a 256-bit random key per prompt, never reused,
+so one fixed nonce; the chunks' name is the associated data): a chunk that was swapped, cut short or
+expired fails its tag and becomes a clear error, never a different prompt. The SHA-256 of the plain
+body in the reference checks the whole once more after decryption.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import secrets
 import time
 
 import msgspec
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
@@ -50,7 +53,8 @@ __all__ = [
 HEADROOM = 4096  # NATS headers and the reply subject travel with a message's payload
 MAX_PROMPT_BYTES = 64 * 1024 * 1024  # a node refuses a reference to more (gateways cap bodies lower)
 _READ_RETRY_S = 2.0  # a replica that answers a direct get may lag the leader by a moment
-_DOMAIN = b"chatbus prompt v1\x00"
+_NONCE = bytes(12)  # each key seals one prompt only
+_TAG = 16  # Poly1305's tag, after the ciphertext
 
 
 def fits(request: GenerateRequest, max_payload: int) -> bool:
@@ -65,10 +69,16 @@ def by_reference(request: GenerateRequest, ref: PromptRef) -> GenerateRequest:
     )
 
 
-def _crypt(key: bytes, data: bytes) -> bytes:
-    """XOR with SHAKE-256(key): encrypts and decrypts (a key is used for one prompt only)."""
-    stream = hashlib.shake_256(_DOMAIN + key).digest(len(data))
-    return (int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")).to_bytes(len(data), "little")
+def _seal(key: bytes, name: str, body: bytes) -> bytes:
+    return ChaCha20Poly1305(key).encrypt(_NONCE, body, name.encode())
+
+
+def _open(key: bytes, name: str, secret: bytes) -> bytes | None:
+    """The plain body, or None when `secret` is not what `key` sealed under `name`."""
+    try:
+        return ChaCha20Poly1305(key).decrypt(_NONCE, secret, name.encode())
+    except InvalidTag:
+        return None
 
 
 async def ensure_prompts_stream(js: JetStreamContext) -> None:
@@ -97,9 +107,9 @@ async def store(js: JetStreamContext, request: GenerateRequest, max_payload: int
             constraint=request.constraint,
         )
     )
-    key = secrets.token_bytes(32)
-    secret = await asyncio.to_thread(_crypt, key, body)
+    key = ChaCha20Poly1305.generate_key()
     name = secrets.token_hex(16)
+    secret = await asyncio.to_thread(_seal, key, name, body)
     size = max(1024, max_payload - HEADROOM)
     parts = [secret[i : i + size] for i in range(0, len(secret), size)]
     for i, part in enumerate(parts):
@@ -141,10 +151,10 @@ async def fetch(js: JetStreamContext, request: GenerateRequest) -> GenerateReque
         key = bytes.fromhex(ref.key)
     except ValueError:
         key = b""
-    if len(secret) != ref.size or len(key) != 32:
+    if len(secret) != ref.size + _TAG or len(key) != 32:
         raise BadRequest(f"the prompt of request {request.request_id} is incomplete on the bus")
-    body = await asyncio.to_thread(_crypt, key, secret)
-    if not hmac.compare_digest(hashlib.sha256(body).hexdigest(), ref.sha256):
+    body = await asyncio.to_thread(_open, key, ref.name, secret)
+    if body is None or not hmac.compare_digest(hashlib.sha256(body).hexdigest(), ref.sha256):
         raise BadRequest(f"the prompt of request {request.request_id} on the bus is not the one it refers to")
     try:
         parts_of: PromptBody = decode(body, PromptBody)
