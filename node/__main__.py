@@ -21,6 +21,18 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
         default=None,
         help="serve a model trained on the bus: a train job id or a stored `models/<digest>` artifact",
     )
+    p.add_argument(
+        "--max-adapters",
+        type=int,
+        default=8,
+        help="LoRA adapters served beside the base, per row of one batch (`chatbus adapters load`); "
+        "loading one more evicts the least recently used idle one",
+    )
+    p.add_argument(
+        "--serve-adapters",
+        action="store_true",
+        help="load the LoRA of every train job of this node's base that finishes (on in `chatbus up`)",
+    )
     p.add_argument("--nats", default=os.environ.get("CHATBUS_NATS"), help="NATS URL")
     p.add_argument(
         "--creds",
@@ -82,6 +94,8 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
         model=a.model,
         name=a.name,
         adapter=a.adapter,
+        max_adapters=a.max_adapters,
+        serve_adapters=a.serve_adapters,
         nats=nats,
         device=a.device,
         dtype=a.dtype,

@@ -53,8 +53,8 @@ from bus.schemas import ChatMessage, ModelCard, TokenLogprob, TopLogprob
 from node.engine import Delta, EngineRequest, EngineStats, FinishReason, Sink
 from node.grammar import GrammarCompiler
 from node.kvmemory import KVMemory
-from node.lora import AdapterSet
 from node.loader import LoadedModel
+from node.lora import AdapterSet
 from node.prefix_cache import BLOCK
 from node.prompts import encode, validate
 from node.sampling import Choice, TokenChooser, choose_tokens
@@ -429,8 +429,8 @@ class HFEngine:
         seq.finished, seq.reason = True, reason
         if reason in ("stop", "length", "cancelled"):
             self._save_finished(seq)
-        if seq.adapter is not None:
-            seq.adapter, adapter = None, seq.adapter
+        adapter, seq.adapter = seq.adapter, None
+        if adapter is not None:
             self.adapters.release(adapter)
         delta = Delta(
             request_id=seq.request.request_id,

@@ -74,16 +74,17 @@ class Adapter:
 class LoraLinear(torch.nn.Module):
     """A base linear (nn.Linear or node.packing.PackedLinear) plus the bank's per-row LoRA term."""
 
-    def __init__(self, base: torch.nn.Module, bank: LoraBank, name: str) -> None:
+    def __init__(self, base: Any, bank: LoraBank, name: str) -> None:
         super().__init__()
         self.base = base
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features: int = base.in_features
+        self.out_features: int = base.out_features
         self._bank = [bank]  # a list: not a submodule
         self.name = name
 
     @property
     def weight(self) -> torch.Tensor:  # readers of .weight (dtype, device, shape) see the base's
-        return self.base.weight  # type: ignore[return-value]
+        return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -144,12 +145,13 @@ class LoraBank:
             if not any(name in a.factors for a in self.order):
                 continue
             a_parts, b_parts = [], []
+            size_in, size_out = int(wrapper.in_features), int(wrapper.out_features)
             for adapter in self.order:
                 pair = adapter.factors.get(name)
                 if pair is None:
                     pair = (
-                        torch.zeros(adapter.rank, wrapper.in_features, dtype=self.dtype, device=self.device),
-                        torch.zeros(adapter.rank, wrapper.out_features, dtype=self.dtype, device=self.device),
+                        torch.zeros(adapter.rank, size_in, dtype=self.dtype, device=self.device),
+                        torch.zeros(adapter.rank, size_out, dtype=self.dtype, device=self.device),
                     )
                 a_parts.append(pair[0])
                 b_parts.append(pair[1])
@@ -222,7 +224,9 @@ def read_adapter(
                 f"[{linear.out_features} x {linear.in_features}]"
             )
         r = a.shape[0]
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
+        alpha = config.alpha_pattern.get(
+            get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha
+        )
         scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         a_full = torch.zeros(rank, a.shape[1], dtype=torch.float32)
         bt_full = torch.zeros(rank, b.shape[0], dtype=torch.float32)
@@ -260,6 +264,10 @@ class AdapterSet:
             live = [a for a in self._by_name.values() if not a.unloading]
         return [ModelCard(name=a.name, context_length=self._context_length, base=self.base) for a in live]
 
+    def fits(self, base: str) -> bool:
+        """Is an adapter trained on `base` one for this node's base?"""
+        return same_base(base, self.base)
+
     def names(self) -> list[str]:
         return [c.name for c in self.cards()]
 
@@ -291,7 +299,8 @@ class AdapterSet:
 
     def load(self, path: Path, name: str, source: str = "", base: str = "") -> ModelCard:
         """Read the PEFT dir `path` and serve it as `name` (replacing a loaded one of that name)."""
-        return self._on_worker(lambda: self._load(Path(path), name, source or str(path), base))  # type: ignore[no-any-return]
+        card: ModelCard = self._on_worker(lambda: self._load(Path(path), name, source or str(path), base))
+        return card
 
     def unload(self, name: str) -> int:
         """Stop serving `name` now; its running requests finish first. Returns how many still run."""
@@ -355,7 +364,9 @@ class AdapterSet:
             )
             live = len(self._by_name) - (old is not None)
             if live >= self.max_adapters and not idle:
-                raise NodeBusy(f"{live} adapters loaded (--max-adapters {self.max_adapters}), all in use", 5.0)
+                raise NodeBusy(
+                    f"{live} adapters loaded (--max-adapters {self.max_adapters}), all in use", 5.0
+                )
             for evicted in idle[: max(0, live - self.max_adapters + 1)]:
                 del self._by_name[evicted.name]
             adapter = Adapter(name, claimed or named, source, rank, factors, next(self._salts))

@@ -81,7 +81,9 @@ class PrefixCache:
             return
         chain = _chain(tokens, blocks, salt)
         for holder in self._index.get(chain[-1], []):
-            if holder.salt == salt and holder.tokens[:n] == tokens[:n]:  # already held, by this entry or a longer one
+            if (
+                holder.salt == salt and holder.tokens[:n] == tokens[:n]
+            ):  # already held, by this entry or a longer one
                 holder.chats = list(dict.fromkeys([*holder.chats, *chats]))
                 self._entries.move_to_end(holder.key)
                 return

@@ -41,6 +41,7 @@ from bus.schemas import (
     Failed,
     GenerateRequest,
     KeepAlive,
+    ModelCard,
     NodeInfo,
     Probe,
     ProbeReply,
@@ -140,6 +141,8 @@ class NodeService:
         self._repair: asyncio.Task[None] | None = None
         self._records = RecordPublisher(self.js, on_failure=self._on_bus_failure)
         self.metrics = MetricsRecorder(engine, self.node_id)
+        self._served: dict[str, tuple[ModelCard, list[Any]]] = {}  # adapters: name -> card, subscriptions
+        self._beating = asyncio.Lock()  # a withdrawn adapter's key is never put back by a beat in flight
 
     @property
     def model(self) -> str:
@@ -183,12 +186,14 @@ class NodeService:
     async def drain(self, timeout: float = 30.0) -> None:
         """Stop taking work, deregister, let running answers finish (up to `timeout`), then stop."""
         self._accepting = False
-        for sub in self._subs[:2]:
+        subs: list[Any] = [*self._subs[:2], *(s for _, subs in self._served.values() for s in subs[:2])]
+        for sub in subs:
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()  # type: ignore[attr-defined]
+                await sub.unsubscribe()
         if self._kv is not None:
-            with contextlib.suppress(Exception):
-                await self._kv.delete(self.key)
+            for key in [self.key, *(subjects.node_key(self.node_id, name) for name in self._served)]:
+                with contextlib.suppress(Exception):
+                    await self._kv.delete(key)
         deadline = time.monotonic() + timeout
         while self._jobs and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -234,7 +239,8 @@ class NodeService:
 
         if not self._accepting:
             return reject(Code.SHUTTING_DOWN, f"node {self.node_id} is shutting down", 1.0)
-        if req.model != self.model:
+        adapter = req.model if req.model in self._served else ""
+        if req.model != self.model and not adapter:
             return reject(
                 Code.MODEL_NOT_FOUND, f"node {self.node_id} serves {self.model!r}, not {req.model!r}"
             )
@@ -260,6 +266,7 @@ class NodeService:
                 continuation=req.continuation,
                 constraint=req.constraint,
                 tools=req.tools,
+                adapter=adapter,
             )
             job.prompt_tokens = self.engine.submit(engine_req, self._sink)
         except BusError as e:
@@ -398,7 +405,13 @@ class NodeService:
         assert self._kv is not None
         try:
             # Bounded: a put stuck on a dead connection must not hold up the beats that keep us listed.
-            await asyncio.wait_for(self._kv.put(self.key, encode(self.info())), HEARTBEAT_S)
+            info = self.info()
+            async with self._beating:
+                await asyncio.wait_for(self._kv.put(self.key, encode(info)), HEARTBEAT_S)
+                for name, (card, _) in list(self._served.items()):  # a key per model (bus/nodes.py)
+                    entry = encode(msgspec.structs.replace(info, models=[card]))
+                    key = subjects.node_key(self.node_id, name)
+                    await asyncio.wait_for(self._kv.put(key, entry), HEARTBEAT_S)
             return True
         except Exception as e:  # no leader for a moment (a cluster), or the bucket is gone (a restart)
             log.warning("heartbeat failed (%r); retrying", e)
@@ -418,6 +431,39 @@ class NodeService:
             await asyncio.sleep(HEARTBEAT_S if beat else 0.5)
             if self._accepting:
                 beat = await self._heartbeat()
+
+    # ------------------------------------------------------------------ adapters (node/adapter_host.py)
+
+    @property
+    def served(self) -> list[str]:
+        """The adapters this node serves beside its base, by name."""
+        return list(self._served)
+
+    async def serve_model(self, card: ModelCard) -> None:
+        """Take requests for `card` (an adapter the engine has loaded) and list it in our heartbeats."""
+        if card.name in self._served or card.name == self.model:
+            return
+        cb = self._on_generate
+        subs = [
+            await self.nc.subscribe(subjects.gen(card.name), queue=subjects.NODE_QUEUE, cb=cb),
+            await self.nc.subscribe(subjects.gen_node(card.name, self.node_id), cb=cb),
+            await self.nc.subscribe(subjects.count(card.name), queue=subjects.NODE_QUEUE, cb=self._on_count),
+        ]
+        self._served[card.name] = (card, subs)
+        await self.nc.flush()
+        if self._accepting:
+            await self._heartbeat()
+
+    async def withdraw_model(self, name: str) -> None:
+        """Stop taking requests for adapter `name` and drop its heartbeat (running answers go on)."""
+        _, subs = self._served.pop(name, (None, []))
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if self._kv is not None:
+            async with self._beating:
+                with contextlib.suppress(Exception):
+                    await self._kv.delete(subjects.node_key(self.node_id, name))
 
     # ------------------------------------------------------------------ count / embed
 
