@@ -17,6 +17,12 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
     )
     p.add_argument("--name", default=None, help="serve the model under this name (default: from the model)")
     p.add_argument(
+        "--model-names",
+        default=None,
+        help="comma-separated names to serve the model under (FastChat's --model-names): the first is "
+        "its name, the others aliases",
+    )
+    p.add_argument(
         "--adapter",
         default=None,
         help="serve a model trained on the bus: a train job id or a stored `models/<digest>` artifact",
@@ -90,9 +96,13 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
 
     nats = with_creds(a.nats, a.creds) if a.creds else a.nats or DEFAULT_NATS
 
+    names = [n.strip() for n in (a.model_names or "").split(",") if n.strip()]
+    if names and a.name and a.name != names[0]:
+        p.error("--name and --model-names disagree on the model's name: give one of them")
     return NodeConfig(
         model=a.model,
-        name=a.name,
+        name=a.name or (names[0] if names else None),
+        aliases=tuple(dict.fromkeys(names[1:])),
         adapter=a.adapter,
         max_adapters=a.max_adapters,
         serve_adapters=a.serve_adapters,

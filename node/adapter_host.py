@@ -101,7 +101,7 @@ class AdapterHost:
         states = [AdapterState(**d) for d in self.adapters.describe()] if self.adapters is not None else []
         return AdapterReply(
             node_id=self.service.node_id,
-            base=self.adapters.base if self.adapters is not None else self.service.model,
+            base=self.service.model,
             message=message,
             adapters=states,
             max_adapters=self.adapters.max_adapters if self.adapters is not None else 0,
@@ -120,7 +120,7 @@ class AdapterHost:
             )
         name = name or str(info.get("name") or "") or folder.name
         subjects.check_name(name, "name")
-        if name == self.service.model:
+        if name == self.service.model or name in self.service.aliases:
             raise BadRequest(f"{name!r} is this node's base model: give the adapter another --name")
         if self.may_serve is not None and name not in self.may_serve:
             raise BadRequest(

@@ -249,7 +249,8 @@ class AdapterSet:
         on_worker: Callable[[Callable[[], T]], T],
         max_adapters: int = 8,
     ) -> None:
-        self.base = base  # the base model's own name (not a --name alias)
+        self.base = base  # the model adapters must be trained on (node/main.py sets it past --name)
+        self.parent = base  # the name the base is served under: what an adapter's card names
         self.max_adapters = max_adapters
         self._model = model
         self._context_length = context_length
@@ -262,7 +263,7 @@ class AdapterSet:
     def cards(self) -> list[ModelCard]:
         with self._lock:
             live = [a for a in self._by_name.values() if not a.unloading]
-        return [ModelCard(name=a.name, context_length=self._context_length, base=self.base) for a in live]
+        return [ModelCard(name=a.name, context_length=self._context_length, base=self.parent) for a in live]
 
     def fits(self, base: str) -> bool:
         """Is an adapter trained on `base` one for this node's base?"""
@@ -276,7 +277,7 @@ class AdapterSet:
         with self._lock:
             adapter = self._by_name.get(name)
             if adapter is None or adapter.unloading:
-                served = [self.base, *(n for n, a in self._by_name.items() if not a.unloading)]
+                served = [self.parent, *(n for n, a in self._by_name.items() if not a.unloading)]
                 raise ModelNotFound(name, served)
             adapter.users += 1
             adapter.last_used = time.monotonic()
@@ -307,7 +308,7 @@ class AdapterSet:
         with self._lock:
             adapter = self._by_name.get(name)
             if adapter is None or adapter.unloading:
-                raise ModelNotFound(name, [self.base, *self.names()])
+                raise ModelNotFound(name, [self.parent, *self.names()])
             adapter.unloading = True
             running = adapter.users
             if not running:
@@ -323,7 +324,7 @@ class AdapterSet:
         return [
             {
                 "name": a.name,
-                "base": self.base,
+                "base": self.parent,
                 "source": a.source,
                 "rank": a.rank,
                 "mib": round(a.nbytes / 2**20, 1),
@@ -373,7 +374,7 @@ class AdapterSet:
             self._by_name[name] = adapter
         bank.wrap(list(factors))
         self._restack()
-        return ModelCard(name=name, context_length=self._context_length, base=self.base)
+        return ModelCard(name=name, context_length=self._context_length, base=self.parent)
 
     def _restack(self) -> None:
         if self._bank is not None:

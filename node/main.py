@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from bus.auth import redact
 from bus.connection import connect
 from bus.errors import BusError
@@ -28,6 +30,7 @@ log = logging.getLogger("node")
 class NodeConfig:
     model: str = "default"
     name: str | None = None
+    aliases: tuple[str, ...] = ()  # more names of the same model (`--model-names a,b`: b)
     adapter: str | None = None  # a train job id or a `models/<digest>` artifact
     max_adapters: int = 8  # LoRA adapters served per row beside the base (node/lora.py)
     serve_adapters: bool = False  # load each train job of our base that finishes (node/adapter_host.py)
@@ -156,14 +159,17 @@ async def serve(cfg: NodeConfig) -> None:
             say(f"fetching {cfg.adapter} from the bus")
             adapter_dir = await fetch_adapter(cfg.nats, cfg.adapter, cfg.cache_dir / "adapters")
         engine = await asyncio.to_thread(build_engine, cfg, adapter_dir)
-        if creds and creds.models is not None and engine.card.name not in creds.models:
-            raise BusError(
-                f"credential {creds.name} may serve {', '.join(creds.models)}, not {engine.card.name!r}: "
-                f"pass --name, or ask the operator for a credential with that model"
-            )
+        for served in (engine.card.name, *cfg.aliases):
+            if creds and creds.models is not None and served not in creds.models:
+                raise BusError(
+                    f"credential {creds.name} may serve {', '.join(creds.models)}, not {served!r}: "
+                    f"pass --name, or ask the operator for a credential with that model"
+                )
         bind(node=node_id, model=engine.card.name)  # every log line of this node says so
         service = NodeService(nc, engine, node_id=node_id, max_queued=cfg.max_queued)
         await service.start()
+        for alias in cfg.aliases:
+            await service.serve_model(msgspec.structs.replace(engine.card, name=alias), alias=True)
         from node.adapter_host import AdapterHost
 
         host = AdapterHost(

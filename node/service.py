@@ -141,7 +141,9 @@ class NodeService:
         self._repair: asyncio.Task[None] | None = None
         self._records = RecordPublisher(self.js, on_failure=self._on_bus_failure)
         self.metrics = MetricsRecorder(engine, self.node_id)
-        self._served: dict[str, tuple[ModelCard, list[Any]]] = {}  # adapters: name -> card, subscriptions
+        # Names beside the base, each with its subscriptions: adapters and aliases (`--model-names`).
+        self._served: dict[str, tuple[ModelCard, list[Any]]] = {}
+        self._aliases: set[str] = set()  # served names that are the base itself
         self._beating = asyncio.Lock()  # a withdrawn adapter's key is never put back by a beat in flight
 
     @property
@@ -239,8 +241,8 @@ class NodeService:
 
         if not self._accepting:
             return reject(Code.SHUTTING_DOWN, f"node {self.node_id} is shutting down", 1.0)
-        adapter = req.model if req.model in self._served else ""
-        if req.model != self.model and not adapter:
+        adapter = req.model if req.model in self._served and req.model not in self._aliases else ""
+        if req.model != self.model and req.model not in self._served:
             return reject(
                 Code.MODEL_NOT_FOUND, f"node {self.node_id} serves {self.model!r}, not {req.model!r}"
             )
@@ -437,18 +439,32 @@ class NodeService:
     @property
     def served(self) -> list[str]:
         """The adapters this node serves beside its base, by name."""
-        return list(self._served)
+        return [name for name in self._served if name not in self._aliases]
 
-    async def serve_model(self, card: ModelCard) -> None:
-        """Take requests for `card` (an adapter the engine has loaded) and list it in our heartbeats."""
+    @property
+    def aliases(self) -> list[str]:
+        """Other names of the base (`--model-names`)."""
+        return sorted(self._aliases)
+
+    async def serve_model(self, card: ModelCard, alias: bool = False) -> None:
+        """Take requests for `card` (an adapter the engine has loaded, or with `alias` another name of
+        the base) and list it in our heartbeats."""
         if card.name in self._served or card.name == self.model:
             return
+        if alias:
+            self._aliases.add(card.name)
         cb = self._on_generate
         subs = [
             await self.nc.subscribe(subjects.gen(card.name), queue=subjects.NODE_QUEUE, cb=cb),
             await self.nc.subscribe(subjects.gen_node(card.name, self.node_id), cb=cb),
             await self.nc.subscribe(subjects.count(card.name), queue=subjects.NODE_QUEUE, cb=self._on_count),
         ]
+        if card.can_embed:
+            subs.append(
+                await self.nc.subscribe(
+                    subjects.embed(card.name), queue=subjects.NODE_QUEUE, cb=self._on_embed
+                )
+            )
         self._served[card.name] = (card, subs)
         await self.nc.flush()
         if self._accepting:
@@ -457,6 +473,7 @@ class NodeService:
     async def withdraw_model(self, name: str) -> None:
         """Stop taking requests for adapter `name` and drop its heartbeat (running answers go on)."""
         _, subs = self._served.pop(name, (None, []))
+        self._aliases.discard(name)
         for sub in subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

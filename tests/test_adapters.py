@@ -33,7 +33,8 @@ from trainer.schemas import TrainResult
 pytestmark = pytest.mark.model
 
 CODE = "PLUMBUS-77"
-BASE = "SmolLM2-135M-Instruct"
+BASE, ALIAS = "smol", "smol-alias"  # the default model, served as `--model-names smol,smol-alias`
+TRUE_BASE = "SmolLM2-135M-Instruct"  # what adapters must be trained on
 ASK = [ChatMessage(role="user", content=QUESTIONS[0])]
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
 
@@ -47,7 +48,15 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def node(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     log = tmp_path_factory.mktemp("adapter-node") / "node.log"
-    extra = ["--dtype", "float32", "--serve-adapters", "--max-adapters", "2"]
+    extra = [
+        "--dtype",
+        "float32",
+        "--serve-adapters",
+        "--max-adapters",
+        "2",
+        "--model-names",
+        f"{BASE},{ALIAS}",
+    ]
     with node_process(nats_url, log, extra=extra) as proc:
         wait_until(lambda: BASE in _models(nats_url), 240, proc, log)
         yield log
@@ -164,11 +173,16 @@ async def test_a_trained_adapter_is_served_within_seconds_and_batches_with_its_b
         await wait_models(client, {name}, timeout=10)  # --serve-adapters: no command, no restart
         async with httpx.AsyncClient() as http:
             listed = {m["id"]: m for m in (await http.get(f"{gateway}/v1/models")).json()["data"]}
-        assert listed[name]["parent"] == BASE and listed[BASE]["parent"] is None
+        assert (
+            listed[name]["parent"] == BASE
+            and listed[BASE]["parent"] is None
+            and listed[ALIAS]["parent"] is None
+        )
 
         base_alone, _ = await answer(client, BASE)
         tuned_alone, _ = await answer(client, name)
         assert CODE in tuned_alone and CODE not in base_alone
+        assert (await answer(client, ALIAS))[0] == base_alone  # another name of the base
         # both in flight at once: decoded in the same batches, each row with its own adapter
         order: list[str] = []
 
@@ -190,7 +204,7 @@ async def test_unload_during_a_stream_ends_it_properly_then_404_lists_what_is_se
     nats_url: str, node: Path, gateway: str, loras: Path
 ) -> None:
     cli = await asyncio.to_thread(chatbus, nats_url, "adapters", "load", str(loras / "style-a"))
-    assert cli.returncode == 0 and "serving style-a on base SmolLM2-135M-Instruct" in cli.stdout, cli.stderr
+    assert cli.returncode == 0 and f"serving style-a on base {BASE}" in cli.stdout, cli.stderr
     client = await BusClient.connect(nats_url, name="adapter-test")
     try:
         await wait_models(client, {"style-a"})
@@ -213,14 +227,14 @@ async def test_unload_during_a_stream_ends_it_properly_then_404_lists_what_is_se
     with pytest.raises(openai.NotFoundError) as caught:
         sdk.chat.completions.create(model="style-a", messages=[{"role": "user", "content": "hi"}])
     assert (
-        f"served models: {', '.join(served)}" in str(caught.value) and len(served) >= 2
-    )  # the trained one too
+        f"served models: {', '.join(served)}" in str(caught.value) and len(served) == 3
+    )  # the base, its alias and the trained adapter
 
 
 async def test_an_adapter_of_another_base_is_refused(nats_url: str, node: Path, loras: Path) -> None:
     cli = await asyncio.to_thread(chatbus, nats_url, "adapters", "load", str(loras / "qwen-lora"))
     assert cli.returncode == 1
-    assert "trained on 'Qwen2.5-0.5B-Instruct'; this node serves 'SmolLM2-135M-Instruct'" in cli.stderr
+    assert f"trained on 'Qwen2.5-0.5B-Instruct'; this node serves '{TRUE_BASE}'" in cli.stderr
     assert "qwen-lora" not in _served_by_cli(nats_url)
 
 
@@ -234,7 +248,7 @@ async def test_max_adapters_evicts_the_least_recently_used_idle_one(
 ) -> None:
     client = await BusClient.connect(nats_url, name="adapter-test")
     try:
-        trained = [n for n in client.models() if n != BASE]
+        trained = [n for n in client.models() if n not in (BASE, ALIAS)]
         assert len(trained) == 1  # from the first test
         for name in ("style-a", "style-b"):  # the trained one is the least recently used now
             cli = await asyncio.to_thread(chatbus, nats_url, "adapters", "load", str(loras / name))
