@@ -13,14 +13,19 @@ from node.main import NodeConfig, main
 def parse(argv: list[str] | None = None) -> NodeConfig:
     p = argparse.ArgumentParser(prog="python -m node", description="Serve a model on the chatbus bus.")
     p.add_argument(
-        "--model", default="default", help="local model dir, hub id, or 'default' (SmolLM2-135M-Instruct)"
+        "--model",
+        action="append",
+        default=None,
+        help="local model dir, hub id, or 'default' (SmolLM2-135M-Instruct); repeat to serve several from "
+        "one process (each its own engine and node id)",
     )
     p.add_argument("--name", default=None, help="serve the model under this name (default: from the model)")
     p.add_argument(
         "--model-names",
+        action="append",
         default=None,
         help="comma-separated names to serve the model under (FastChat's --model-names): the first is "
-        "its name, the others aliases",
+        "its name, the others aliases; repeat once per --model",
     )
     p.add_argument(
         "--adapter",
@@ -96,11 +101,19 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
 
     nats = with_creds(a.nats, a.creds) if a.creds else a.nats or DEFAULT_NATS
 
-    names = [n.strip() for n in (a.model_names or "").split(",") if n.strip()]
+    models = a.model or ["default"]
+    per_model = a.model_names or []
+    if len(per_model) > len(models):
+        p.error(f"{len(per_model)} --model-names for {len(models)} --model: give one per model")
+    per_model += [""] * (len(models) - len(per_model))
+    names = [n.strip() for n in per_model[0].split(",") if n.strip()]
     if names and a.name and a.name != names[0]:
         p.error("--name and --model-names disagree on the model's name: give one of them")
+    if len(models) > 1 and (a.name or a.adapter):
+        p.error("--name and --adapter apply to one model: with several --model, use --model-names")
     return NodeConfig(
-        model=a.model,
+        model=models[0],
+        extra_models=tuple(zip(models[1:], per_model[1:], strict=True)),
         name=a.name or (names[0] if names else None),
         aliases=tuple(dict.fromkeys(names[1:])),
         adapter=a.adapter,
