@@ -81,6 +81,7 @@ from bus.schemas import (
     ToolSpec,
     Usage,
 )
+from bus.schemas_adapters import AdapterCommand, AdapterReply, AdapterState
 from bus.schemas_jobs import TERMINAL_STATES, JobEvent, JobRecord
 from bus.schemas_keys import KeyRecord, KeyUsage
 from bus.schemas_logs import BATTLE_VOTES, ChatLog, ConvState, LogRecord, VoteLog
@@ -157,6 +158,9 @@ __all__ = [  # noqa: RUF022 (grouped by topic: this list is the table of content
     "JobContext",
     "JobEvent",
     "JobRecord",
+    "AdapterCommand",
+    "AdapterReply",
+    "AdapterState",
     "TERMINAL_STATES",
     "ArtifactInfo",
     "describe_artifact",

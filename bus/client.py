@@ -43,6 +43,7 @@ from bus.schemas import (
     SamplingParams,
     ToolSpec,
 )
+from bus.schemas_adapters import ADAPTER_TIMEOUT_S, AdapterAnswer, AdapterCommand, AdapterReply
 from bus.schemas_jobs import JobEvent, JobKind
 from bus.schemas_logs import ChatLog, LogRecord, VoteLog
 from bus.stream import Attempt, ChatStream, new_request_id
@@ -326,6 +327,23 @@ class BusClient:
         request = EmbedRequest(model=model, inputs=inputs)
         reply: EmbedReply = await self._ask(subjects.embed(model), model, request, EmbedReply | Rejected)
         return reply
+
+    async def adapters(self, node_id: str, command: AdapterCommand) -> AdapterReply:
+        """Load, unload or list the LoRA adapters of one node (`chatbus adapters`, node/adapter_host.py)."""
+        try:
+            msg = await self.nc.request(
+                subjects.adapters(node_id), encode(command), timeout=ADAPTER_TIMEOUT_S
+            )
+        except NoRespondersError:
+            raise NodeTimeout(
+                f"node {node_id} does not answer adapter commands (gone, or an older node)"
+            ) from None
+        except NatsTimeout:
+            raise NodeTimeout(f"node {node_id} did not answer within {ADAPTER_TIMEOUT_S:.0f}s") from None
+        answer = decode(msg.data, AdapterAnswer)
+        if isinstance(answer, Rejected):
+            raise error_for(answer.code, answer.message)
+        return answer
 
     async def _ask(self, subject: str, model: str, message: CountRequest | EmbedRequest, answer: Any) -> Any:
         """One request/reply to any node of `model`; `answer` is the reply type's union with `Rejected`."""

@@ -17,13 +17,36 @@ def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = Non
     env = os.environ if environ is None else environ
     p = argparse.ArgumentParser(prog="python -m node", description="Serve a model on the chatbus bus.")
     p.add_argument(
-        "--model", default="default", help="local model dir, hub id, or 'default' (SmolLM2-135M-Instruct)"
+        "--model",
+        action="append",
+        default=None,
+        help="local model dir, hub id, or 'default' (SmolLM2-135M-Instruct); repeat to serve several from "
+        "one process (each its own engine and node id)",
     )
     p.add_argument("--name", default=None, help="serve the model under this name (default: from the model)")
+    p.add_argument(
+        "--model-names",
+        action="append",
+        default=None,
+        help="comma-separated names to serve the model under (FastChat's --model-names): the first is "
+        "its name, the others aliases; repeat once per --model",
+    )
     p.add_argument(
         "--adapter",
         default=None,
         help="serve a model trained on the bus: a train job id or a stored `models/<digest>` artifact",
+    )
+    p.add_argument(
+        "--max-adapters",
+        type=int,
+        default=8,
+        help="LoRA adapters served beside the base, per row of one batch (`chatbus adapters load`); "
+        "loading one more evicts the least recently used idle one",
+    )
+    p.add_argument(
+        "--serve-adapters",
+        action="store_true",
+        help="load the LoRA of every train job of this node's base that finishes (on in `chatbus up`)",
     )
     add_nats_option(p)
     p.add_argument(
@@ -83,10 +106,24 @@ def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = Non
     # with a credential and no URL, the URL comes from the credential file
     nats = with_creds(a.nats or env.get("CHATBUS_NATS"), a.creds) if a.creds else resolve_nats(a.nats, env)
 
+    models = a.model or ["default"]
+    per_model = a.model_names or []
+    if len(per_model) > len(models):
+        p.error(f"{len(per_model)} --model-names for {len(models)} --model: give one per model")
+    per_model += [""] * (len(models) - len(per_model))
+    names = [n.strip() for n in per_model[0].split(",") if n.strip()]
+    if names and a.name and a.name != names[0]:
+        p.error("--name and --model-names disagree on the model's name: give one of them")
+    if len(models) > 1 and (a.name or a.adapter):
+        p.error("--name and --adapter apply to one model: with several --model, use --model-names")
     return NodeConfig(
-        model=a.model,
-        name=a.name,
+        model=models[0],
+        extra_models=tuple(zip(models[1:], per_model[1:], strict=True)),
+        name=a.name or (names[0] if names else None),
+        aliases=tuple(dict.fromkeys(names[1:])),
         adapter=a.adapter,
+        max_adapters=a.max_adapters,
+        serve_adapters=a.serve_adapters,
         nats=nats,
         device=a.device,
         dtype=a.dtype,

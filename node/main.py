@@ -10,6 +10,9 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import msgspec
 
 from bus.auth import redact
 from bus.connection import connect
@@ -28,7 +31,11 @@ log = logging.getLogger("node")
 class NodeConfig:
     model: str = "default"
     name: str | None = None
+    aliases: tuple[str, ...] = ()  # more names of the same model (`--model-names a,b`: b)
+    extra_models: tuple[tuple[str, str], ...] = ()  # further `--model`s: (model, its --model-names)
     adapter: str | None = None  # a train job id or a `models/<digest>` artifact
+    max_adapters: int = 8  # LoRA adapters served per row beside the base (node/lora.py)
+    serve_adapters: bool = False  # load each train job of our base that finishes (node/adapter_host.py)
     nats: str = DEFAULT_NATS
     device: str = "auto"
     dtype: str = "auto"
@@ -121,23 +128,79 @@ def build_hf_engine(cfg: NodeConfig, adapter_dir: Path | None = None) -> Engine:
         say(f"applying adapter {adapter_dir.name}")
         # Merged: serving the adapter then costs nothing extra per token.
         loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter_dir)).merge_and_unload().eval()
+    base = loaded.name
     if name:
         loaded = dataclasses.replace(loaded, name=name)
-    return HFEngine(
+    engine = HFEngine(
         loaded,
         max_running=cfg.max_running,
         max_queued=cfg.max_queued,
         prefill_chunk=cfg.prefill_chunk,
         kv_cache_memory=cfg.kv_cache_memory,
     )
+    engine.adapters.base = base  # what a LoRA must have been trained on, whatever --name says
+    engine.adapters.max_adapters = cfg.max_adapters
+    return engine
+
+
+@dataclass
+class _Part:
+    """One model this process serves: its engine's bus service and adapter host."""
+
+    service: Any  # node.service.NodeService
+    host: Any  # node.adapter_host.AdapterHost
+
+
+async def _serve_one(cfg: NodeConfig, nc: Any, node_id: str, adapter_dir: Path | None) -> _Part:
+    """Load `cfg.model`, check the credential allows its names, and start serving it as `node_id`."""
+    from node.adapter_host import AdapterHost
+    from node.service import NodeService
+
+    creds = creds_in(cfg.nats)
+    engine = await asyncio.to_thread(build_engine, cfg, adapter_dir)
+    for served in (engine.card.name, *cfg.aliases):
+        if creds and creds.models is not None and served not in creds.models:
+            raise BusError(
+                f"credential {creds.name} may serve {', '.join(creds.models)}, not {served!r}: "
+                f"pass --name, or ask the operator for a credential with that model"
+            )
+    service = NodeService(nc, engine, node_id=node_id, max_queued=cfg.max_queued)
+    await service.start()
+    for alias in cfg.aliases:
+        await service.serve_model(msgspec.structs.replace(engine.card, name=alias), alias=True)
+    may_serve = creds.models if creds else None
+    host = AdapterHost(
+        service, cache_dir=cfg.cache_dir / "adapters", serve_new=cfg.serve_adapters, may_serve=may_serve
+    )
+    await host.start()
+    card = engine.card
+    names = ", ".join((card.name, *cfg.aliases))
+    say(
+        f"{node_id} serving {names} on {engine.device} ({engine.dtype}), context {card.context_length}, bus {redact(cfg.nats)}"
+    )
+    return _Part(service, host)
+
+
+def _more(cfg: NodeConfig) -> list[tuple[str, NodeConfig]]:
+    """(node id suffix, config) of each further `--model` of this process."""
+    out = []
+    for i, (spec, names) in enumerate(cfg.extra_models, start=1):
+        given = [n.strip() for n in names.split(",") if n.strip()]
+        more = dataclasses.replace(
+            cfg, model=spec, name=given[0] if given else None, aliases=tuple(given[1:]), adapter=None
+        )
+        out.append((f"-{i}", more))
+    return out
 
 
 async def serve(cfg: NodeConfig) -> None:
-    from node.service import NodeService, new_node_id
+    from node.service import new_node_id
 
     creds = creds_in(cfg.nats)  # a credential of its own: the node id is its name
     if creds and cfg.node_id not in (None, creds.name):
         raise BusError(f"with credential {creds.name} the node id is {creds.name!r}: leave out --node-id")
+    if creds and cfg.extra_models:
+        raise BusError(f"credential {creds.name} is one node id: run one node process per model with it")
     node_id = cfg.node_id or (creds.name if creds else new_node_id())
     revoked = asyncio.Event()
     nc = await connect(
@@ -150,19 +213,10 @@ async def serve(cfg: NodeConfig) -> None:
 
             say(f"fetching {cfg.adapter} from the bus")
             adapter_dir = await fetch_adapter(cfg.nats, cfg.adapter, cfg.cache_dir / "adapters")
-        engine = await asyncio.to_thread(build_engine, cfg, adapter_dir)
-        if creds and creds.models is not None and engine.card.name not in creds.models:
-            raise BusError(
-                f"credential {creds.name} may serve {', '.join(creds.models)}, not {engine.card.name!r}: "
-                f"pass --name, or ask the operator for a credential with that model"
-            )
-        bind(node=node_id, model=engine.card.name)  # every log line of this node says so
-        service = NodeService(nc, engine, node_id=node_id, max_queued=cfg.max_queued)
-        await service.start()
-        card = engine.card
-        say(
-            f"{node_id} serving {card.name} on {engine.device} ({engine.dtype}), context {card.context_length}, bus {redact(cfg.nats)}"
-        )
+        parts = [await _serve_one(cfg, nc, node_id, adapter_dir)]
+        bind(node=node_id, model=parts[0].service.model)  # every log line of this node says so
+        for suffix, more in _more(cfg):  # FastChat's multi-model worker: a node id per model
+            parts.append(await _serve_one(more, nc, node_id + suffix, None))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -171,11 +225,13 @@ async def serve(cfg: NodeConfig) -> None:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for waiting in waits:
             waiting.cancel()
+        for part in parts:
+            await part.host.stop()
         if revoked.is_set():  # `chatbus node-token revoke`: nothing to drain to, the bus is gone for us
-            await service.drain(0)
+            await asyncio.gather(*(part.service.drain(0) for part in parts))
             raise BusError(f"{node_id}: the bus refuses this node's credential now (revoked?); stopped")
         say(f"{node_id} draining (up to {cfg.drain_timeout:.0f}s)")
-        await service.drain(cfg.drain_timeout)
+        await asyncio.gather(*(part.service.drain(cfg.drain_timeout) for part in parts))
         say(f"{node_id} stopped")
     finally:
         with contextlib.suppress(ConnectionError):  # nats-py, closing while a refused reconnect dies

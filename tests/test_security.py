@@ -128,6 +128,8 @@ FORBIDDEN = [
     ("node", "pub", "$JS.API.CONSUMER.CREATE.CB_PROMPTS", "read every prompt through a consumer"),
     ("node", "pub", "$JS.API.STREAM.PURGE.CB_PROMPTS", "drop prompts in flight"),
     ("gateway", "pub", "$JS.API.STREAM.CREATE.CB_PROMPTS", "shape the prompts stream (republish it)"),
+    ("gateway", "pub", "cb.adapters.some-node", "load or unload a node's adapters"),
+    ("ui", "sub", "cb.adapters.>", "take adapter commands meant for nodes"),
 ]
 
 
@@ -153,6 +155,8 @@ async def test_the_server_refuses_what_a_role_may_not_do(
         ("gateway", "pub", "cb.prompt.gateway.x.0"),
         ("ui", "pub", "cb.prompt.ui.x.0"),
         ("node", "pub", "$JS.API.DIRECT.GET.CB_PROMPTS.cb.prompt.ui.x.0"),
+        ("ui", "pub", "cb.adapters.some-node"),  # `chatbus adapters load|unload|list`
+        ("worker", "pub", "cb.adapters.some-node"),  # a judge loading a trained adapter to evaluate
     ],
 )
 async def test_what_a_role_needs_is_not_refused(
