@@ -1,0 +1,139 @@
+"""`chatbus train submit --serve --eval`: after training, wait until the result is served and judged.
+
+The CLI submits nothing beyond the train job: nodes serve the result (`chatbus node --adapter JOB`, or a
+node that loads finished adapters itself), and a judge worker's adapter watch (judge/loop.py) claims the
+evaluation in the train job's record (`JobRecord.eval_job`) and writes the scores there
+(`JobRecord.scores`). This module waits for each step, says what to start when one does not come, and
+ends with the base-vs-adapter table. Interrupting it loses nothing: the jobs go on without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from bus.client import BusClient
+from bus.jobs import Jobs
+from bus.schemas_jobs import JobRecord
+
+__all__ = ["LoopOptions", "after_training", "score_table"]
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    evaluate: bool = False
+    serve_timeout_s: float = 300.0  # for the result to appear on the bus
+    judge_timeout_s: float = 60.0  # for a judge worker to take up the evaluation
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _names(record: JobRecord) -> tuple[str, str]:
+    result: Any = record.result if isinstance(record.result, dict) else {}
+    name, base = str(result.get("name", "")), str(result.get("base_name", ""))
+    return name, base or str(result.get("base", ""))
+
+
+async def wait_served(client: BusClient, job_id: str, name: str, base: str, timeout_s: float) -> bool:
+    """True once a node serves `name`; says what to start while none does."""
+    deadline, hinted = time.monotonic() + timeout_s, ""
+    while name not in client.models():
+        if time.monotonic() > deadline:
+            _say(
+                f"error: {name} is not served after {timeout_s:.0f}s. Serve it: `chatbus node --adapter {job_id}`; "
+                f"then `chatbus eval follow {job_id}` shows its evaluation (the train job is done and kept)"
+            )
+            return False
+        hint = (
+            f"waiting for a node to serve {name}: no node serves its base {base}; start one "
+            f"(`chatbus node --adapter {job_id}` serves base and adapter together)"
+            if base not in client.models()
+            else f"waiting for a node to serve {name} (`chatbus node --adapter {job_id}` serves it)"
+        )
+        if hint != hinted:
+            _say(hint)
+            hinted = hint
+        await asyncio.sleep(0.5)
+    nodes = sorted(n.node_id for n in client.nodes() if any(c.name == name for c in n.models))
+    _say(f"served: {name} on {', '.join(nodes) or 'the bus'}")
+    return True
+
+
+async def wait_claimed(jobs: Jobs, job_id: str, name: str, timeout_s: float) -> str | None:
+    """The eval job a judge worker submitted for this train job's result; None (and why) if none came."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        record = await jobs.get(job_id)
+        if record is not None and record.eval_job:
+            return record.eval_job
+        if time.monotonic() > deadline:
+            _say(
+                f"error: no judge took up {name} within {timeout_s:.0f}s. Start a judge worker "
+                f"(`python -m judge`, or `chatbus up --judge`): it evaluates {name} against its base while "
+                f"it is served; then `chatbus eval follow {job_id}`"
+            )
+            return None
+        await asyncio.sleep(0.5)
+
+
+async def follow_eval(jobs: Jobs, eval_id: str) -> bool:
+    """Print the eval's progress until it ends; True when it is done."""
+    _say(f"evaluating: {eval_id}")
+    last = None
+    async for event in jobs.events(eval_id):
+        last = event
+        if event.event == "progress" and event.message:
+            _say(f"eval: {event.message}")
+        elif event.event in ("started", "log", "failed", "cancelled") and event.message:
+            _say(f"eval {event.event}: {event.message}")
+    if last is None or last.state != "done":
+        _say(
+            f"error: eval {eval_id} {last.state if last else 'vanished'}; `chatbus eval status {eval_id}` says more"
+        )
+        return False
+    return True
+
+
+def score_table(name: str, base: str, scores: dict[str, float]) -> str:
+    """The loop's last word: each model's mean judge rating (1-10), base first."""
+    rows = [("base", base), ("adapter", name)]
+    width = max(len("MODEL"), len(name), len(base))
+    lines = [f"{'ROLE':<8} {'MODEL':<{width}} {'SCORE':>6}"]
+    for role, model in rows:
+        score = f"{scores[model]:.2f}" if model in scores else "-"
+        lines.append(f"{role:<8} {model:<{width}} {score:>6}")
+    if name in scores and base in scores:
+        lines.append(f"{'delta':<8} {'':<{width}} {scores[name] - scores[base]:>+6.2f}")
+    return "\n".join(lines)
+
+
+async def after_training(jobs: Jobs, nats_url: str, job_id: str, opts: LoopOptions) -> int:
+    """Wait for the finished job's result to be served (and with `evaluate`, judged); 0 when all came."""
+    record = await jobs.get(job_id)
+    assert record is not None and record.state == "done"
+    name, base = _names(record)
+    client = await BusClient.connect(nats_url, name="chatbus-train-loop")
+    try:
+        if not await wait_served(client, job_id, name, base, opts.serve_timeout_s):
+            return 1
+    finally:
+        await client.close()
+    if not opts.evaluate:
+        return 0
+    eval_id = await wait_claimed(jobs, job_id, name, opts.judge_timeout_s)
+    if eval_id is None or not await follow_eval(jobs, eval_id):
+        return 1
+    record, judged = await jobs.get(job_id), await jobs.get(eval_id)
+    scores = record.scores if record is not None else {}
+    if judged is not None:  # the judge found the base by name on the bus: [adapter, base]
+        base = (msgspec.json.decode(judged.spec).get("models") or [name, base])[-1]
+    print(f"{name} against its base ({eval_id}; tables: chatbus eval results {job_id})")
+    print(score_table(name, base, scores))
+    return 0 if scores else 1
