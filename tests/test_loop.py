@@ -125,9 +125,14 @@ async def test_loop_says_what_to_start(
 
     async with bus_engines(nats_url, [ScriptEngine("lonely-m", answerer("x"), step_s=0.002)]):
         await wait_models(client, ["lonely-m"])
-        assert await after_training(jobs, nats_url, job_id, opts) == 1  # served, but no judge runs
+        assert await after_training(jobs, nats_url, job_id, opts) == 1  # served, but not its base
+        err = capsys.readouterr().err
+        assert "served: lonely-m" in err and "no node serves other-base: start one" in err
+        async with bus_engines(nats_url, [ScriptEngine("other-base", answerer("y"), step_s=0.002)]):
+            await wait_models(client, ["other-base"])
+            assert await after_training(jobs, nats_url, job_id, opts) == 1  # both served, no judge runs
     err = capsys.readouterr().err
-    assert "served: lonely-m" in err and "no judge took up lonely-m" in err and "python -m judge" in err
+    assert "no judge took up lonely-m within 1s" in err and "python -m judge" in err
     record = await jobs.get(job_id)
     assert record is not None and not record.eval_job
 

@@ -66,21 +66,30 @@ async def wait_served(client: BusClient, job_id: str, name: str, base: str, time
     return True
 
 
-async def wait_claimed(jobs: Jobs, job_id: str, name: str, timeout_s: float) -> str | None:
+async def wait_claimed(
+    client: BusClient, jobs: Jobs, job_id: str, names: tuple[str, str], timeout_s: float
+) -> str | None:
     """The eval job a judge worker submitted for this train job's result; None (and why) if none came."""
-    deadline = time.monotonic() + timeout_s
+    (name, base), deadline = names, time.monotonic() + timeout_s
     while True:
         record = await jobs.get(job_id)
         if record is not None and record.eval_job:
             return record.eval_job
         if time.monotonic() > deadline:
-            _say(
-                f"error: no judge took up {name} within {timeout_s:.0f}s. Start a judge worker "
-                f"(`python -m judge`, or `chatbus up --judge`): it evaluates {name} against its base while "
-                f"it is served; then `chatbus eval follow {job_id}`"
-            )
-            return None
+            break
         await asyncio.sleep(0.5)
+    if base not in client.models():  # a judge waits for both: it compares the two
+        _say(
+            f"error: {name} is judged against its base {base}, and no node serves {base}: start one "
+            f"(`chatbus node`, with --model when it is not the default model); a judge takes it up then"
+        )
+    else:
+        _say(
+            f"error: no judge took up {name} within {timeout_s:.0f}s. Start a judge worker "
+            f"(`python -m judge`, or `chatbus up --judge`): it evaluates {name} against its base while "
+            f"both are served; then `chatbus eval follow {job_id}`"
+        )
+    return None
 
 
 async def follow_eval(jobs: Jobs, eval_id: str) -> bool:
@@ -123,11 +132,11 @@ async def after_training(jobs: Jobs, nats_url: str, job_id: str, opts: LoopOptio
     try:
         if not await wait_served(client, job_id, name, base, opts.serve_timeout_s):
             return 1
+        if not opts.evaluate:
+            return 0
+        eval_id = await wait_claimed(client, jobs, job_id, (name, base), opts.judge_timeout_s)
     finally:
         await client.close()
-    if not opts.evaluate:
-        return 0
-    eval_id = await wait_claimed(jobs, job_id, name, opts.judge_timeout_s)
     if eval_id is None or not await follow_eval(jobs, eval_id):
         return 1
     record, judged = await jobs.get(job_id), await jobs.get(eval_id)
