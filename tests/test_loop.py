@@ -14,14 +14,19 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from permissions import refused
 from procs import spawn
 from test_judge_support import ScriptEngine, answerer, bus_engines, fair_judge, wait_models
 
+from bus.auth import provision, with_credential
 from bus.client import BusClient
 from bus.jobs import Jobs
 from bus.schemas import ModelCard
-from judge.loop import AdapterEvalConfig
-from judge.schemas import EvalSpec
+from bus.server import EmbeddedServer
+from bus.tokens import issue, with_creds
+from chatbus.cli import cmd_setup_bus
+from judge.loop import AdapterEvalConfig, adapter_spec, claim_eval, record_scores, trained
+from judge.schemas import EvalResult, EvalSpec
 from judge.worker import WorkerConfig, serve
 from trainer.closed_loop import LoopOptions, after_training
 from trainer.schemas import TrainResult, TrainSpec
@@ -157,3 +162,46 @@ async def test_ctrl_c_leaves_the_job_queued(nats_url: str, client: BusClient, tm
     assert f"job {job_id} goes on" in log.read_text() and f"chatbus eval follow {job_id}" in log.read_text()
     record = await jobs.get(job_id)
     assert record is not None and record.state == "queued"  # not cancelled: a trainer will take it
+
+
+async def test_an_eval_only_worker_credential_claims_and_scores(tmp_path: Path) -> None:
+    """`chatbus up` runs with a credential per role: the judge's writes to a train record must pass."""
+    issue(tmp_path, "evals", "worker", kinds=["eval"])
+    issue(tmp_path, "trains", "worker", kinds=["train"])
+    prov = provision(tmp_path)
+    server = EmbeddedServer(tmp_path / "js", port=0, log_file=tmp_path / "nats.log", config=prov.config)
+    server.start()
+    try:
+        admin = with_credential(server.url, "admin", prov.passwords["admin"])
+        await server.wait_jetstream(url=admin)
+        assert await cmd_setup_bus(admin) == 0
+        ui = await BusClient.connect(with_credential(server.url, "ui", prov.passwords["ui"]), name="cli")
+        judge = await BusClient.connect(with_creds(server.url, tmp_path / "auth/creds/worker-evals.creds"))
+        try:
+            cli_jobs, judge_jobs = await ui.jobs(), await judge.jobs()
+            job_id = await done_train_job(cli_jobs, "tuned-s", "default", base_name="base-s")
+            record = await judge_jobs.get(job_id)
+            assert record is not None and trained(record) == ("tuned-s", "base-s")
+            spec = adapter_spec(AdapterEvalConfig(), job_id, "tuned-s", "base-s")
+            eval_id = await claim_eval(judge_jobs, job_id, spec)
+            assert eval_id and await claim_eval(judge_jobs, job_id, spec) == eval_id  # claimed once
+            result = EvalResult(
+                mode="single", judge="base-s", models=[], questions=1, answers=2, scores={"a": 1.0}
+            )
+            await record_scores(judge_jobs, eval_id, spec, result)
+            seen = await cli_jobs.get(job_id)
+            assert seen is not None and seen.eval_job == eval_id and seen.scores == {"a": 1.0}
+            evaluation = await cli_jobs.get(eval_id)
+            assert evaluation is not None and evaluation.state == "queued"
+            creds = tmp_path / "auth/creds"
+            assert await refused(
+                with_creds(server.url, creds / "worker-evals.creds"), "pub", "cb.job.train.x"
+            )
+            assert await refused(
+                with_creds(server.url, creds / "worker-trains.creds"), "pub", "cb.job.eval.x"
+            )
+        finally:
+            await judge.close()
+            await ui.close()
+    finally:
+        server.stop()
