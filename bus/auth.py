@@ -166,11 +166,11 @@ def permissions(role: str, user: str | None = None, kinds: list[str] | None = No
         # A worker drops its checkpoints from the artifacts (an object delete purges their chunks).
         own = subjects.js_destroy(f"OBJ_{subjects.ARTIFACTS_BUCKET}")[1]
         acks = [subjects.JS_ACK_ALL] if kinds is None else []  # else in _jetstream: its kinds' only
-        # A judge worker submits eval jobs itself (auto-eval triggers, train results against their base).
-        submits = [subjects.jobs_of("eval")] if kinds is None or "eval" in kinds else []
-        pub = [*asks, subjects.job_events_all(), *acks, *submits, "$O.>", own]
+        pub = [*asks, subjects.job_events_all(), *acks, "$O.>", own]
         sub = [inbox, subjects.job_control_all()]
         deny = [d for d in deny if d != own] + resume
+        if kinds is None or "eval" in kinds:  # a judge submits eval jobs itself (triggers, adapter evals)
+            pub.append(subjects.jobs_of("eval"))
     return {"publish": {"allow": pub, "deny": deny}, "subscribe": {"allow": sub}}
 
 
