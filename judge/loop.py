@@ -104,8 +104,9 @@ async def record_scores(jobs: Jobs, eval_job: str, spec: EvalSpec, result: EvalR
             log.warning("eval %s: train job %s is gone; scores not recorded", eval_job, spec.train_job)
             return
         record, revision = got
+        # updated_at stays: it says when the training ended (nodes serve results newer than themselves)
         updated = msgspec.structs.replace(
-            record, eval_job=record.eval_job or eval_job, scores=dict(result.scores), updated_at=time.time()
+            record, eval_job=record.eval_job or eval_job, scores=dict(result.scores)
         )
         if await jobs.update_record(updated, revision):
             break
