@@ -154,6 +154,7 @@ def permissions(role: str, user: str | None = None, kinds: list[str] | None = No
     elif role == "ui":
         pub = [
             *asks,
+            subjects.adapters_all(),  # `chatbus adapters load|unload|list`
             subjects.jobs_all(),
             subjects.job_events_all(),
             subjects.job_control_all(),
@@ -166,7 +167,7 @@ def permissions(role: str, user: str | None = None, kinds: list[str] | None = No
         # A worker drops its checkpoints from the artifacts (an object delete purges their chunks).
         own = subjects.js_destroy(f"OBJ_{subjects.ARTIFACTS_BUCKET}")[1]
         acks = [subjects.JS_ACK_ALL] if kinds is None else []  # else in _jetstream: its kinds' only
-        pub = [*asks, subjects.job_events_all(), *acks, "$O.>", own]
+        pub = [*asks, subjects.adapters_all(), subjects.job_events_all(), *acks, "$O.>", own]
         sub = [inbox, subjects.job_control_all()]
         deny = [d for d in deny if d != own] + resume
         if kinds is None or "eval" in kinds:  # a judge submits eval jobs itself (triggers, adapter evals)

@@ -42,6 +42,7 @@ from bus.schemas import (
     SamplingParams,
     ToolSpec,
 )
+from bus.schemas_adapters import ADAPTER_TIMEOUT_S, AdapterAnswer, AdapterCommand, AdapterReply
 from bus.schemas_jobs import JobEvent, JobKind
 from bus.stream import Attempt, ChatStream, new_request_id
 
@@ -300,6 +301,23 @@ class BusClient:
     async def embed(self, model: str, inputs: list[str]) -> EmbedReply:
         reply = await self._ask(subjects.embed(model), model, EmbedRequest(model=model, inputs=inputs))
         return decode(reply, EmbedReply)
+
+    async def adapters(self, node_id: str, command: AdapterCommand) -> AdapterReply:
+        """Load, unload or list the LoRA adapters of one node (`chatbus adapters`, node/adapter_host.py)."""
+        try:
+            msg = await self.nc.request(
+                subjects.adapters(node_id), encode(command), timeout=ADAPTER_TIMEOUT_S
+            )
+        except NoRespondersError:
+            raise NodeTimeout(
+                f"node {node_id} does not answer adapter commands (gone, or an older node)"
+            ) from None
+        except NatsTimeout:
+            raise NodeTimeout(f"node {node_id} did not answer within {ADAPTER_TIMEOUT_S:.0f}s") from None
+        answer = decode(msg.data, AdapterAnswer)
+        if isinstance(answer, Rejected):
+            raise error_for(answer.code, answer.message)
+        return answer
 
     async def _ask(self, subject: str, model: str, message: CountRequest | EmbedRequest) -> bytes:
         try:

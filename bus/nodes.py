@@ -44,6 +44,7 @@ class ModelEntry:
     context_length: int
     can_embed: bool
     nodes: list[NodeInfo]
+    base: str = ""  # an adapter's base model (node/lora.py), else empty
 
 
 def _as_keyed(key: str, info: NodeInfo) -> NodeInfo | None:
@@ -162,7 +163,7 @@ class NodeTable:
                 nodes = [*(prev.nodes if prev else []), node]
                 ctx = min(card.context_length, prev.context_length) if prev else card.context_length
                 embed = card.can_embed and (prev.can_embed if prev else True)
-                out[card.name] = ModelEntry(card.name, ctx, embed, nodes)
+                out[card.name] = ModelEntry(card.name, ctx, embed, nodes, card.base)
         return out
 
     def candidates(

@@ -17,6 +17,8 @@ __all__ = [
     "RESUME_BUCKET",
     "TOKENS_STREAM",
     "USAGE_BUCKET",
+    "adapters",
+    "adapters_all",
     "check_name",
     "count",
     "ctl",
@@ -116,6 +118,15 @@ def node_key(node_id: str, model: str) -> str:
 def kv_token(name: str) -> str:
     """`safe_token` fit for a KV key (which allows `=` but not `%`)."""
     return safe_token(name).replace("%", "=")
+
+
+def adapters(node_id: str) -> str:
+    """Load, unload and list the LoRA adapters one node serves (core request/reply)."""
+    return f"{PREFIX}.adapters.{safe_token(node_id, 'node_id')}"
+
+
+def adapters_all() -> str:
+    return f"{PREFIX}.adapters.>"
 
 
 def embed(model: str) -> str:
@@ -228,13 +239,14 @@ def _any(name: str | None) -> str:
 def node_serves(node_id: str | None, models: list[str] | None) -> list[str]:
     """What a node subscribes to (None: any id / any model): its models' request subjects in the
     nodes' queue group only (`subject queue`: a plain subscription, which would copy every request
-    meant for other nodes, is refused), requests routed to it by id, and its control subject."""
+    meant for other nodes, is refused), requests routed to it by id, its control subject and its
+    adapter commands."""
     out = []
     for m in models if models is not None else [None]:
         model = _any(m)
         out += [f"{PREFIX}.{kind}.{model} {NODE_QUEUE}" for kind in ("gen", "embed", "count")]
         out.append(f"{PREFIX}.gen.{model}.{_any(node_id)}")
-    return [*out, f"{PREFIX}.ctl.{_any(node_id)}"]
+    return [*out, f"{PREFIX}.ctl.{_any(node_id)}", f"{PREFIX}.adapters.{_any(node_id)}"]
 
 
 def node_heartbeats(node_id: str | None, models: list[str] | None) -> list[str]:

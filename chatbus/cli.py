@@ -135,13 +135,16 @@ async def cmd_models(url: str) -> int:
         if not nodes:
             print(f"no nodes on {redact(url)}. start one with `chatbus up` or `python -m node --nats URL`")
             return 1
-        print(f"{'MODEL':<28} {'NODE':<36} {'DEVICE':<8} {'DTYPE':<9} {'CTX':>6} {'LOAD':>9} {'TOK/S':>7}")
+        print(
+            f"{'MODEL':<28} {'BASE':<24} {'NODE':<36} {'DEVICE':<8} {'DTYPE':<9} {'CTX':>6} {'LOAD':>9} {'TOK/S':>7}"
+        )
         for name, entry in sorted(client.models().items()):
             for n in entry.nodes:
                 load = f"{n.running + n.queued}/{n.capacity}"
+                base = next((c.base for c in n.models if c.name == name), "") or "-"  # an adapter's base
                 print(
-                    f"{name:<28} {n.node_id:<36} {n.device:<8} {n.dtype:<9} {entry.context_length:>6} {load:>9} "
-                    f"{n.tokens_per_s:>7.1f}"
+                    f"{name:<28} {base:<24} {n.node_id:<36} {n.device:<8} {n.dtype:<9} {entry.context_length:>6} "
+                    f"{load:>9} {n.tokens_per_s:>7.1f}"
                 )
         return 0
     finally:

@@ -1,4 +1,5 @@
-"""The operator commands `chatbus` adds to itself: `keys` (admin credential by default) and `top`."""
+"""The operator commands `chatbus` adds to itself: `keys` (admin credential by default), `top` and
+`adapters`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ __all__ = ["add_commands"]
 
 
 def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    from chatbus.adapters_cli import add_parser as add_adapters
     from chatbus.keys_cli import add_parser
     from chatbus.top import add_parser as add_top
 
     add_parser(sub, common)
     add_top(sub, common)
+    add_adapters(sub, common)

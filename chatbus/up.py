@@ -111,6 +111,7 @@ def _children(cfg: UpConfig, urls: dict[str, str]) -> tuple[list[Child], list[Ch
     for i, model in enumerate(cfg.models):
         node_id = f"{new_node_id()}-{i}"
         argv = [py, "-m", "node", "--model", model, "--node-id", node_id, "--cache-dir", str(cfg.cache_dir)]
+        argv.append("--serve-adapters")  # a finished train job of its base is served within seconds
         child = Child(
             f"node {model}", [*argv, *cfg.node_args], logs / f"node-{i}.log", bus("node"), node_id=node_id
         )

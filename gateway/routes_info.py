@@ -31,6 +31,7 @@ def _model_json(entry: ModelEntry) -> dict[str, Any]:
         "object": "model",
         "created": int(min(started)) if started else 0,
         "owned_by": "chatbus",
+        "parent": entry.base or None,  # a LoRA adapter's base model, as vLLM lists its adapters
         "context_length": entry.context_length,
         "can_embed": entry.can_embed,
         "nodes": [

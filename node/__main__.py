@@ -17,9 +17,27 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
     )
     p.add_argument("--name", default=None, help="serve the model under this name (default: from the model)")
     p.add_argument(
+        "--model-names",
+        default=None,
+        help="comma-separated names to serve the model under (FastChat's --model-names): the first is "
+        "its name, the others aliases",
+    )
+    p.add_argument(
         "--adapter",
         default=None,
         help="serve a model trained on the bus: a train job id or a stored `models/<digest>` artifact",
+    )
+    p.add_argument(
+        "--max-adapters",
+        type=int,
+        default=8,
+        help="LoRA adapters served beside the base, per row of one batch (`chatbus adapters load`); "
+        "loading one more evicts the least recently used idle one",
+    )
+    p.add_argument(
+        "--serve-adapters",
+        action="store_true",
+        help="load the LoRA of every train job of this node's base that finishes (on in `chatbus up`)",
     )
     p.add_argument("--nats", default=os.environ.get("CHATBUS_NATS"), help="NATS URL")
     p.add_argument(
@@ -78,10 +96,16 @@ def parse(argv: list[str] | None = None) -> NodeConfig:
 
     nats = with_creds(a.nats, a.creds) if a.creds else a.nats or DEFAULT_NATS
 
+    names = [n.strip() for n in (a.model_names or "").split(",") if n.strip()]
+    if names and a.name and a.name != names[0]:
+        p.error("--name and --model-names disagree on the model's name: give one of them")
     return NodeConfig(
         model=a.model,
-        name=a.name,
+        name=a.name or (names[0] if names else None),
+        aliases=tuple(dict.fromkeys(names[1:])),
         adapter=a.adapter,
+        max_adapters=a.max_adapters,
+        serve_adapters=a.serve_adapters,
         nats=nats,
         device=a.device,
         dtype=a.dtype,

@@ -28,6 +28,7 @@ class EngineRequest:
     continuation: str = ""  # assistant text already streamed (failover): appended to the prompt
     constraint: Constraint | None = None  # the output must match it (node/grammar.py)
     tools: list[ToolSpec] = field(default_factory=list)  # given to the chat template
+    adapter: str = ""  # the name of a LoRA adapter the engine serves (node/lora.py); "": the base
 
 
 @dataclass(frozen=True)

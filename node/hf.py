@@ -54,6 +54,7 @@ from node.engine import Delta, EngineRequest, EngineStats, FinishReason, Sink
 from node.grammar import GrammarCompiler
 from node.kvmemory import KVMemory
 from node.loader import LoadedModel
+from node.lora import AdapterSet
 from node.prefix_cache import BLOCK
 from node.prompts import encode, validate
 from node.sampling import Choice, TokenChooser, choose_tokens
@@ -108,6 +109,8 @@ class HFEngine:
         # from a second thread of the process halves every later decode step on our 2-core CPU
         # (each thread gets its own OpenMP team; docs/benchmarks.md).
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()  # guarded by _cond
+        # LoRA adapters served beside the base, per row (node/lora.py); wraps nothing until one loads.
+        self.adapters = AdapterSet(loaded.model, loaded.name, loaded.context_length, self._on_worker)
 
     # ------------------------------------------------------------------------- Engine protocol
 
@@ -156,7 +159,9 @@ class HFEngine:
             )
         max_new = min(wanted or room, room)
         self._kv.check(len(ids) + max_new)
+        adapter = self.adapters.acquire(request.adapter) if request.adapter else None
         seq = Seq(
+            adapter=adapter,
             request=request,
             sink=sink,
             prompt=ids,
@@ -172,10 +177,15 @@ class HFEngine:
             stream=TextStream(self._m.tokenizer, ids[-_TAIL:], request.params.stop),
         )
         with self._cond:
+            refused = None
             if self._stopping:
-                raise NodeBusy("engine is shutting down")
-            if len(self._queue) >= self._max_queued:
-                raise NodeBusy(f"queue full ({self._max_queued} waiting)", retry_after_s=1.0)
+                refused = NodeBusy("engine is shutting down")
+            elif len(self._queue) >= self._max_queued:
+                refused = NodeBusy(f"queue full ({self._max_queued} waiting)", retry_after_s=1.0)
+            if refused is not None:
+                if adapter is not None:
+                    self.adapters.release(adapter)
+                raise refused
             self._queue.append(seq)
             self._cond.notify_all()
         return len(ids)
@@ -321,7 +331,8 @@ class HFEngine:
         batch = self._kv.start_batch(group)
         rest = [seq.prompt[seq.cached :] for seq in group]
         started = time.perf_counter()
-        logits = batch.extend(rest)
+        with self.adapters.rows([s.adapter for s in group]):
+            logits = batch.extend(rest)
         log.debug(
             "prefill: %d rows × %d columns in %.1f ms (%d cached tokens)",
             len(group),
@@ -335,7 +346,8 @@ class HFEngine:
         """The next `prefill_chunk` tokens of a long prompt, alone: running streams wait one chunk."""
         assert seq.kv is not None
         take = min(self._prefill_chunk, len(seq.prompt) - seq.prefilled)
-        logits = seq.kv.extend([seq.prompt[seq.prefilled : seq.prefilled + take]])
+        with self.adapters.rows([seq.adapter]):
+            logits = seq.kv.extend([seq.prompt[seq.prefilled : seq.prefilled + take]])
         seq.prefilled += take
         log.debug("prefill: 1 row, chunk of %d tokens (%d/%d)", take, seq.prefilled, len(seq.prompt))
         if seq.prefilled == len(seq.prompt):
@@ -361,7 +373,8 @@ class HFEngine:
         if not self._running:
             return
         started = time.perf_counter()
-        logits = self._batch.decode([s.next_token for s in self._running])
+        with self.adapters.rows([s.adapter for s in self._running]):
+            logits = self._batch.decode([s.next_token for s in self._running])
         choices = choose_tokens(logits, [s.chooser for s in self._running])
         for seq, choice in zip(self._running, choices, strict=True):
             self._accept(seq, choice)
@@ -416,6 +429,9 @@ class HFEngine:
         seq.finished, seq.reason = True, reason
         if reason in ("stop", "length", "cancelled"):
             self._save_finished(seq)
+        adapter, seq.adapter = seq.adapter, None
+        if adapter is not None:
+            self.adapters.release(adapter)
         delta = Delta(
             request_id=seq.request.request_id,
             text=text,

@@ -54,7 +54,7 @@ class KVMemory:
     def lookup(self, seq: Seq) -> None:
         """Find the longest cached prefix of `seq`'s prompt (once)."""
         if seq.prefix is None and seq.cached == 0 and self.prefixes.budget:
-            hit = self.prefixes.lookup(seq.prompt)
+            hit = self.prefixes.lookup(seq.prompt, _salt(seq))
             if hit is not None:
                 seq.cached, seq.prefix = hit
 
@@ -86,11 +86,16 @@ class KVMemory:
             return
         messages = seq.request.messages
         chats = prefix_hashes([*messages, *reply]) if messages and not seq.request.continuation else []
-        self.prefixes.insert(tokens, batch.export(row), chats)
+        self.prefixes.insert(tokens, batch.export(row), chats, _salt(seq))
         self.advertise()
 
     def advertise(self) -> None:
         self.advertised = self.prefixes.chat_hashes(_ADVERTISED)
+
+
+def _salt(seq: Seq) -> int:
+    """Rows of an adapter hold other keys/values for the same tokens: each load keys its own entries."""
+    return seq.adapter.salt if seq.adapter is not None else 0
 
 
 def _fast_path(model: Any) -> SlotForward | None:

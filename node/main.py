@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from bus.auth import redact
 from bus.connection import connect
 from bus.errors import BusError
@@ -28,7 +30,10 @@ log = logging.getLogger("node")
 class NodeConfig:
     model: str = "default"
     name: str | None = None
+    aliases: tuple[str, ...] = ()  # more names of the same model (`--model-names a,b`: b)
     adapter: str | None = None  # a train job id or a `models/<digest>` artifact
+    max_adapters: int = 8  # LoRA adapters served per row beside the base (node/lora.py)
+    serve_adapters: bool = False  # load each train job of our base that finishes (node/adapter_host.py)
     nats: str = "nats://127.0.0.1:4222"
     device: str = "auto"
     dtype: str = "auto"
@@ -120,15 +125,19 @@ def build_hf_engine(cfg: NodeConfig, adapter_dir: Path | None = None) -> Engine:
         say(f"applying adapter {adapter_dir.name}")
         # Merged: serving the adapter then costs nothing extra per token.
         loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter_dir)).merge_and_unload().eval()
+    base = loaded.name
     if name:
         loaded = dataclasses.replace(loaded, name=name)
-    return HFEngine(
+    engine = HFEngine(
         loaded,
         max_running=cfg.max_running,
         max_queued=cfg.max_queued,
         prefill_chunk=cfg.prefill_chunk,
         kv_cache_memory=cfg.kv_cache_memory,
     )
+    engine.adapters.base = base  # what a LoRA must have been trained on, whatever --name says
+    engine.adapters.max_adapters = cfg.max_adapters
+    return engine
 
 
 async def serve(cfg: NodeConfig) -> None:
@@ -150,14 +159,26 @@ async def serve(cfg: NodeConfig) -> None:
             say(f"fetching {cfg.adapter} from the bus")
             adapter_dir = await fetch_adapter(cfg.nats, cfg.adapter, cfg.cache_dir / "adapters")
         engine = await asyncio.to_thread(build_engine, cfg, adapter_dir)
-        if creds and creds.models is not None and engine.card.name not in creds.models:
-            raise BusError(
-                f"credential {creds.name} may serve {', '.join(creds.models)}, not {engine.card.name!r}: "
-                f"pass --name, or ask the operator for a credential with that model"
-            )
+        for served in (engine.card.name, *cfg.aliases):
+            if creds and creds.models is not None and served not in creds.models:
+                raise BusError(
+                    f"credential {creds.name} may serve {', '.join(creds.models)}, not {served!r}: "
+                    f"pass --name, or ask the operator for a credential with that model"
+                )
         bind(node=node_id, model=engine.card.name)  # every log line of this node says so
         service = NodeService(nc, engine, node_id=node_id, max_queued=cfg.max_queued)
         await service.start()
+        for alias in cfg.aliases:
+            await service.serve_model(msgspec.structs.replace(engine.card, name=alias), alias=True)
+        from node.adapter_host import AdapterHost
+
+        host = AdapterHost(
+            service,
+            cache_dir=cfg.cache_dir / "adapters",
+            serve_new=cfg.serve_adapters,
+            may_serve=creds.models if creds else None,
+        )
+        await host.start()
         card = engine.card
         say(
             f"{node_id} serving {card.name} on {engine.device} ({engine.dtype}), context {card.context_length}, bus {redact(cfg.nats)}"
@@ -171,9 +192,11 @@ async def serve(cfg: NodeConfig) -> None:
         for waiting in waits:
             waiting.cancel()
         if revoked.is_set():  # `chatbus node-token revoke`: nothing to drain to, the bus is gone for us
+            await host.stop()
             await service.drain(0)
             raise BusError(f"{node_id}: the bus refuses this node's credential now (revoked?); stopped")
         say(f"{node_id} draining (up to {cfg.drain_timeout:.0f}s)")
+        await host.stop()
         await service.drain(cfg.drain_timeout)
         say(f"{node_id} stopped")
     finally:

@@ -31,11 +31,12 @@ class _Entry:
     kv: KV
     nbytes: int
     chats: list[int] = field(default_factory=list)  # bus.prefix_hashes of the messages held
+    salt: int = 0  # whose keys/values (0: the base model's; else a LoRA adapter's, node/lora.py)
 
 
-def _chain(tokens: list[int], blocks: int) -> list[int]:
+def _chain(tokens: list[int], blocks: int, salt: int = 0) -> list[int]:
     out: list[int] = []
-    state = 0
+    state = salt
     for k in range(blocks):
         state = hash((state, *tokens[k * BLOCK : (k + 1) * BLOCK]))
         out.append(state)
@@ -54,11 +55,12 @@ class PrefixCache:
         self.hits = 0
         self.hit_tokens = 0
 
-    def lookup(self, tokens: list[int]) -> tuple[int, KV] | None:
-        """The longest cached prefix of `tokens` that leaves at least one token to feed: (n, kv)."""
+    def lookup(self, tokens: list[int], salt: int = 0) -> tuple[int, KV] | None:
+        """The longest cached prefix of `tokens` that leaves at least one token to feed: (n, kv);
+        `salt` says whose keys/values (an adapter's differ from the base's for the same tokens)."""
         blocks = (len(tokens) - 1) // BLOCK
-        for k, state in reversed(list(enumerate(_chain(tokens, blocks), start=1))):
-            holders = self._index.get(state)
+        for k, state in reversed(list(enumerate(_chain(tokens, blocks, salt), start=1))):
+            holders = [h for h in self._index.get(state, []) if h.salt == salt]
             if holders:
                 entry = holders[-1]
                 self._entries.move_to_end(entry.key)
@@ -71,15 +73,17 @@ class PrefixCache:
                 return n, ([t[:, :n] for t in entry.kv[0]], [t[:, :n] for t in entry.kv[1]])
         return None
 
-    def insert(self, tokens: list[int], kv: KV, chats: list[int]) -> None:
+    def insert(self, tokens: list[int], kv: KV, chats: list[int], salt: int = 0) -> None:
         """Keep `tokens`' keys/values `kv` (as many columns as tokens, or fewer: then that many)."""
         n = min(len(tokens), int(kv[0][0].shape[1]))
         blocks = n // BLOCK
         if blocks == 0 or self.budget <= 0:
             return
-        chain = _chain(tokens, blocks)
+        chain = _chain(tokens, blocks, salt)
         for holder in self._index.get(chain[-1], []):
-            if holder.tokens[:n] == tokens[:n]:  # already held, by this entry or a longer one
+            if (
+                holder.salt == salt and holder.tokens[:n] == tokens[:n]
+            ):  # already held, by this entry or a longer one
                 holder.chats = list(dict.fromkeys([*holder.chats, *chats]))
                 self._entries.move_to_end(holder.key)
                 return
@@ -88,12 +92,12 @@ class PrefixCache:
             return
         for state in chain:  # older entries that are a prefix of this one: redundant now
             for holder in list(self._index.get(state, [])):
-                if holder.blocks[-1] == state:
+                if holder.blocks[-1] == state and holder.salt == salt:
                     self._remove(holder)
         self.shrink_to(self.budget - nbytes)
         keys = [t[:, :n].clone() for t in kv[0]]
         values = [t[:, :n].clone() for t in kv[1]]
-        entry = _Entry(next(self._ids), chain, list(tokens[:n]), (keys, values), nbytes, chats)
+        entry = _Entry(next(self._ids), chain, list(tokens[:n]), (keys, values), nbytes, chats, salt)
         self._entries[entry.key] = entry
         for state in chain:
             self._index.setdefault(state, []).append(entry)

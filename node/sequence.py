@@ -7,6 +7,7 @@ from typing import Any
 
 from bus.schemas import ChatMessage, TokenLogprob
 from node.engine import EngineRequest, FinishReason, Sink
+from node.lora import Adapter
 from node.prefix_cache import KV
 from node.sampling import TokenChooser
 from node.slotbatch import Batch
@@ -37,6 +38,7 @@ class Seq:
     unsent_tokens: int = 0
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     finished: bool = False
+    adapter: Adapter | None = None  # its LoRA (node/lora.py), held until it finishes; None: the base
 
     def reply(self) -> ChatMessage:
         """What the client got, as the assistant message of its next turn."""

@@ -41,6 +41,7 @@ from bus.schemas import (
     Failed,
     GenerateRequest,
     KeepAlive,
+    ModelCard,
     NodeInfo,
     Probe,
     ProbeReply,
@@ -140,6 +141,10 @@ class NodeService:
         self._repair: asyncio.Task[None] | None = None
         self._records = RecordPublisher(self.js, on_failure=self._on_bus_failure)
         self.metrics = MetricsRecorder(engine, self.node_id)
+        # Names beside the base, each with its subscriptions: adapters and aliases (`--model-names`).
+        self._served: dict[str, tuple[ModelCard, list[Any]]] = {}
+        self._aliases: set[str] = set()  # served names that are the base itself
+        self._beating = asyncio.Lock()  # a withdrawn adapter's key is never put back by a beat in flight
 
     @property
     def model(self) -> str:
@@ -183,12 +188,14 @@ class NodeService:
     async def drain(self, timeout: float = 30.0) -> None:
         """Stop taking work, deregister, let running answers finish (up to `timeout`), then stop."""
         self._accepting = False
-        for sub in self._subs[:2]:
+        subs: list[Any] = [*self._subs[:2], *(s for _, subs in self._served.values() for s in subs[:2])]
+        for sub in subs:
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()  # type: ignore[attr-defined]
+                await sub.unsubscribe()
         if self._kv is not None:
-            with contextlib.suppress(Exception):
-                await self._kv.delete(self.key)
+            for key in [self.key, *(subjects.node_key(self.node_id, name) for name in self._served)]:
+                with contextlib.suppress(Exception):
+                    await self._kv.delete(key)
         deadline = time.monotonic() + timeout
         while self._jobs and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -234,7 +241,8 @@ class NodeService:
 
         if not self._accepting:
             return reject(Code.SHUTTING_DOWN, f"node {self.node_id} is shutting down", 1.0)
-        if req.model != self.model:
+        adapter = req.model if req.model in self._served and req.model not in self._aliases else ""
+        if req.model != self.model and req.model not in self._served:
             return reject(
                 Code.MODEL_NOT_FOUND, f"node {self.node_id} serves {self.model!r}, not {req.model!r}"
             )
@@ -260,6 +268,7 @@ class NodeService:
                 continuation=req.continuation,
                 constraint=req.constraint,
                 tools=req.tools,
+                adapter=adapter,
             )
             job.prompt_tokens = self.engine.submit(engine_req, self._sink)
         except BusError as e:
@@ -398,7 +407,13 @@ class NodeService:
         assert self._kv is not None
         try:
             # Bounded: a put stuck on a dead connection must not hold up the beats that keep us listed.
-            await asyncio.wait_for(self._kv.put(self.key, encode(self.info())), HEARTBEAT_S)
+            info = self.info()
+            async with self._beating:
+                await asyncio.wait_for(self._kv.put(self.key, encode(info)), HEARTBEAT_S)
+                for name, (card, _) in list(self._served.items()):  # a key per model (bus/nodes.py)
+                    entry = encode(msgspec.structs.replace(info, models=[card]))
+                    key = subjects.node_key(self.node_id, name)
+                    await asyncio.wait_for(self._kv.put(key, entry), HEARTBEAT_S)
             return True
         except Exception as e:  # no leader for a moment (a cluster), or the bucket is gone (a restart)
             log.warning("heartbeat failed (%r); retrying", e)
@@ -418,6 +433,54 @@ class NodeService:
             await asyncio.sleep(HEARTBEAT_S if beat else 0.5)
             if self._accepting:
                 beat = await self._heartbeat()
+
+    # ------------------------------------------------------------------ adapters (node/adapter_host.py)
+
+    @property
+    def served(self) -> list[str]:
+        """The adapters this node serves beside its base, by name."""
+        return [name for name in self._served if name not in self._aliases]
+
+    @property
+    def aliases(self) -> list[str]:
+        """Other names of the base (`--model-names`)."""
+        return sorted(self._aliases)
+
+    async def serve_model(self, card: ModelCard, alias: bool = False) -> None:
+        """Take requests for `card` (an adapter the engine has loaded, or with `alias` another name of
+        the base) and list it in our heartbeats."""
+        if card.name in self._served or card.name == self.model:
+            return
+        if alias:
+            self._aliases.add(card.name)
+        cb = self._on_generate
+        subs = [
+            await self.nc.subscribe(subjects.gen(card.name), queue=subjects.NODE_QUEUE, cb=cb),
+            await self.nc.subscribe(subjects.gen_node(card.name, self.node_id), cb=cb),
+            await self.nc.subscribe(subjects.count(card.name), queue=subjects.NODE_QUEUE, cb=self._on_count),
+        ]
+        if card.can_embed:
+            subs.append(
+                await self.nc.subscribe(
+                    subjects.embed(card.name), queue=subjects.NODE_QUEUE, cb=self._on_embed
+                )
+            )
+        self._served[card.name] = (card, subs)
+        await self.nc.flush()
+        if self._accepting:
+            await self._heartbeat()
+
+    async def withdraw_model(self, name: str) -> None:
+        """Stop taking requests for adapter `name` and drop its heartbeat (running answers go on)."""
+        _, subs = self._served.pop(name, (None, []))
+        self._aliases.discard(name)
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if self._kv is not None:
+            async with self._beating:
+                with contextlib.suppress(Exception):
+                    await self._kv.delete(subjects.node_key(self.node_id, name))
 
     # ------------------------------------------------------------------ count / embed
 

@@ -116,6 +116,8 @@ FORBIDDEN = [
     ("worker", "pub", "$JS.API.STREAM.UPDATE.KV_cb_jobs", "source other streams into one it may read"),
     ("ui", "pub", "$JS.API.STREAM.CREATE.MINE", "create a stream that sources others"),
     ("gateway", "pub", "$JS.API.STREAM.DELETE.KV_cb_nodes", "delete the node table"),
+    ("gateway", "pub", "cb.adapters.some-node", "load or unload a node's adapters"),
+    ("ui", "sub", "cb.adapters.>", "take adapter commands meant for nodes"),
 ]
 
 
@@ -138,6 +140,8 @@ async def test_the_server_refuses_what_a_role_may_not_do(
         ("ui", "pub", "$JS.API.DIRECT.GET.KV_cb_nodes.$KV.cb_nodes.x"),
         ("ui", "pub", "$JS.API.CONSUMER.CREATE.CB_TOKENS.c.cb.tok.ui.x"),
         ("gateway", "pub", "$JS.API.CONSUMER.CREATE.CB_TOKENS.c.cb.tok.gateway.x"),
+        ("ui", "pub", "cb.adapters.some-node"),  # `chatbus adapters load|unload|list`
+        ("worker", "pub", "cb.adapters.some-node"),  # a judge loading a trained adapter to evaluate
     ],
 )
 async def test_what_a_role_needs_is_not_refused(

@@ -96,6 +96,7 @@ REFUSED = [
     ("pub", "cb.log.chat", "forge a chat log"),
     ("pub", "cb.gen.echo", "ask other nodes"),
     ("sub", "_INBOX_gateway.>", "read the gateway's replies"),
+    ("pub", "cb.adapters.bob", "load or unload another node's adapters"),
 ]
 # What only an issued credential cannot do: it is pinned to its name and models.
 PINNED = [
@@ -107,6 +108,7 @@ PINNED = [
     ("sub", "cb.gen.echo.bob", "take requests routed to another node"),
     ("sub", "cb.ctl.bob", "watch another node's cancels and probes"),
     ("pub", "cb.ctl.bob", "cancel another node's requests"),
+    ("sub", "cb.adapters.bob", "take another node's adapter commands"),
     ("pub", "$JS.API.STREAM.INFO.OBJ_cb_artifacts", "open the artifact store (no --adapters)"),
     ("pub", "$JS.API.CONSUMER.CREATE.OBJ_cb_artifacts", "read training data sets"),
 ]
@@ -128,6 +130,7 @@ async def test_the_server_refuses_what_a_node_may_not_do(
         ("sub", "cb.embed.echo cb-nodes"),
         ("sub", "cb.count.echo cb-nodes"),
         ("sub", "cb.ctl.alice"),
+        ("sub", "cb.adapters.alice"),
         ("pub", "$KV.cb_nodes.alice.echo"),
         ("pub", "cb.tok.gateway.some-request"),
     ],
