@@ -14,6 +14,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from fakes import EchoEngine
 from permissions import refused
 from procs import spawn
 from test_judge_support import ScriptEngine, answerer, bus_engines, fair_judge, wait_models
@@ -71,7 +72,7 @@ async def test_served_result_is_judged_once_and_scored_everywhere(
     nats_url: str, client: BusClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
     jobs = await client.jobs()
-    base_engines = [
+    base_engines: list[EchoEngine] = [
         ScriptEngine("base-m", answerer("bad"), step_s=0.002),
         ScriptEngine("judge-fair", fair_judge, step_s=0.002),
     ]

@@ -1,5 +1,5 @@
-"""The closed loop with the real default model: one CLI command trains, waits for the adapter to be
-served, for the judge worker's automatic evaluation against the base, and prints both scores."""
+"""The closed loop with the real default model: one CLI command trains, has the base's running node load
+the adapter, waits for the judge worker's automatic evaluation against the base, and prints both scores."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import pytest
 from procs import node_process, spawn, stop
 
 from bus.client import BusClient
-from bus.schemas_jobs import JobRecord
 from judge.schemas import EvalResult, EvalSpec
 from trainer.schemas import TrainResult
 
@@ -69,31 +68,32 @@ async def test_train_serve_judge_from_one_command(nats_url: str, model_cache: Pa
             loop = _start(cli, out, err)
             procs.append(loop)
             job_id = await asyncio.to_thread(_first_line, out, loop)
-            jobs = await client.jobs()
-            while (record := await jobs.get(job_id)) is None or record.state not in ("done", "failed"):
-                assert loop.poll() is None, err.read_text()
-                await asyncio.sleep(0.5)
-            assert record.state == "done", record.message
-            # Stand-in for a node that loads finished adapters itself: one started on the adapter.
-            extra = ["--adapter", job_id, "--dtype", "float32"]
-            with node_process(nats_url, tmp_path / "adapter.log", extra=extra):
-                code = await asyncio.to_thread(loop.wait, 900)
-        text, log = out.read_text(), err.read_text()
-        assert code == 0, text + log + (tmp_path / "judge.log").read_text()
+            code = await asyncio.to_thread(loop.wait, 900)
+            text, log = out.read_text(), err.read_text()
+            assert code == 0, text + log + (tmp_path / "judge.log").read_text()
+            # No restart and no second node: the CLI asked the base's node to load the adapter.
+            trained = await (await client.jobs()).get(job_id)
+            assert trained is not None
+            name = msgspec.convert(trained.result, TrainResult).name
+            cards = [c for n in client.nodes() for c in n.models]
+            assert {(c.name, c.base) for c in cards} == {(BASE, ""), (name, BASE)}, cards
     finally:
         for proc in procs:
             stop(proc)
     try:
-        await check_outcome(client, nats_url, record, text, log)
+        await check_outcome(client, nats_url, job_id, text, log)
     finally:
         await client.close()
 
 
-async def check_outcome(client: BusClient, nats_url: str, record: JobRecord, text: str, log: str) -> None:
+async def check_outcome(client: BusClient, nats_url: str, job_id: str, text: str, log: str) -> None:
     """The train record, the CLI's table, the eval job and `chatbus eval results` agree."""
-    job_id, jobs = record.job_id, await client.jobs()
+    jobs = await client.jobs()
+    record = await jobs.get(job_id)
+    assert record is not None
     name = msgspec.convert(record.result, TrainResult).name
-    assert "step 8/8" in log and f"served: {name}" in log and "evaluating: eval-" in log
+    assert "step 8/8" in log and f"waiting for a node of {BASE} to load {name}" in log
+    assert f"served: {name}" in log and "evaluating: eval-" in log
     done = await jobs.get(job_id)
     assert done is not None and done.eval_job and set(done.scores) == {name, BASE}, done
     assert all(1 <= s <= 10 for s in done.scores.values())

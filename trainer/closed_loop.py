@@ -1,10 +1,11 @@
 """`chatbus train submit --serve --eval`: after training, wait until the result is served and judged.
 
-The CLI submits nothing beyond the train job: nodes serve the result (`chatbus node --adapter JOB`, or a
-node that loads finished adapters itself), and a judge worker's adapter watch (judge/loop.py) claims the
-evaluation in the train job's record (`JobRecord.eval_job`) and writes the scores there
-(`JobRecord.scores`). This module waits for each step, says what to start when one does not come, and
-ends with the base-vs-adapter table. Interrupting it loses nothing: the jobs go on without it.
+Nodes started with `--serve-adapters` (on in `chatbus up`) load a finished train job's adapter by
+themselves; when none did within a few seconds, the CLI asks the nodes of its base to load it over the
+bus (`chatbus adapters load`). A judge worker's adapter watch (judge/loop.py) claims the evaluation in the
+train job's record (`JobRecord.eval_job`) and writes the scores there (`JobRecord.scores`). This module
+waits for each step, says what to start when one does not come, and ends with the base-vs-adapter table.
+Interrupting it loses nothing: the jobs go on without it.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ from typing import Any
 import msgspec
 
 from bus.client import BusClient
+from bus.errors import BusError
 from bus.jobs import Jobs
+from bus.schemas_adapters import AdapterCommand
 from bus.schemas_jobs import JobRecord
 
 __all__ = ["LoopOptions", "after_training", "score_table"]
+
+LOAD_GRACE_S = 5.0  # a node with --serve-adapters loads a new result within a second or two of `done`
 
 
 @dataclass(frozen=True)
@@ -41,22 +46,47 @@ def _names(record: JobRecord) -> tuple[str, str]:
     return name, base or str(result.get("base", ""))
 
 
-async def wait_served(client: BusClient, job_id: str, name: str, base: str, timeout_s: float) -> bool:
-    """True once a node serves `name`; says what to start while none does."""
-    deadline, hinted = time.monotonic() + timeout_s, ""
+async def ask_to_load(client: BusClient, job_id: str, base: str) -> bool:
+    """Ask the nodes that serve `base` to load the job's adapter (bus.schemas_adapters); True when one did."""
+    nodes = [n.node_id for n in client.nodes() if any(c.name == base and not c.base for c in n.models)]
+    for node_id in dict.fromkeys(nodes):
+        try:
+            reply = await client.adapters(node_id, AdapterCommand(action="load", ref=job_id))
+        except BusError as e:
+            _say(f"{node_id} did not load it: {e.message}")
+            continue
+        _say(f"{node_id}: {reply.message or 'loaded'}")
+        return True
+    return False
+
+
+async def wait_served(client: BusClient, job_id: str, names: tuple[str, str], timeout_s: float) -> bool:
+    """True once a node serves the job's result; asks the base's nodes to load it when none did by
+    itself within LOAD_GRACE_S (nodes without --serve-adapters); says what to start while none can."""
+    (name, base), deadline, hinted = names, time.monotonic() + timeout_s, ""
+    base_since: float | None = None
+    asked = False
     while name not in client.models():
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             _say(
-                f"error: {name} is not served after {timeout_s:.0f}s. Serve it: `chatbus node --adapter {job_id}`; "
-                f"then `chatbus eval follow {job_id}` shows its evaluation (the train job is done and kept)"
+                f"error: {name} is not served after {timeout_s:.0f}s. Serve it: `chatbus adapters load {job_id}` "
+                f"(or `chatbus node --adapter {job_id}`); then `chatbus eval follow {job_id}` shows its evaluation"
             )
             return False
-        hint = (
-            f"waiting for a node to serve {name}: no node serves its base {base}; start one "
-            f"(`chatbus node --adapter {job_id}` serves base and adapter together)"
-            if base not in client.models()
-            else f"waiting for a node to serve {name} (`chatbus node --adapter {job_id}` serves it)"
-        )
+        if base not in client.models():
+            base_since = None
+            hint = (
+                f"waiting for a node to serve {name}: no node serves its base {base}; start one "
+                f"(`chatbus up`, or `chatbus node --model BASE --serve-adapters`)"
+            )
+        else:
+            base_since = base_since or now
+            hint = f"waiting for a node of {base} to load {name}"
+            if not asked and now - base_since >= LOAD_GRACE_S:
+                asked = True  # once: a refusal says why, and asking again would say it again
+                if not await ask_to_load(client, job_id, base):
+                    hint = f"no node of {base} loads {name}: `chatbus node --adapter {job_id}` serves it"
         if hint != hinted:
             _say(hint)
             hinted = hint
@@ -130,7 +160,7 @@ async def after_training(jobs: Jobs, nats_url: str, job_id: str, opts: LoopOptio
     name, base = _names(record)
     client = await BusClient.connect(nats_url, name="chatbus-train-loop")
     try:
-        if not await wait_served(client, job_id, name, base, opts.serve_timeout_s):
+        if not await wait_served(client, job_id, (name, base), opts.serve_timeout_s):
             return 1
         if not opts.evaluate:
             return 0
