@@ -26,7 +26,9 @@ from bus.schemas_jobs import JobRecord
 
 __all__ = ["LoopOptions", "after_training", "score_table"]
 
-LOAD_GRACE_S = 5.0  # a node with --serve-adapters loads a new result within a second or two of `done`
+# A node with --serve-adapters loads a new result within seconds of `done` (longer on a busy machine);
+# asking it too early loads the adapter twice.
+LOAD_GRACE_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -125,13 +127,16 @@ async def wait_claimed(
 async def follow_eval(jobs: Jobs, eval_id: str) -> bool:
     """Print the eval's progress until it ends; True when it is done."""
     _say(f"evaluating: {eval_id}")
-    last = None
+    tty, last = sys.stderr.isatty(), None
     async for event in jobs.events(eval_id):
         last = event
         if event.event == "progress" and event.message:
-            _say(f"eval: {event.message}")
+            line = f"eval: {event.message}"
+            print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
         elif event.event in ("started", "log", "failed", "cancelled") and event.message:
-            _say(f"eval {event.event}: {event.message}")
+            _say(("\n" if tty else "") + f"eval {event.event}: {event.message}")
+    if tty:
+        print(file=sys.stderr)
     if last is None or last.state != "done":
         _say(
             f"error: eval {eval_id} {last.state if last else 'vanished'}; `chatbus eval status {eval_id}` says more"
