@@ -217,6 +217,8 @@ def permissions(role: str, user: str | None = None, kinds: list[str] | None = No
         pub = [*asks, subjects.adapters_all(), subjects.job_events_all(), *acks, "$O.>", own]
         sub = [inbox, subjects.job_control_all()]
         deny = [d for d in deny if d != own] + resume
+        if kinds is None or "eval" in kinds:  # a judge submits eval jobs itself (triggers, adapter evals)
+            pub.append(subjects.jobs_of("eval"))
     return {"publish": {"allow": pub, "deny": deny}, "subscribe": {"allow": sub}}
 
 

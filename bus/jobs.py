@@ -152,9 +152,11 @@ class Jobs:
         return job_id
 
     async def events(
-        self, job_id: str, *, follow: bool = True, idle_timeout: float | None = None
+        self, job_id: str, *, follow: bool = True, idle_timeout: float | None = None, past_end: bool = False
     ) -> AsyncIterator[JobEvent]:
         """Replay the job's events from the start; with `follow`, wait for more until a terminal one.
+        With `past_end` a terminal event does not end the replay: events appended to a finished job
+        (a train job's `eval` and `evaluated`, judge/loop.py) come too.
 
         The consumer lives on one server: when it dies with its cluster member (or the connection
         is re-established), a new one replays from the start and the events seen are skipped.
@@ -183,7 +185,7 @@ class Jobs:
                     seen, waited = index, 0.0
                     event = decode(msg.data, JobEvent)
                     yield event
-                    if event.state in TERMINAL_STATES and event.event != "queued":
+                    if event.state in TERMINAL_STATES and event.event != "queued" and not past_end:
                         return
             finally:
                 with contextlib.suppress(Exception):
@@ -208,6 +210,24 @@ class Jobs:
         except Exception:
             return None
         return decode(entry.value, JobRecord) if entry.value else None
+
+    async def get_revision(self, job_id: str) -> tuple[JobRecord, int] | None:
+        """The record with its KV revision, for `update_record`'s compare-and-set."""
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(_key(job_id))
+        except Exception:
+            return None
+        return (decode(entry.value, JobRecord), entry.revision or 0) if entry.value else None
+
+    async def update_record(self, record: JobRecord, revision: int) -> bool:
+        """Write `record` only if nobody wrote it since `revision`; False when somebody did."""
+        assert self._kv is not None
+        try:
+            await self._kv.update(_key(record.job_id), encode(record), last=revision)
+        except Exception:  # wrong last revision: another writer came first
+            return False
+        return True
 
     async def list(self, kind: JobKind | None = None) -> list[JobRecord]:
         assert self._kv is not None

@@ -63,6 +63,10 @@ class JobRecord(_Tagged, frozen=True, kw_only=True, tag="job.record"):
     artifacts: list[str] = msgspec.field(default_factory=list)
     result: Any = None  # decode with msgspec.convert(result, YourResultType)
     attempt: int = 0
+    # A train job's result judged against its base (judge/loop.py): the eval job, and once it is done
+    # its score per model (single mode: mean rating 1-10) under the adapter's and the base's names.
+    eval_job: str = ""
+    scores: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 class ArtifactInfo(_Wire, frozen=True, kw_only=True):

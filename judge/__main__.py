@@ -10,6 +10,7 @@ import signal
 import sys
 
 from bus import BusUnavailable, add_nats_option, resolve_nats, setup_logging
+from judge.loop import AdapterEvalConfig
 from judge.worker import WorkerConfig, serve
 
 
@@ -21,14 +22,29 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     )
     p.add_argument("--no-triggers", action="store_true", help="do not run auto-eval triggers in this worker")
     p.add_argument("--trigger-poll", type=float, default=2.0, help="seconds between trigger checks")
+    p.add_argument(
+        "--no-adapter-evals", action="store_true", help="do not judge new train results against their base"
+    )
+    p.add_argument("--adapter-eval-questions", type=int, default=5, help="questions per adapter eval")
+    p.add_argument(
+        "--adapter-eval-judge", default="", help="judge model of adapter evals (default: the base)"
+    )
+    p.add_argument("--adapter-eval-max-tokens", type=int, default=256, help="per answer turn")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
+    adapter_evals = AdapterEvalConfig(
+        questions=a.adapter_eval_questions,
+        judge=a.adapter_eval_judge,
+        max_tokens=a.adapter_eval_max_tokens,
+        judge_max_tokens=max(a.adapter_eval_max_tokens, 128),
+    )
     setup_logging(logging.DEBUG if a.verbose else logging.INFO, os.environ.get("CHATBUS_LOG_FORMAT"))
     return WorkerConfig(
         nats=resolve_nats(a.nats, os.environ),
         ack_wait_s=a.ack_wait,
         triggers=not a.no_triggers,
         trigger_poll_s=a.trigger_poll,
+        adapter_evals=None if a.no_adapter_evals else adapter_evals,
         environ=dict(os.environ),
     )
 

@@ -64,7 +64,7 @@ def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.Arg
     p.add_argument("--follow", action="store_true", help="show progress, then the result tables")
 
     p = cmd("results", "print the result tables of a job (or of a judgment file)", ops.results)
-    p.add_argument("job", nargs="?", default="", help="job id")
+    p.add_argument("job", nargs="?", default="", help="eval job id (or a train job id: its adapter's eval)")
     p.add_argument("--file", type=Path, default=None, help="a judgment JSONL instead of a job")
     p.add_argument("--baseline", default=None, help="leave this model out of the pairwise table")
 
@@ -82,7 +82,7 @@ def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.Arg
     p = cmd("cancel", "cancel an evaluation job", ops.cancel)
     p.add_argument("job")
     p = cmd("follow", "follow a job's progress until it ends", ops.follow)
-    p.add_argument("job")
+    p.add_argument("job", help="eval job id (or a train job id: its adapter's eval)")
 
     p = cmd("watch", "evaluate every new model that appears on the bus (run by the judge worker)", ops.watch)
     _spec_options(p, models_required=False)

@@ -80,6 +80,19 @@ async def _questions_ref(jobs: Jobs, args: argparse.Namespace) -> str:
     return await jobs.put_artifact("eval/questions", dump_questions(questions))
 
 
+async def _eval_id(jobs: Jobs, ref: str) -> str:
+    """An eval job id, or a train job id standing for the eval that judged its result (judge/loop.py)."""
+    record = await jobs.get(ref)
+    if record is not None and record.kind == "train":
+        if not record.eval_job:
+            raise ValueError(
+                f"train job {ref} has not been evaluated (yet): a judge worker (`python -m judge`) "
+                "evaluates each finished train job once its result is served"
+            )
+        return record.eval_job
+    return ref
+
+
 async def _record(jobs: Jobs, job_id: str) -> JobRecord:
     record = await jobs.get(job_id)
     if record is None or record.kind != "eval":
@@ -141,8 +154,9 @@ async def submit(args: argparse.Namespace, url: str) -> int:
 
 async def follow(args: argparse.Namespace, url: str) -> int:
     async with _bus(url) as (_, jobs):
-        await _record(jobs, args.job)
-        return await _follow(jobs, args.job)
+        job_id = await _eval_id(jobs, args.job)
+        await _record(jobs, job_id)
+        return await _follow(jobs, job_id)
 
 
 async def results(args: argparse.Namespace, url: str) -> int:
@@ -152,12 +166,15 @@ async def results(args: argparse.Namespace, url: str) -> int:
     if not args.job:
         raise ValueError("pass a job id or --file judgments.jsonl")
     async with _bus(url) as (_, jobs):
-        record = await _record(jobs, args.job)
+        job_id = await _eval_id(jobs, args.job)
+        record = await _record(jobs, job_id)
+        if job_id != args.job:
+            print(f"{job_id}: {_spec(record).label}")
         if record.state != "done":
-            print(f"job {args.job} is {record.state}; tables from what is judged so far", file=sys.stderr)
-        if not await jobs.has_artifact(judgments_name(args.job)):
-            raise ValueError(f"job {args.job} has no judgments yet")
-        await _print_tables(jobs, args.job)
+            print(f"job {job_id} is {record.state}; tables from what is judged so far", file=sys.stderr)
+        if not await jobs.has_artifact(judgments_name(job_id)):
+            raise ValueError(f"job {job_id} has no judgments yet")
+        await _print_tables(jobs, job_id)
     return 0
 
 

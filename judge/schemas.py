@@ -34,6 +34,7 @@ class EvalSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     wait_models_s: float = 60.0  # how long to wait for the models (and a bus judge) to appear
     label: str = ""
     trigger: str = ""  # the trigger that submitted this job, if any
+    train_job: str = ""  # judges that train job's result: the scores go into its record (judge/loop.py)
 
     def answer_models(self) -> list[str]:
         """Every model whose answers are needed (the baseline included)."""

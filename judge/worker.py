@@ -15,6 +15,7 @@ from bus import BusClient, JobContext, Jobs, redact
 from judge.answers import answer_key, answer_turns, generate_answers
 from judge.backends import make_judge
 from judge.judging import Judging, pairwise_key, run_bounded, single_key
+from judge.loop import AdapterEvalConfig, AdapterWatcher, record_scores
 from judge.prompts import load_prompts
 from judge.questions import Question, load_questions, parse_questions, select
 from judge.results import failure_counts, pairwise_stats, single_scores
@@ -157,6 +158,8 @@ class EvalRunner:
         await ctx.emit("checkpoint", artifacts=[answers.name, judgments.name], message="judging finished")
         wanted = [judgments.records[k] for k in keys if k in judgments.records]
         result = self._result(spec, questions, models, answers, wanted, judging, generated, answer_failures)
+        if spec.train_job:
+            await record_scores(ctx.jobs, ctx.job_id, spec, result)
         return msgspec.Raw(msgspec.json.encode(result))
 
     def _result(
@@ -231,6 +234,7 @@ class WorkerConfig:
     ack_wait_s: float = 30.0
     triggers: bool = True
     trigger_poll_s: float = 2.0
+    adapter_evals: AdapterEvalConfig | None = field(default_factory=AdapterEvalConfig)  # None: off
     environ: dict[str, str] = field(default_factory=dict)
 
 
@@ -241,16 +245,20 @@ async def serve(cfg: WorkerConfig, stop: asyncio.Event) -> None:
         stack.push_async_callback(client.close)
         worker = client.job_worker("eval", EvalRunner(client, cfg.environ), ack_wait_s=cfg.ack_wait_s)
         tasks = [asyncio.create_task(worker.run(), name="eval-worker")]
-        watcher = None
+        watchers: list[TriggerWatcher | AdapterWatcher] = []
         if cfg.triggers:
-            watcher = TriggerWatcher(client, await client.jobs(), poll_s=cfg.trigger_poll_s)
-            tasks.append(asyncio.create_task(watcher.run(), name="eval-triggers"))
+            watchers.append(TriggerWatcher(client, await client.jobs(), poll_s=cfg.trigger_poll_s))
+        if cfg.adapter_evals is not None:
+            watchers.append(
+                AdapterWatcher(client, await client.jobs(), cfg.adapter_evals, poll_s=cfg.trigger_poll_s)
+            )
+        tasks += [asyncio.create_task(w.run(), name=type(w).__name__) for w in watchers]
         log.info("judge worker on %s", redact(cfg.nats))
         done_first = asyncio.create_task(stop.wait())
         await asyncio.wait([done_first, *tasks], return_when=asyncio.FIRST_COMPLETED)
         worker.stop()
-        if watcher:
-            watcher.stop()
+        for w in watchers:
+            w.stop()
         done_first.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for r in results:

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from bus import BusError, JobEvent, JobRecord, Jobs, connect
+from trainer.closed_loop import LoopOptions, after_training
 from trainer.data import DatasetError, parse_dataset
 from trainer.datatools import add_data_commands
 from trainer.schemas import TrainSpec
@@ -67,7 +68,22 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
         "--grad-checkpointing", action="store_true", default=None, help="trade compute for memory"
     )
     submit.add_argument("--follow", action="store_true", help="show live progress until the job ends")
-    submit.set_defaults(func=lambda args, url: asyncio.run(cmd_submit(args, url)))
+    submit.add_argument(
+        "--serve", action="store_true", help="then wait until a node serves the result (implies --follow)"
+    )
+    submit.add_argument(
+        "--eval",
+        dest="evaluate",
+        action="store_true",
+        help="then wait for a judge worker to score it against its base, and show both (implies --serve)",
+    )
+    submit.add_argument(
+        "--serve-timeout", type=float, default=300.0, help="seconds to wait for a node (--serve)"
+    )
+    submit.add_argument(
+        "--judge-timeout", type=float, default=60.0, help="seconds to wait for a judge (--eval)"
+    )
+    submit.set_defaults(func=_submit_interruptible)
 
     lst = tsub.add_parser("list", help="list train jobs")
     common(lst)
@@ -110,7 +126,23 @@ def _spec(args: argparse.Namespace, data: str) -> TrainSpec:
     return TrainSpec(**fields)
 
 
-async def cmd_submit(args: argparse.Namespace, url: str) -> int:
+def _submit_interruptible(args: argparse.Namespace, url: str) -> int:
+    """Ctrl-C stops the watching, never the jobs: they were accepted by the bus and go on."""
+    accepted: list[str] = []
+    try:
+        return asyncio.run(cmd_submit(args, url, accepted))
+    except KeyboardInterrupt:
+        if accepted:
+            job = accepted[0]
+            print(
+                f"\ninterrupted; job {job} goes on (nothing was cancelled): `chatbus train status {job} --follow`"
+                f"{f', `chatbus eval follow {job}`' if args.evaluate else ''}",
+                file=sys.stderr,
+            )
+        return 130
+
+
+async def cmd_submit(args: argparse.Namespace, url: str, accepted: list[str] | None = None) -> int:
     try:
         data = args.data.read_bytes()
         parse_dataset(data, args.data.name)  # fail here, not minutes later on a worker
@@ -124,13 +156,23 @@ async def cmd_submit(args: argparse.Namespace, url: str) -> int:
     try:
         name = await jobs.put_artifact("datasets", data)
         job_id = await jobs.submit("train", _spec(args, name), by="chatbus-cli")
+        if accepted is not None:
+            accepted.append(job_id)
         print(job_id, flush=True)
-        return await follow(jobs, job_id) if args.follow else 0
+        if not (args.follow or args.serve or args.evaluate):
+            return 0
+        code = await follow(jobs, job_id, hint=not (args.serve or args.evaluate))
+        if code or not (args.serve or args.evaluate):
+            return code
+        opts = LoopOptions(
+            evaluate=args.evaluate, serve_timeout_s=args.serve_timeout, judge_timeout_s=args.judge_timeout
+        )
+        return await after_training(jobs, url, job_id, opts)
     finally:
         await jobs.nc.close()
 
 
-async def follow(jobs: Jobs, job_id: str) -> int:
+async def follow(jobs: Jobs, job_id: str, *, hint: bool = True) -> int:
     """Print progress until the job ends; 0 when it is done."""
     tty = sys.stderr.isatty()
     last: JobEvent | None = None
@@ -148,7 +190,8 @@ async def follow(jobs: Jobs, job_id: str) -> int:
         return 1
     result = last.result or {}
     print(f"done: {result.get('name')} stored as {result.get('artifact')}")
-    print(f"serve it: chatbus node --adapter {job_id}")
+    if hint:
+        print(f"serve it: chatbus node --adapter {job_id}")
     return 0
 
 
@@ -202,6 +245,9 @@ async def cmd_status(args: argparse.Namespace, url: str) -> int:
             print(f"progress {progress_line(record.metrics)}")
         if record.result:
             print(f"result   {record.result}")
+        if record.eval_job:
+            scores = ", ".join(f"{m} {v:.2f}" for m, v in record.scores.items()) or "not yet"
+            print(f"eval     {record.eval_job}: {scores}")
         return 0
     finally:
         await jobs.nc.close()

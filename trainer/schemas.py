@@ -84,3 +84,4 @@ class TrainResult(msgspec.Struct, frozen=True, kw_only=True):
     seconds: float = 0.0
     resumed_from: int = 0  # the checkpoint step this attempt started from (0: from scratch)
     data: DataReport = msgspec.field(default_factory=DataReport)
+    base_name: str = ""  # the name a node serves the base under (what the adapter is judged against)

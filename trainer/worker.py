@@ -131,6 +131,7 @@ async def handle(ctx: JobContext, cfg: WorkerConfig) -> msgspec.Raw:
     result = TrainResult(
         method=spec.method,
         base=spec.base,
+        base_name=base_name(spec.base),
         name=name,
         artifact=artifact,
         config=config,
