@@ -321,7 +321,8 @@ class HFEngine:
                 group.append(self._queue.popleft())
                 seq.take()
                 longest = max(longest, size)
-        self._kv.advertise()
+        if group:  # admitting may have evicted prefixes: advertise what is left (not every step)
+            self._kv.advertise()
         return group
 
     def _prefill_group(self, group: list[Seq]) -> None:
