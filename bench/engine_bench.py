@@ -1,10 +1,14 @@
 """Decode throughput of HFEngine (continuous batching) against plain `model.generate`.
 
-Run: python bench/engine_bench.py [--model DIR] [--dtype auto] [--tokens 128] [--batches 1,4,16] [--no-prefix]
+Run: python bench/engine_bench.py [--model DIR] [--dtype auto] [--tokens 128] [--batches 1,4,16] [--repeat 1]
+[--no-prefix]
 
 Every request is greedy and EOS is disabled (engine: empty eos set; generate: min_new_tokens), so each
 row produces exactly --tokens tokens and the batch stays full. Each configuration runs once to warm
-up (new batch shapes are slow the first time), then is timed. tok/s = generated tokens / wall time,
+up (new batch shapes are slow the first time), then is timed --repeat times, engine and `generate`
+alternating, best of each kept: on a shared machine both then see the same moments' load. `generate`
+runs on the engine's worker thread between requests: torch used from a second thread of the process
+would start a second OpenMP team that slows every later step of both. tok/s = generated tokens / wall time,
 prefill included. HFEngine's TTFT p50 is over the burst of `batch` requests submitted at once (submit →
 first delta). "others' CPU" is the share of the machine that other processes used during the timed
 runs of the row (Linux /proc; "-" elsewhere), so a contended row shows.
@@ -199,6 +203,29 @@ def generate_run(loaded: LoadedModel, batch: int, tokens: int) -> float:
     return produced / (time.perf_counter() - started)
 
 
+def side_by_side(
+    engine: HFEngine, loaded: LoadedModel, batch: int, tokens: int, repeat: int
+) -> tuple[tuple[float, float], float, list[float]]:
+    """Engine and `generate` (on the engine's thread), warmed up, then alternating `repeat` times:
+    the best engine (tok/s, TTFT) and generate tok/s, and the others' CPU share of each timed run."""
+
+    def generate() -> float:
+        return engine._on_worker(lambda: generate_run(loaded, batch, tokens))  # the engine's thread
+
+    engine_run(engine, batch, tokens)  # warm up every shape of the run
+    generate()
+    ours: list[tuple[float, float]] = []
+    theirs: list[float] = []
+    busy: list[float] = []
+    for _ in range(max(1, repeat)):
+        with others_cpu() as load:
+            ours.append(engine_run(engine, batch, tokens))
+        with others_cpu() as load_generate:
+            theirs.append(generate())
+        busy += load + load_generate
+    return max(ours), max(theirs), busy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -206,6 +233,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batches", default="1,4,16")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "chatbus")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs of each, alternating; best kept")
     parser.add_argument("--no-prefix", action="store_true", help="skip the prefix-cache table")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -214,24 +242,18 @@ def main() -> None:
     weights = weight_bytes(loaded.model)  # before packing: the bytes a decode step reads
     engine = HFEngine(dataclasses.replace(loaded, eos_ids=[]), max_running=max(batches))
     engine.start()
-    # Torch runs on engine threads first, then on this one (generate, the bandwidth): with torch busy
-    # from two threads of one process (two OpenMP teams on 2 cores) both run at half speed.
-    ours, theirs, busy = {}, {}, {}
+    ours: dict[int, tuple[float, float]] = {}
+    theirs: dict[int, float] = {}
+    busy: dict[int, list[float]] = {}
     try:
         for batch in batches:
-            engine_run(engine, batch, args.tokens)  # warm up every shape of the run
-            with others_cpu() as load:
-                ours[batch] = engine_run(engine, batch, args.tokens)
-            busy[batch] = load
+            ours[batch], theirs[batch], busy[batch] = side_by_side(
+                engine, loaded, batch, args.tokens, args.repeat
+            )
     finally:
         engine.stop()
     history = conversation(20)
     prefix = [] if args.no_prefix else prefix_rows(loaded, history)
-    for batch in batches:
-        generate_run(loaded, batch, args.tokens)
-        with others_cpu() as load:
-            theirs[batch] = generate_run(loaded, batch, args.tokens)
-        busy[batch] += load
     speed = bandwidth()
     ceiling = speed / weights
 

@@ -41,6 +41,9 @@ class Delta:
     completion_tokens: int = 0  # running total
     error: str = ""  # with finish_reason "error"
     logprobs: list[TokenLogprob] | None = None
+    # Once per request, on its first delta after prefill (engines that measure them; node/metrics.py):
+    queue_s: float | None = None  # submit → taken out of the queue to be prefilled
+    prefill_s: float | None = None  # taken → prefill done (the first token chosen)
 
 
 Sink = Callable[[Delta], None]
@@ -54,6 +57,9 @@ class EngineStats:
     # bus.prefix_hashes of the conversations whose KV the engine holds (prompt, and prompt + reply),
     # most recently used first, bounded: what a node advertises for cache-aware routing.
     cached_prefixes: list[int] = field(default_factory=list)
+    kv_cache_usage: float = 0.0  # 0..1: the running rows' KV memory over the engine's budget
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (a running total)
+    prefix_cache_hits: int = 0  # of those, tokens found there
 
 
 class Engine(Protocol):

@@ -201,7 +201,13 @@ class HFEngine:
         active = [*self._running, *self._prefilling]  # a finished row may not be dropped yet
         running = sum(1 for s in active if not s.finished)
         return EngineStats(
-            running=running, queued=queued, tokens_per_s=self._rate(), cached_prefixes=self._kv.advertised
+            running=running,
+            queued=queued,
+            tokens_per_s=self._rate(),
+            cached_prefixes=self._kv.advertised,
+            kv_cache_usage=self._kv.usage,
+            prefix_cache_queries=self._kv.queried_tokens,
+            prefix_cache_hits=self._kv.hit_tokens,
         )
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
@@ -246,6 +252,7 @@ class HFEngine:
                 except Exception as exc:  # a failed forward fails the batch, never the node
                     log.exception("engine step failed")
                     self._fail_active(f"{type(exc).__name__}: {exc}")
+                self._kv.measure(self._batch)
             self._run_calls()  # asked for before stop(): answered, not left waiting
             self._finish_everything("cancelled")
 
@@ -322,8 +329,10 @@ class HFEngine:
                 if not self._kv.admit(self._running, [*group, seq]):
                     break  # waits for running rows to finish; never evicts them
                 group.append(self._queue.popleft())
+                seq.take()
                 longest = max(longest, size)
-        self._kv.advertise()
+        if group:  # admitting may have evicted prefixes: advertise what is left (not every step)
+            self._kv.advertise()
         return group
 
     def _prefill_group(self, group: list[Seq]) -> None:
@@ -362,6 +371,7 @@ class HFEngine:
         self._joining = (kv, seqs)
         for seq, choice in zip(seqs, choose_tokens(logits, [s.chooser for s in seqs]), strict=True):
             seq.prefilled = len(seq.prompt)
+            seq.prefilled_now()
             self._accept(seq, choice)
         self._joining = None
         self._drop_finished(kv, seqs)

@@ -37,6 +37,10 @@ class KVMemory:
         self._forward = _fast_path(loaded.model)
         self.prefixes = PrefixCache(self.budget if prefix_cache and self._forward else 0)
         self.advertised: list[int] = []  # the prefix cache's chat hashes, most recent first
+        # For the node's metrics (read from other threads: plain numbers, replaced whole):
+        self.usage = 0.0  # the running batch's KV bytes over the budget, after the last step
+        self.queried_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.hit_tokens = 0  # of those, tokens that came from it
 
     def new_batch(self) -> Batch:
         if self._forward is not None:
@@ -78,7 +82,14 @@ class KVMemory:
             batch.start_rows([s.prefix for s in seqs])
         for seq in seqs:
             seq.prefilled, seq.prefix = seq.cached, None
+            if self.prefixes.budget:
+                self.queried_tokens += len(seq.prompt)
+                self.hit_tokens += seq.cached
         return batch
+
+    def measure(self, running: Batch) -> None:
+        """Note how much of the budget the running rows hold now."""
+        self.usage = min(running.nbytes / self.budget, 1.0) if self.budget else 0.0
 
     def save(self, batch: Batch, row: int, seq: Seq, tokens: list[int], reply: list[ChatMessage]) -> None:
         """Keep `row`'s keys/values for `tokens` (the chat's messages plus `reply`, advertised)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,10 @@ class Seq:
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     finished: bool = False
     adapter: Adapter | None = None  # its LoRA (node/lora.py), held until it finishes; None: the base
+    submitted: float = field(default_factory=time.monotonic)
+    taken: float | None = None  # out of the queue, its prefill begins
+    prefill_s: float | None = None  # set when its first token is chosen; reported once
+    timed: bool = False  # queue_s / prefill_s went out on a delta
 
     def reply(self) -> ChatMessage:
         """What the client got, as the assistant message of its next turn."""
@@ -46,11 +51,23 @@ class Seq:
 
     def counts(self) -> dict[str, Any]:
         """Delta fields for what was generated since the last delta (and mark it sent)."""
-        counts = {
+        counts: dict[str, Any] = {
             "tokens": self.unsent_tokens,
             "prompt_tokens": len(self.prompt),
             "completion_tokens": self.completion,
             "logprobs": self.unsent_logprobs or None,
         }
         self.unsent_tokens, self.unsent_logprobs = 0, []
+        if self.prefill_s is not None and self.taken is not None and not self.timed:
+            counts["queue_s"], counts["prefill_s"] = self.taken - self.submitted, self.prefill_s
+            self.timed = True
         return counts
+
+    def take(self) -> None:
+        """It leaves the queue: its prefill starts now."""
+        self.taken = time.monotonic()
+
+    def prefilled_now(self) -> None:
+        """Its first token is chosen: the prefill is over."""
+        if self.taken is not None and self.prefill_s is None:
+            self.prefill_s = time.monotonic() - self.taken

@@ -136,6 +136,10 @@ def test_counters_and_histograms_match_the_workload(url: str, echo: EchoNode) ->
         assert value(s, f"chatbus:{name}_count", **m) == requests, name
         assert value(s, f"chatbus:{name}_bucket", le="+Inf", **m) == requests, name
         assert value(s, f"chatbus:{name}_sum", **m) > 0, name
+    # the engine's own timings: one queue and one prefill time per request
+    for name in ("request_queue_time_seconds", "request_prefill_time_seconds"):
+        assert value(s, f"chatbus:{name}_count", **m) == requests, name
+        assert value(s, f"chatbus:{name}_sum", **m) > 0, name
     # one inter-token gap per token after each request's first
     assert value(s, "chatbus:inter_token_latency_seconds_count", **m) == completion - requests
     ttft = sorted(
@@ -177,6 +181,45 @@ def test_a_second_scrape_grows_by_exactly_one_request(url: str) -> None:
         value(after, "chatbus:prompt_tokens_total", **m)
         == value(before, "chatbus:prompt_tokens_total", **m) + r.usage.prompt_tokens
     )
+
+
+def test_kv_cache_use_and_prefix_hits_come_from_the_engine(url: str) -> None:
+    """A repeated conversation is found in the prefix cache; a running stream holds KV memory."""
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+    m = {"model_name": MODEL}
+    before = scrape(url)
+    first = sdk.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=8)
+    turn = [*FRANCE, {"role": "assistant", "content": first.choices[0].message.content}]
+    turn.append({"role": "user", "content": "And of Italy?"})
+    sdk.chat.completions.create(model=MODEL, messages=turn, temperature=0, max_tokens=2)
+    queried = value(before, "chatbus:prefix_cache_queries_total", **m) + first.usage.prompt_tokens
+    deadline = time.monotonic() + 15
+    while value(after := scrape(url), "chatbus:prefix_cache_queries_total", **m) < queried:
+        assert time.monotonic() < deadline, "prefix-cache queries never counted"
+        time.sleep(0.2)
+    hits = value(after, "chatbus:prefix_cache_hits_total", **m) - value(
+        before, "chatbus:prefix_cache_hits_total", **m
+    )
+    assert hits >= 16  # the second turn starts from the first one's keys/values, whole blocks of them
+    assert value(after, "chatbus:prefix_cache_queries_total", **m) >= value(
+        after, "chatbus:prefix_cache_hits_total", **m
+    )
+
+    seen: list[float] = []
+    stream = sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=400,
+        temperature=0, stream=True,
+    )  # fmt: skip
+    for _ in stream:
+        seen.append(value(scrape(url), "chatbus:kv_cache_usage_perc", **m))
+        if seen[-1] > 0:
+            break
+    stream.close()
+    assert 0 < seen[-1] <= 1, seen[-10:]
+    deadline = time.monotonic() + 15
+    while value(scrape(url), "chatbus:kv_cache_usage_perc", **m) != 0:  # nothing runs: released
+        assert time.monotonic() < deadline, "KV-cache use stayed above 0 with nothing running"
+        time.sleep(0.2)
 
 
 def test_top_shows_the_nodes_live(url: str, nats_url: str, echo: EchoNode) -> None:
