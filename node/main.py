@@ -165,6 +165,7 @@ async def _serve_one(cfg: NodeConfig, nc: Any, node_id: str, adapter_dir: Path |
                 f"pass --name, or ask the operator for a credential with that model"
             )
     service = NodeService(nc, engine, node_id=node_id, max_queued=cfg.max_queued)
+    bind(node=node_id, model=engine.card.name)  # every log line of this model's tasks says so
     await service.start()
     for alias in cfg.aliases:
         await service.serve_model(msgspec.structs.replace(engine.card, name=alias), alias=True)
@@ -214,7 +215,6 @@ async def serve(cfg: NodeConfig) -> None:
             say(f"fetching {cfg.adapter} from the bus")
             adapter_dir = await fetch_adapter(cfg.nats, cfg.adapter, cfg.cache_dir / "adapters")
         parts = [await _serve_one(cfg, nc, node_id, adapter_dir)]
-        bind(node=node_id, model=parts[0].service.model)  # every log line of this node says so
         for suffix, more in _more(cfg):  # FastChat's multi-model worker: a node id per model
             parts.append(await _serve_one(more, nc, node_id + suffix, None))
         stop = asyncio.Event()
