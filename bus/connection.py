@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import ssl
@@ -31,6 +30,7 @@ __all__ = [
     "HEARTBEAT_S",
     "MAX_REPLICAS",
     "NODE_TTL_S",
+    "cancel_and_wait",
     "cluster_size",
     "connect",
     "ensure_bucket",
@@ -45,6 +45,21 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` and wait until it ends. Its own end (cancelled, or an error, logged) is dropped;
+    a cancellation of the caller while it waits is not."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception as e:
+        log.debug("a cancelled task ended with %r", e)
+
 
 T = TypeVar("T")
 
@@ -106,9 +121,7 @@ async def connect(
     done, _ = await asyncio.wait(racing, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     if connecting in done and connecting.exception() is None:
         return nc
-    connecting.cancel()
-    with contextlib.suppress(BaseException):
-        await connecting
+    await cancel_and_wait(connecting)
     if refused.done():
         raise BusUnavailable(
             f"NATS at {shown} refused our credentials ({refused.result()}); use the URL `chatbus up` "

@@ -19,7 +19,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from bus import subjects
 from bus.codec import decode, encode
-from bus.connection import HEARTBEAT_S
+from bus.connection import HEARTBEAT_S, cancel_and_wait
 from bus.errors import (
     BadMessage,
     BadRequest,
@@ -187,8 +187,6 @@ async def _request(host: StreamHost, subject: str, payload: bytes, timeout: floa
             await asyncio.wait({request}, timeout=0.2)
         if request.done():
             return request.result()
-        request.cancel()
-        with contextlib.suppress(BaseException):
-            await request
+        await cancel_and_wait(request)
         log.info("connection re-established during a request to %s: sending it again", subject)
     raise BusUnavailable(f"the NATS connection dropped twice while asking {subject[:80]}; retry shortly")

@@ -10,7 +10,7 @@ from fakes import echo_node as running_node
 from procs import eventually
 
 from bus import BusClient, Chunk, Done, Failed, ModelNotFound, SamplingParams
-from bus.connection import connect
+from bus.connection import cancel_and_wait, connect
 from bus.errors import BadRequest, ContextLengthExceeded, NodeBusy
 from node.service import NodeService
 
@@ -155,3 +155,31 @@ async def test_full_node_rejects_and_the_client_goes_elsewhere(nats_url: str, cl
             await client.chat("echo-i", user("x")).start()
         await first.aclose()
         await second.aclose()
+
+
+async def _stubborn() -> None:
+    """Ends late, and with an error, when cancelled."""
+    try:
+        await asyncio.sleep(10)
+    except asyncio.CancelledError:
+        await asyncio.sleep(0.2)
+        raise RuntimeError("late") from None
+
+
+async def _started() -> asyncio.Task[None]:
+    task = asyncio.ensure_future(_stubborn())
+    await asyncio.sleep(0.01)  # inside its sleep
+    return task
+
+
+async def test_cancel_and_wait_drops_the_tasks_end_but_not_the_callers_cancellation() -> None:
+    await cancel_and_wait(await _started())  # its error is dropped
+
+    async def caller() -> None:
+        await cancel_and_wait(await _started())
+
+    outer = asyncio.ensure_future(caller())
+    await asyncio.sleep(0.05)
+    outer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await outer
