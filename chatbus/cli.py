@@ -1,4 +1,4 @@
-"""The `chatbus` command: up, models, chat, node (and the commands other packages add)."""
+"""The `chatbus` command: up, models, node, setup-bus (and the commands packages add: chat, train, eval, ...)."""
 
 from __future__ import annotations
 
@@ -85,19 +85,6 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list live nodes and the models they serve")
     _common(models)
 
-    chat = sub.add_parser("chat", help="chat with a model (one-shot with a prompt, else the terminal app)")
-    _common(chat)
-    chat.add_argument("prompt", nargs="?", help="ask this and print the answer (stdin if '-')")
-    chat.add_argument("--model", default=None, help="model name (default: the first one served)")
-    chat.add_argument("--system", default=None, help="system prompt")
-    chat.add_argument("--temperature", type=float, default=0.7)
-    chat.add_argument("--top-p", type=float, default=1.0)
-    chat.add_argument("--max-tokens", type=int, default=512)
-    chat.add_argument(
-        "--repetition-penalty", type=float, default=1.0, help="above 1 discourages loops (1 = off)"
-    )
-    chat.add_argument("--plain", action="store_true", help="no terminal app: read stdin, print the answer")
-
     setup = sub.add_parser(
         "setup-bus",
         help="create every chatbus stream and bucket on a server of yours (once, with the admin credential)",
@@ -169,15 +156,6 @@ async def cmd_setup_bus(url: str) -> int:
     return 0
 
 
-def cmd_chat(url: str, args: argparse.Namespace) -> int:
-    """One-shot: the prompt (or stdin) in, the streamed answer out; the same code as the TUI's plain mode."""
-    from tui.config import config_from_args
-    from tui.plain import run_plain
-
-    prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
-    return asyncio.run(run_plain(config_from_args(url, args), prompt))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["node"]:  # everything after `node` belongs to the node's own parser
@@ -226,21 +204,6 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(cmd_models(url))
         if args.command == "setup-bus":
             return asyncio.run(cmd_setup_bus(url))
-        if args.command == "chat":
-            interactive = (
-                args.prompt is None and not args.plain and sys.stdin.isatty() and sys.stdout.isatty()
-            )
-            if interactive:
-                try:
-                    from tui.app import run_tui
-                except ImportError:
-                    print(
-                        'the terminal app is not installed; pass a prompt: chatbus chat "..."',
-                        file=sys.stderr,
-                    )
-                    return 2
-                return run_tui(url, args)
-            return cmd_chat(url, args)
     except BusError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -8,21 +8,14 @@ import sys
 from pathlib import Path
 
 from bus import add_nats_option, resolve_nats
+from tui.config import add_chat_options
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tui", description="Chat with models on the chatbus bus.")
     add_nats_option(p)
     p.add_argument("--state-dir", type=Path, default=None, help="state dir for the embedded defaults")
-    p.add_argument("--model", default=None, help="model name (default: the first one served)")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument(
-        "--repetition-penalty", type=float, default=1.0, help="above 1 discourages loops (1 = off)"
-    )
-    p.add_argument("--plain", action="store_true", help="no app: read stdin, print the answer only")
+    add_chat_options(p)
     p.add_argument(
         "--no-start", action="store_true", help="never start the embedded defaults when nothing answers"
     )

@@ -8,7 +8,20 @@ from pathlib import Path
 
 from bus import SamplingParams
 
-__all__ = ["ChatConfig", "config_from_args"]
+__all__ = ["ChatConfig", "add_chat_options", "config_from_args"]
+
+
+def add_chat_options(p: argparse.ArgumentParser) -> None:
+    """The chat's own flags, one declaration for `chatbus chat` and `python -m tui`."""
+    p.add_argument("--model", default=None, help="model name (default: the first one served)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="above 1 discourages loops (1 = off)"
+    )
+    p.add_argument("--plain", action="store_true", help="no terminal app: read stdin, print the answer only")
 
 
 @dataclass
