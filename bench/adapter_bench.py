@@ -1,14 +1,15 @@
 """Decode throughput of HFEngine with per-row LoRA adapters: all-base batches against mixed ones.
 
-Run: python bench/adapter_bench.py [--dtype auto] [--rows 16] [--adapters 8] [--tokens 64] [--rank 8]
+Run: python bench/adapter_bench.py [--dtype auto] [--rows 16] [--adapters 8] [--tokens 32] [--rank 8]
 
-Rows of one batch: all base on an engine that never loaded an adapter; all base with N adapters
-loaded (the LoRA path is skipped when no row uses one); half base, half spread over the N adapters;
-every row on one of the N adapters (rows / N each); every row on one adapter. Adapters are random
-PEFT LoRAs of rank --rank on every linear layer (the trainer's default targets), made with peft on the
-engine's worker thread (torch from a second thread would slow every later step, node/hf.py). Each
-configuration runs once to warm up, then --repeat times; the table shows the best and the mean. EOS is
-off, so every row makes exactly --tokens tokens; tok/s = generated tokens / wall time, prefill included.
+Rows of one batch, with N adapters loaded: all base (the LoRA path is skipped when no row uses one);
+half base, half spread over the N adapters; every row on one of the N adapters (rows / N each); every
+row on one adapter. Adapters are random PEFT LoRAs of rank --rank on every linear layer (the trainer's
+default targets), made with peft in a child process. Each case runs once to warm up, then the cases
+take turns for --rounds rounds (so a shared machine's drift hits each alike); the table shows the
+median and best tok/s, and the median CPU time of this process per token (process_time: what the
+work cost, less swayed than wall time by other processes on a shared machine). EOS is off, so every row makes exactly --tokens tokens; tok/s = generated tokens /
+wall time, prefill included.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import copy
 import dataclasses
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -54,8 +56,9 @@ def make_adapters(model: Any, root: Path, count: int, rank: int) -> list[Path]:
     return dirs
 
 
-def run(engine: HFEngine, adapters: list[str], tokens: int) -> float:
-    """One request per entry of `adapters` ("" = the base), all at once; tokens per second."""
+def run(engine: HFEngine, adapters: list[str], tokens: int) -> tuple[float, float]:
+    """One request per entry of `adapters` ("" = the base), all at once: tokens per second of wall
+    time, and CPU milliseconds of this process per token (what the work cost, whoever else ran)."""
     done, lock = threading.Event(), threading.Lock()
     left, produced = [len(adapters)], [0]
 
@@ -68,20 +71,31 @@ def run(engine: HFEngine, adapters: list[str], tokens: int) -> float:
                     done.set()
 
     params = SamplingParams(temperature=0, max_tokens=tokens)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for i, adapter in enumerate(adapters):
         messages = [ChatMessage(role="user", content=f"{QUESTIONS[i % len(QUESTIONS)]} (#{i})")]
         engine.submit(
             EngineRequest(f"r{i}-{started}", messages=messages, params=params, adapter=adapter), sink
         )
     done.wait()
-    return produced[0] / (time.perf_counter() - started)
+    return produced[0] / (time.perf_counter() - started), 1000 * (time.process_time() - cpu) / produced[0]
 
 
-def measure(engine: HFEngine, adapters: list[str], tokens: int, repeat: int) -> tuple[float, float]:
-    run(engine, adapters, tokens)  # warm up this shape
-    rates = [run(engine, adapters, tokens) for _ in range(repeat)]
-    return max(rates), statistics.mean(rates)
+def made_adapters(root: Path, count: int, rank: int, cache_dir: Path) -> list[Path]:
+    """Random PEFT LoRAs under `root`, made in a child process: torch work on this process's main
+    thread, while the engine's thread also runs torch, would slow every later step (node/hf.py)."""
+    dirs = [root / f"a{i}" for i in range(count)]
+    if not all((d / "adapter_config.json").is_file() for d in dirs):
+        code = (
+            "import sys; from pathlib import Path; sys.path[:0] = sys.argv[1:3]; "
+            "from adapter_bench import make_adapters; from node.loader import load_model; "
+            "m = load_model(None, cache_dir=Path(sys.argv[3]), dtype='float32', progress=lambda _: None).model; "
+            "make_adapters(m, Path(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))"
+        )
+        here = Path(__file__).resolve().parent
+        argv = [sys.executable, "-c", code, str(here), str(here.parent), str(cache_dir), str(root)]
+        subprocess.run([*argv, str(count), str(rank)], check=True)
+    return dirs
 
 
 def main() -> None:
@@ -89,48 +103,56 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--adapters", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--adapter-dir", type=Path, default=None, help="keep the made adapters here")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "chatbus")
     args = parser.parse_args()
     rows, count = args.rows, args.adapters
 
-    loaded = load_model(None, cache_dir=args.cache_dir, dtype=args.dtype, progress=lambda _: None)
-    engine = HFEngine(dataclasses.replace(loaded, eos_ids=[]), max_running=rows)
-    engine.adapters.max_adapters = count
-    engine.start()
-    names = [f"a{i}" for i in range(count)]
-    cases = {
-        f"{rows} rows, base only, no adapter loaded": [""] * rows,
-        f"{rows} rows, base only, {count} adapters loaded": [""] * rows,
-        f"{rows} rows: {rows // 2} base + {rows // 2} over {count} adapters": [
-            "" if i % 2 == 0 else names[(i // 2) % count] for i in range(rows)
-        ],
-        f"{rows} rows over {count} adapters ({rows // count} each)": [names[i % count] for i in range(rows)],
-        f"{rows} rows, all on one adapter": [names[0]] * rows,
-    }
-    results: dict[str, tuple[float, float]] = {}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for label, adapters in cases.items():
-                if "no adapter loaded" not in label and not engine.adapters.names():
-                    dirs = engine._on_worker(lambda: make_adapters(loaded.model, Path(tmp), count, args.rank))
-                    for name, folder in zip(names, dirs, strict=True):
-                        engine.adapters.load(folder, name)
-                results[label] = measure(engine, adapters, args.tokens, args.repeat)
-                print(f"  {label}: {results[label][0]:.1f} tok/s", file=sys.stderr, flush=True)
-    finally:
-        engine.stop()
-    first = next(iter(results.values()))[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = made_adapters(args.adapter_dir or Path(tmp), count, args.rank, args.cache_dir)
+        loaded = load_model(None, cache_dir=args.cache_dir, dtype=args.dtype, progress=lambda _: None)
+        engine = HFEngine(dataclasses.replace(loaded, eos_ids=[]), max_running=rows)
+        engine.adapters.max_adapters = count
+        engine.start()
+        names = [f"a{i}" for i in range(count)]
+        for name, folder in zip(names, dirs, strict=True):
+            engine.adapters.load(folder, name)
+        cases = {
+            f"{rows} rows, all base ({count} adapters loaded, none used)": [""] * rows,
+            f"{rows} rows: {rows // 2} base + {rows // 2} over {count} adapters": [
+                "" if i % 2 == 0 else names[(i // 2) % count] for i in range(rows)
+            ],
+            f"{rows} rows over {count} adapters ({rows // count} each)": [
+                names[i % count] for i in range(rows)
+            ],
+            f"{rows} rows, all on one adapter": [names[0]] * rows,
+        }
+        rates: dict[str, list[tuple[float, float]]] = {label: [] for label in cases}
+        try:
+            for adapters in cases.values():
+                run(engine, adapters, args.tokens)  # warm up every shape
+            for _ in range(args.rounds):  # interleaved: a shared machine's drift hits every case alike
+                for label, adapters in cases.items():
+                    rates[label].append(run(engine, adapters, args.tokens))
+                    rate, cost = rates[label][-1]
+                    print(
+                        f"  {label}: {rate:.1f} tok/s, {cost:.1f} CPU ms/token", file=sys.stderr, flush=True
+                    )
+        finally:
+            engine.stop()
+    first = statistics.median(c for _, c in next(iter(rates.values())))
     print(
         f"# {loaded.name} on {loaded.device} {loaded.dtype}, torch threads {torch.get_num_threads()}, "
-        f"{args.tokens} tokens a row, LoRA rank {args.rank} on {', '.join(TARGETS)}"
+        f"{args.tokens} tokens a row, LoRA rank {args.rank} on {', '.join(TARGETS)}, {args.rounds} rounds"
     )
-    print(f"| batch | best tok/s | mean tok/s (of {args.repeat}) | vs base only |")
+    print("| batch | tok/s median (best) | CPU ms/token median | CPU cost vs all base |")
     print("|---|---|---|---|")
-    for label, (best, mean) in results.items():
-        print(f"| {label} | {best:.1f} | {mean:.1f} | {best / first:.2f}× |")
+    for label, got in rates.items():
+        speed, cost = statistics.median(r for r, _ in got), statistics.median(c for _, c in got)
+        print(f"| {label} | {speed:.1f} ({max(r for r, _ in got):.1f}) | {cost:.1f} | {cost / first:.2f}× |")
 
 
 if __name__ == "__main__":
