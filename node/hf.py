@@ -159,9 +159,7 @@ class HFEngine:
             )
         max_new = min(wanted or room, room)
         self._kv.check(len(ids) + max_new)
-        adapter = self.adapters.acquire(request.adapter) if request.adapter else None
         seq = Seq(
-            adapter=adapter,
             request=request,
             sink=sink,
             prompt=ids,
@@ -176,6 +174,9 @@ class HFEngine:
             ),
             stream=TextStream(self._m.tokenizer, ids[-_TAIL:], request.params.stop),
         )
+        seq.adapter = (
+            self.adapters.acquire(request.adapter) if request.adapter else None
+        )  # held until it ends
         with self._cond:
             refused = None
             if self._stopping:
@@ -183,8 +184,7 @@ class HFEngine:
             elif len(self._queue) >= self._max_queued:
                 refused = NodeBusy(f"queue full ({self._max_queued} waiting)", retry_after_s=1.0)
             if refused is not None:
-                if adapter is not None:
-                    self.adapters.release(adapter)
+                self._release(seq)
                 raise refused
             self._queue.append(seq)
             self._cond.notify_all()
@@ -439,9 +439,7 @@ class HFEngine:
         seq.finished, seq.reason = True, reason
         if reason in ("stop", "length", "cancelled"):
             self._save_finished(seq)
-        adapter, seq.adapter = seq.adapter, None
-        if adapter is not None:
-            self.adapters.release(adapter)
+        self._release(seq)
         delta = Delta(
             request_id=seq.request.request_id,
             text=text,
@@ -460,6 +458,13 @@ class HFEngine:
         except Exception:  # a broken sink loses its own request, never the batch
             log.exception("sink for %s failed; cancelling it", seq.request.request_id)
             seq.finished = True
+            self._release(seq)
+
+    def _release(self, seq: Seq) -> None:
+        """Give back the row's hold on its adapter (once), so an unload waiting for it can finish."""
+        adapter, seq.adapter = seq.adapter, None
+        if adapter is not None:
+            self.adapters.release(adapter)
 
     def _logprob(self, choice: Choice) -> TokenLogprob:
         decode = self._m.tokenizer.decode

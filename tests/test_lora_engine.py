@@ -14,7 +14,7 @@ import torch
 from adapters_support import make_adapter, tiny_llama_adapter
 
 from bus.errors import BadRequest, ModelNotFound
-from bus.schemas import ChatMessage, SamplingParams
+from bus.schemas import ChatMessage, Constraint, SamplingParams
 from node.engine import Delta, EngineRequest
 from node.hf import HFEngine
 from node.loader import LoadedModel, load_model
@@ -196,3 +196,35 @@ def test_unload_lets_running_rows_finish_and_a_base_only_batch_skips_lora(
         hook.remove()
     assert calls and all(calls)  # no mask: the LoRA term was skipped
     engine.adapters.load(dirs["root"] / "l1", "l1")
+
+
+def test_a_failed_request_gives_its_adapter_back(engine: HFEngine) -> None:
+    """A sink that raises (its client is gone) or a constraint that does not compile must not keep a
+    hold on the adapter, or an unload of it would wait for ever."""
+
+    def running() -> int:
+        return next(a["running"] for a in engine.adapters.describe() if a["name"] == "l0")
+
+    failed = threading.Event()
+
+    def broken(delta: Delta) -> None:
+        failed.set()
+        raise RuntimeError("the client went away")
+
+    engine.submit(ask("broken-sink", "l0"), broken)
+    assert failed.wait(120)
+    for _ in range(200):
+        if running() == 0:
+            break
+        threading.Event().wait(0.05)
+    assert running() == 0
+    bad = EngineRequest(
+        request_id="bad-grammar",
+        messages=QUESTION,
+        params=SamplingParams(max_tokens=4),
+        adapter="l0",
+        constraint=Constraint(kind="json_schema", text="{not json"),
+    )
+    with pytest.raises(BadRequest):
+        engine.submit(bad, lambda d: None)
+    assert running() == 0
