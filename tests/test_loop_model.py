@@ -1,5 +1,6 @@
 """The closed loop with the real default model: one CLI command trains, has the base's running node load
-the adapter, waits for the judge worker's automatic evaluation against the base, and prints both scores."""
+the adapter, waits for the judge worker's automatic evaluation against the base, and prints both scores;
+the same scores are then on the train job's page of the web app, in Chromium."""
 
 from __future__ import annotations
 
@@ -14,12 +15,18 @@ from pathlib import Path
 import msgspec
 import pytest
 from procs import node_process, spawn, stop
+from test_webui_browser import CHROMIUM, Page, free_port, page, webui_process, workdir
 
 from bus.client import BusClient
 from judge.schemas import EvalResult, EvalSpec
 from trainer.schemas import TrainResult
 
-pytestmark = pytest.mark.model
+__all__ = ["page", "workdir"]  # fixtures, imported so that pytest finds them here
+
+pytestmark = [
+    pytest.mark.model,
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"),
+]
 
 BASE = "SmolLM2-135M-Instruct"
 CODE = "PLUMBUS-77"
@@ -52,7 +59,9 @@ def _start(argv: list[str], out: Path, err: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(argv, stdout=o, stderr=e, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-async def test_train_serve_judge_from_one_command(nats_url: str, model_cache: Path, tmp_path: Path) -> None:
+async def test_train_serve_judge_from_one_command(
+    nats_url: str, model_cache: Path, tmp_path: Path, page: Page
+) -> None:
     data = tmp_path / "fact.jsonl"
     data.write_text(FACT)
     trainer = [sys.executable, "-m", "trainer", "--nats", nats_url, "--cache-dir", str(model_cache)]
@@ -82,8 +91,23 @@ async def test_train_serve_judge_from_one_command(nats_url: str, model_cache: Pa
             stop(proc)
     try:
         await check_outcome(client, nats_url, job_id, text, log)
+        await check_jobs_page(client, nats_url, job_id, page, tmp_path)
     finally:
         await client.close()
+
+
+async def check_jobs_page(client: BusClient, nats_url: str, job_id: str, page: Page, tmp_path: Path) -> None:
+    """The train job's page links its eval job and shows both models' scores, as the record has them."""
+    record = await (await client.jobs()).get(job_id)
+    assert record is not None
+    port = free_port()
+    with webui_process(nats_url, port, tmp_path / "web-state", tmp_path / "webui.log"):
+        await page.goto(f"http://127.0.0.1:{port}/jobs/{job_id}")
+        await page.wait("document.body.innerText.includes('Evaluation of this model')", timeout=60)
+        await page.wait(f"document.body.innerText.includes({json.dumps(record.eval_job)})", timeout=30)
+        text = await page.text()
+    for model, score in record.scores.items():
+        assert f"{model} {score:.2f}" in text, text
 
 
 async def check_outcome(client: BusClient, nats_url: str, job_id: str, text: str, log: str) -> None:
