@@ -191,7 +191,10 @@ async def follow(jobs: Jobs, job_id: str, *, hint: bool = True) -> int:
     result = last.result or {}
     print(f"done: {result.get('name')} stored as {result.get('artifact')}")
     if hint:
-        print(f"serve it: chatbus node --adapter {job_id}")
+        if result.get("method") == "full":
+            print(f"serve it: chatbus node --adapter {job_id}")
+        else:  # a LoRA: a running node of its base takes it without a restart
+            print(f"serve it: chatbus adapters load {job_id} (or start a node with --adapter {job_id})")
     return 0
 
 
