@@ -11,7 +11,6 @@ score into the train job's record (`JobRecord.scores`) and appends an `evaluated
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -21,6 +20,7 @@ from typing import Any
 import msgspec
 
 from bus import BusClient, JobEvent, JobRecord, Jobs
+from judge.rounds import Rounds
 from judge.schemas import EvalResult, EvalSpec
 
 __all__ = ["AdapterEvalConfig", "AdapterWatcher", "adapter_spec", "claim_eval", "record_scores", "trained"]
@@ -127,29 +127,18 @@ async def record_scores(jobs: Jobs, eval_job: str, spec: EvalSpec, result: EvalR
     )
 
 
-class AdapterWatcher:
+class AdapterWatcher(Rounds):
     """Polls the served models; claims and submits one evaluation per finished train job served."""
+
+    what = "adapter evals"
 
     def __init__(self, client: BusClient, jobs: Jobs, cfg: AdapterEvalConfig, poll_s: float = 2.0) -> None:
         self.client = client
         self.jobs = jobs
         self.cfg = cfg
-        self.poll_s = poll_s
-        self._stop = asyncio.Event()
+        super().__init__(poll_s)
         self._served: set[str] = set()
         self._scanned = 0.0
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    async def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await self.tick()
-            except Exception as e:  # bus trouble: try again next round
-                log.warning("adapter evals: %r", e)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.poll_s)
 
     def _bases(self) -> dict[str, str]:
         """Served adapters whose node names their base (ModelCard.base)."""

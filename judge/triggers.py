@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fnmatch
 import logging
@@ -13,6 +12,7 @@ import msgspec
 from nats.js.kv import KeyValue
 
 from bus import BusClient, Jobs, ensure_triggers_bucket
+from judge.rounds import Rounds
 from judge.schemas import EvalSpec, EvalTrigger
 
 __all__ = ["TriggerStore", "TriggerWatcher", "spec_for"]
@@ -82,27 +82,16 @@ def spec_for(trigger: EvalTrigger, model: str) -> EvalSpec:
     return msgspec.structs.replace(base, models=list(dict.fromkeys(models)), trigger=trigger.trigger_id)
 
 
-class TriggerWatcher:
+class TriggerWatcher(Rounds):
     """Polls the served models and the triggers; submits one eval job per (trigger, new model)."""
+
+    what = "eval triggers"
 
     def __init__(self, client: BusClient, jobs: Jobs, poll_s: float = 2.0) -> None:
         self.client = client
         self.jobs = jobs
         self.store = TriggerStore(client)
-        self.poll_s = poll_s
-        self._stop = asyncio.Event()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    async def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await self.tick()
-            except Exception as e:  # bus trouble: try again next round
-                log.warning("eval triggers: %r", e)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.poll_s)
+        super().__init__(poll_s)
 
     async def tick(self) -> list[str]:
         """One round; returns the submitted job ids."""
