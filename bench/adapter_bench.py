@@ -30,17 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine_bench import QUESTIONS  # bench/ is on the path: this script's own folder
+
 from bus.schemas import ChatMessage, SamplingParams
 from node.engine import Delta, EngineRequest
 from node.hf import HFEngine
 from node.loader import load_model
 
-QUESTIONS = [
-    "Write a long story about a lighthouse keeper.",
-    "Explain how a steam engine works, step by step.",
-    "Describe the history of Paris.",
-    "List ideas for a birthday party and explain each one.",
-]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
