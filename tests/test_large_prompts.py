@@ -10,23 +10,18 @@ import openai
 import pytest
 from fakes import EchoEngine
 from procs import eventually
-from test_gateway_support import EchoNode, LoopThread, gateway
+from test_gateway_support import EchoNode, gateway, thread
 
 from bus import BusClient, prompts, subjects
 from bus.errors import BadRequest
 from bus.schemas import ChatMessage, GenerateRequest, SamplingParams
 from gateway import GatewayConfig
 
+__all__ = ["thread"]  # a fixture, imported so that pytest finds it here
+
 WORDS = 300_000  # "w0 w1 … w299999": 2.1 MB of text, 300,000 echo tokens
 BIG = " ".join(f"w{i}" for i in range(WORDS))
 GREEDY = SamplingParams(temperature=0, max_tokens=3)
-
-
-@pytest.fixture(scope="module")
-def thread():
-    t = LoopThread()
-    yield t
-    t.stop()
 
 
 @pytest.fixture(scope="module")

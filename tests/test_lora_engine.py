@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from adapters_support import make_adapter, tiny_llama_adapter
+from test_engine_cache import run as run_all
 
 from bus.errors import BadRequest, ModelNotFound
 from bus.schemas import ChatMessage, Constraint, SamplingParams
@@ -71,18 +72,7 @@ def engine(loaded: LoadedModel, dirs: dict[str, Any]) -> Iterator[HFEngine]:
 
 def run(engine: HFEngine, requests: list[EngineRequest]) -> dict[str, str]:
     """Submit all at once; each request's whole text."""
-    out: dict[str, list[Delta]] = {r.request_id: [] for r in requests}
-    lock, done = threading.Lock(), threading.Event()
-
-    def sink(delta: Delta) -> None:
-        with lock:
-            out[delta.request_id].append(delta)
-            if all(d and d[-1].finish_reason for d in out.values()):
-                done.set()
-
-    for request in requests:
-        engine.submit(request, sink)
-    assert done.wait(300), "engine did not finish in time"
+    out = run_all(engine, requests)
     assert all(d[-1].finish_reason in ("stop", "length") for d in out.values()), out
     return {rid: "".join(d.text for d in deltas) for rid, deltas in out.items()}
 

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
-import pytest
-from nicegui import app
-from nicegui.storage import Storage
 from nicegui.testing import User
 from nicegui.testing.user_simulation import user_simulation
 from permissions import refused
 from procs import eventually
+from test_webui import nicegui_storage
 
 from bus import BusClient, EmbeddedServer, NodeInfo, subjects
 from bus.auth import ROLES, provision, with_credential
@@ -31,6 +29,8 @@ from webui.jobdata import category_scores, judge_board, linked_evals, verdict_ro
 from webui.nodehistory import NodeHistory
 from webui.services import Services
 from webui.usage import UsageReport, admin_mark, key_rows, token_matches
+
+__all__ = ["nicegui_storage"]  # a fixture, imported so that pytest finds it here
 
 SINGLE = [
     {"question_id": 1, "category": "math", "model": "a", "turn": 1, "score": 4},
@@ -144,15 +144,6 @@ def test_node_history_keeps_a_window_per_node() -> None:
 
 
 # ----------------------------------------------------------------------------- failed states
-
-
-@pytest.fixture(scope="module", autouse=True)
-def nicegui_storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    old = Storage.path
-    Storage.path = tmp_path_factory.mktemp("nicegui")
-    app.storage = Storage()
-    yield
-    Storage.path = old
 
 
 @contextlib.asynccontextmanager
