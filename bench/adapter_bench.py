@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine_bench import QUESTIONS  # bench/ is on the path: this script's own folder
+from engine_bench import engine_run  # bench/ is on the path: this script's own folder
 
-from bus.schemas import ChatMessage, SamplingParams
-from node.engine import Delta, EngineRequest
 from node.hf import HFEngine
 from node.loader import load_model
 
@@ -47,7 +44,7 @@ def make_adapters(model: Any, root: Path, count: int, rank: int) -> list[Path]:
     for i in range(count):
         torch.manual_seed(i)
         config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False)
-        get_peft_model(copy.deepcopy(model), config).save_pretrained(root / f"a{i}")
+        get_peft_model(copy.deepcopy(model), config).save_pretrained(str(root / f"a{i}"))
         dirs.append(root / f"a{i}")
     return dirs
 
@@ -55,26 +52,10 @@ def make_adapters(model: Any, root: Path, count: int, rank: int) -> list[Path]:
 def run(engine: HFEngine, adapters: list[str], tokens: int) -> tuple[float, float]:
     """One request per entry of `adapters` ("" = the base), all at once: tokens per second of wall
     time, and CPU milliseconds of this process per token (what the work cost, whoever else ran)."""
-    done, lock = threading.Event(), threading.Lock()
-    left, produced = [len(adapters)], [0]
-
-    def sink(delta: Delta) -> None:
-        if delta.finish_reason:
-            with lock:
-                produced[0] += delta.completion_tokens
-                left[0] -= 1
-                if left[0] == 0:
-                    done.set()
-
-    params = SamplingParams(temperature=0, max_tokens=tokens)
     started, cpu = time.perf_counter(), time.process_time()
-    for i, adapter in enumerate(adapters):
-        messages = [ChatMessage(role="user", content=f"{QUESTIONS[i % len(QUESTIONS)]} (#{i})")]
-        engine.submit(
-            EngineRequest(f"r{i}-{started}", messages=messages, params=params, adapter=adapter), sink
-        )
-    done.wait()
-    return produced[0] / (time.perf_counter() - started), 1000 * (time.process_time() - cpu) / produced[0]
+    tok_s, _ = engine_run(engine, len(adapters), tokens, adapter=lambda i: adapters[i])
+    produced = tok_s * (time.perf_counter() - started)
+    return tok_s, 1000 * (time.process_time() - cpu) / max(produced, 1.0)
 
 
 def made_adapters(root: Path, count: int, rank: int, cache_dir: Path) -> list[Path]:

@@ -70,9 +70,10 @@ def engine_run(
     tokens: int,
     constraint: Constraint | None = None,
     ask: Callable[[int], str] | None = None,
+    adapter: Callable[[int], str] | None = None,
 ) -> tuple[float, float]:
-    """Submit `batch` requests at once (request i asks `ask(i)`, each under `constraint`); tokens per
-    second until all finish, and TTFT p50 in ms."""
+    """Submit `batch` requests at once (request i asks `ask(i)` of `adapter(i)`, "" the base, each under
+    `constraint`); tokens per second until all finish, and TTFT p50 in ms."""
     done = threading.Event()
     left = [batch]
     produced = [0]
@@ -94,7 +95,11 @@ def engine_run(
         question = ask(i) if ask is not None else f"{QUESTIONS[i % len(QUESTIONS)]} (#{i})"
         messages = [ChatMessage(role="user", content=question)]
         request = EngineRequest(
-            request_id=f"b{batch}-{i}-{started}", messages=messages, params=params, constraint=constraint
+            request_id=f"b{batch}-{i}-{started}",
+            messages=messages,
+            params=params,
+            constraint=constraint,
+            adapter=adapter(i) if adapter is not None else "",
         )
         engine.submit(request, sink)
     done.wait()
