@@ -224,8 +224,11 @@ def read_adapter(
                 f"[{linear.out_features} x {linear.in_features}]"
             )
         r = a.shape[0]
-        alpha = config.alpha_pattern.get(
-            get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha
+        patterns = config.alpha_pattern or {}  # None in some peft versions
+        alpha = (
+            patterns.get(get_pattern_key(list(patterns), name), config.lora_alpha)
+            if patterns
+            else config.lora_alpha
         )
         scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         a_full = torch.zeros(rank, a.shape[1], dtype=torch.float32)
