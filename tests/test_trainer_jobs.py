@@ -142,7 +142,7 @@ async def test_lora_job_from_the_cli_teaches_a_fact(
     assert cli.returncode == 0, cli.stdout + cli.stderr
     job_id = cli.stdout.splitlines()[0]
     assert "step 8/8" in cli.stderr and "tok/s" in cli.stderr and "ETA" in cli.stderr
-    assert f"chatbus node --adapter {job_id}" in cli.stdout
+    assert f"serve it: chatbus adapters load {job_id}" in cli.stdout  # a LoRA: no restart needed
 
     record = await jobs.get(job_id)
     assert record is not None and record.state == "done"
