@@ -33,10 +33,8 @@ from bus.schemas import (
     Cancel,
     Chunk,
     ControlMessage,
-    CountReply,
     CountRequest,
     Done,
-    EmbedReply,
     EmbedRequest,
     Failed,
     GenerateRequest,
@@ -52,6 +50,7 @@ from bus.schemas import (
 from bus.setup import node_objects
 from node.engine import Delta, Engine, EngineRequest
 from node.metrics import MetricsRecorder
+from node.replies import answer, count_tokens, embed
 
 __all__ = ["NodeService", "new_node_id"]
 
@@ -477,37 +476,12 @@ class NodeService:
     # ------------------------------------------------------------------ count / embed
 
     async def _on_count(self, msg: Msg) -> None:
-        await self._answer(msg, CountRequest, self._count)
+        await self._answer(msg, CountRequest, lambda req: count_tokens(self.engine, req))
 
     async def _on_embed(self, msg: Msg) -> None:
-        await self._answer(msg, EmbedRequest, self._embed)
-
-    async def _count(self, req: CountRequest) -> CountReply:
-        if (req.messages is None) == (req.prompt is None):
-            raise BadRequest("a count request needs exactly one of messages or prompt")
-        n = await asyncio.to_thread(self.engine.count_tokens, req.messages, req.prompt)
-        return CountReply(tokens=n, context_length=self.engine.card.context_length)
-
-    async def _embed(self, req: EmbedRequest) -> EmbedReply:
-        if not req.inputs:
-            raise BadRequest("input must not be empty")
-        vectors, tokens = await asyncio.to_thread(self.engine.embed, req.inputs)
-        return EmbedReply(embeddings=vectors, prompt_tokens=tokens)
+        await self._answer(msg, EmbedRequest, lambda req: embed(self.engine, req))
 
     async def _answer(
         self, msg: Msg, type_: type, handler: Callable[[Any], Awaitable[msgspec.Struct]]
     ) -> None:
-        if not msg.reply:
-            log.warning(
-                "ignoring a message on %s without a reply subject (%d bytes)", msg.subject, len(msg.data)
-            )
-            return
-        try:
-            reply = await handler(decode(msg.data, type_))
-        except BusError as e:
-            log.warning("rejecting a bad message on %s: %s", msg.subject, e)
-            reply = Rejected(request_id="", node_id=self.node_id, code=e.code.value, message=e.message)
-        except Exception as e:
-            log.exception("%s failed", type_.__name__)
-            reply = Rejected(request_id="", node_id=self.node_id, code=Code.INTERNAL.value, message=str(e))
-        await self._respond(msg, encode(reply))
+        await answer(msg, type_, handler, node_id=self.node_id, respond=self._respond)
