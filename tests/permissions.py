@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import nats
 
 from bus import subjects
+from bus.connection import connect
+from bus.jobs import JobContext, Jobs, JobWorker
 from bus.tokens import creds_in
 
-__all__ = ["refusals", "refused"]
+__all__ = ["refusals", "refused", "runs_an_eval_job"]
 
 
 async def refusals(url: str, action: str, subject: str) -> list[str]:
@@ -52,3 +55,26 @@ async def refusals(url: str, action: str, subject: str) -> list[str]:
 
 async def refused(url: str, action: str, subject: str) -> bool:
     return bool(await refusals(url, action, subject))
+
+
+async def runs_an_eval_job(submitter_url: str, worker_url: str) -> None:
+    """An eval job submitted with `submitter_url`'s credential is taken and finished by a worker
+    connected with `worker_url`'s (fails the test otherwise)."""
+    ui = await connect(submitter_url, name="test-submitter")
+    nc = await connect(worker_url, name="test-worker")
+
+    async def handler(ctx: JobContext) -> msgspec.Raw:
+        return msgspec.Raw(b'{"ok": true}')
+
+    worker = JobWorker(nc, "eval", handler)
+    running = asyncio.create_task(worker.run())
+    try:
+        jobs = await Jobs(ui).start()
+        job_id = await jobs.submit("eval", msgspec.Struct())
+        events = [e async for e in jobs.events(job_id)]
+        assert events[-1].state == "done" and events[-1].result == {"ok": True}, events
+    finally:
+        worker.stop()
+        await running
+        await ui.close()
+        await nc.close()

@@ -3,32 +3,25 @@ what it needs works end to end, secrets stay private and out of messages, and TL
 
 from __future__ import annotations
 
-import asyncio
 import json
 import stat
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import msgspec
 import nats
 import pytest
 from fakes import EchoEngine, echo_node, user
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from permissions import refusals
+from permissions import refusals, runs_an_eval_job
 
 from bus import BusClient, subjects
 from bus.auth import ROLES, Provisioned, provision, redact, with_credential
 from bus.connection import connect
 from bus.errors import BusUnavailable
-from bus.jobs import JobContext, Jobs, JobWorker
 from bus.schemas import SamplingParams
 from bus.server import EmbeddedServer
 from chatbus.cli import cmd_setup_bus
-
-
-class Nothing(msgspec.Struct):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -249,24 +242,7 @@ async def test_an_asker_reads_its_own_answer_but_not_another_roles(ready: None, 
 
 
 async def test_ui_submits_a_job_that_only_a_worker_runs(ready: None, urls: dict[str, str]) -> None:
-    ui = await connect(urls["ui"], name="test-ui-jobs")
-    nc = await connect(urls["worker"], name="test-worker")
-
-    async def handler(ctx: JobContext) -> msgspec.Raw:
-        return msgspec.Raw(b'{"ok": true}')
-
-    worker = JobWorker(nc, "eval", handler)
-    running = asyncio.create_task(worker.run())
-    try:
-        jobs = await Jobs(ui).start()
-        job_id = await jobs.submit("eval", Nothing())
-        events = [e async for e in jobs.events(job_id)]
-        assert events[-1].state == "done" and events[-1].result == {"ok": True}, events
-    finally:
-        worker.stop()
-        await running
-        await ui.close()
-        await nc.close()
+    await runs_an_eval_job(urls["ui"], urls["worker"])
 
 
 async def test_setup_bus_needs_the_admin_credential(

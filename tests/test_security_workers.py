@@ -10,15 +10,13 @@ import stat
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import msgspec
 import pytest
-from permissions import refused
+from permissions import refused, runs_an_eval_job
 from procs import eventually
 
 from bus.auth import ROLES, Provisioned, provision, with_credential
 from bus.connection import connect
 from bus.errors import BusUnavailable
-from bus.jobs import JobContext, Jobs, JobWorker
 from bus.server import EmbeddedServer
 from bus.tokens import creds_in, issue, read_creds, with_creds
 from chatbus.cli import cmd_setup_bus
@@ -75,24 +73,7 @@ async def test_a_worker_of_one_kind_takes_only_those_jobs(
 
 
 async def test_an_eval_worker_runs_eval_jobs(ready: None, urls: dict[str, str]) -> None:
-    ui = await connect(urls["ui"], name="test-ui-evals")
-    nc = await connect(urls["evals"], name="test-evals")
-
-    async def handler(ctx: JobContext) -> msgspec.Raw:
-        return msgspec.Raw(b'{"ok": true}')
-
-    worker = JobWorker(nc, "eval", handler)
-    running = asyncio.create_task(worker.run())
-    try:
-        jobs = await Jobs(ui).start()
-        job_id = await jobs.submit("eval", msgspec.Struct())
-        events = [e async for e in jobs.events(job_id)]
-        assert events[-1].state == "done" and events[-1].result == {"ok": True}, events
-    finally:
-        worker.stop()
-        await running
-        await ui.close()
-        await nc.close()
+    await runs_an_eval_job(urls["ui"], urls["evals"])
 
 
 async def test_a_revoked_worker_is_cut_off(
