@@ -65,6 +65,11 @@ class RecordPublisher:
         """Messages not known to be stored yet."""
         return len(self._inflight) + len(self._retry)
 
+    def holds(self, msg_id_prefix: str) -> bool:
+        """Whether a message whose id starts so is not known to be stored yet (its record is still
+        being written: a reader waiting on it should wait, not conclude the writer forgot it)."""
+        return any(m.msg_id.startswith(msg_id_prefix) for m in (*self._inflight.values(), *self._retry))
+
     async def publish(self, subject: str, data: bytes, msg_id: str) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._check_loop(), name="record-publisher")

@@ -69,8 +69,9 @@ _REPLAY_WAIT_S = 3.0  # recorded events arrive at once; silence this long means 
 # cluster member went down (the new one is made by the stream's current leader).
 _RESUBSCRIBE_S = 3.0
 _SUBSCRIBE_RETRY_S = 10.0  # a cluster elects a new leader for the token stream in a few seconds
-# A node that answers probes yet whose heartbeats do not arrive (its KV puts fail while the cluster
-# elects a leader) is alive: only this long a silence makes it lost.
+# A node whose heartbeats do not arrive but that is not known gone (it answers probes while its KV
+# puts fail during a leader election, or it is reconnecting to another member) is lost only after
+# this long a silence.
 _UNHEARD_S = 15.0
 
 
@@ -403,9 +404,9 @@ class ChatStream(AsyncIterator[StreamEvent]):
             return f"node {self.node_id} is gone (its process left the bus; {silent:.1f}s without tokens)"
         if verdict is Verdict.HUNG:
             return f"node {self.node_id} does not answer ({silent:.1f}s without tokens)"
-        if not client.table.is_alive(self.node_id) and (
-            verdict is not Verdict.WORKING or silent > _UNHEARD_S
-        ):
+        # Unheard but not known gone (it may be reconnecting to another cluster member, its
+        # heartbeats failing while the token stream elects a leader): lost only after _UNHEARD_S.
+        if not client.table.is_alive(self.node_id) and silent > _UNHEARD_S:
             return f"node {self.node_id} stopped heartbeating ({silent:.1f}s without tokens)"
         if verdict is Verdict.FORGOT and not self._forgot:
             self._forgot = True  # maybe it finished and our consumer missed the end: read the record

@@ -344,7 +344,9 @@ class NodeService:
             return
         if isinstance(ctl, Probe):  # answered here, on the loop: a node busy decoding still answers
             if msg.reply:
-                running = [rid for rid in ctl.request_ids if rid in self._jobs]
+                # A finished request whose tokens are still being stored (a leader election) is
+                # still ours: its reader must wait for them, not fail over.
+                running = [r for r in ctl.request_ids if r in self._jobs or self._records.holds(f"{r}.")]
                 await self._respond(msg, encode(ProbeReply(node_id=self.node_id, running=running)))
         elif isinstance(ctl, KeepAlive):
             now = time.monotonic()

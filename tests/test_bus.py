@@ -12,6 +12,7 @@ from procs import eventually
 from bus import BusClient, Chunk, Done, Failed, ModelNotFound, SamplingParams
 from bus.connection import cancel_and_wait, connect
 from bus.errors import BadRequest, ContextLengthExceeded, NodeBusy
+from bus.publisher import RecordPublisher
 from node.service import NodeService
 
 
@@ -183,3 +184,22 @@ async def test_cancel_and_wait_drops_the_tasks_end_but_not_the_callers_cancellat
     outer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await outer
+
+
+async def test_a_record_not_yet_stored_is_held_until_it_is(nats_url: str) -> None:
+    """While a token stream has no leader a node's record waits in its publisher; the node's probe
+    answer counts such a finished request as running (node/service.py), so a reader waits for the
+    tokens instead of failing over: `holds` must be true until the message is stored."""
+    nc = await connect(nats_url, name="publisher-test")
+    js = nc.jetstream()
+    records = RecordPublisher(js, ack_timeout_s=0.5, tick_s=0.05)
+    try:
+        await records.publish("cbtest.held.r1", b"token", "r1.1")  # no stream takes it yet
+        await asyncio.sleep(0.3)
+        assert records.holds("r1.") and not records.holds("r2.")
+        await js.add_stream(name="CBTEST_HELD", subjects=["cbtest.held.>"])
+        await eventually(lambda: not records.holds("r1."), 10, what="the record stored")
+        assert (await js.get_last_msg("CBTEST_HELD", "cbtest.held.r1")).data == b"token"
+    finally:
+        await records.close()
+        await nc.close()
