@@ -55,6 +55,7 @@ from node.grammar import GrammarCompiler
 from node.kvmemory import KVMemory
 from node.loader import LoadedModel
 from node.lora import AdapterSet
+from node.packing import one_thread
 from node.prefix_cache import BLOCK
 from node.prompts import encode, validate
 from node.sampling import Choice, TokenChooser, choose_tokens
@@ -101,7 +102,8 @@ class HFEngine:
         # Owned by the worker thread only:
         self._prefilling: list[Seq] = []  # out of the queue, not yet running (see _prefill_some)
         self._running: list[Seq] = []
-        self._kv = KVMemory(loaded, kv_cache_memory, prefix_cache)
+        with one_thread():  # it packs the weights: no OpenMP team on the caller's thread (packing.py)
+            self._kv = KVMemory(loaded, kv_cache_memory, prefix_cache)
         self._joining: tuple[Batch, list[Seq]] | None = None  # rows of a prefill getting first tokens
         self._batch = self._kv.new_batch()
         self._steps: deque[tuple[float, int]] = deque()

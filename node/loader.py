@@ -64,7 +64,39 @@ def load_model(
     cpu_offloading: bool = False,
     progress: Callable[[str], None] = print,
 ) -> LoadedModel:
-    """Resolve `spec` to a model directory (converting the default once) and load it for inference."""
+    """Resolve `spec` to a model directory (converting the default once) and load it for inference.
+
+    Single-threaded: a parallel region here would leave an OpenMP team on the caller's thread that
+    slows every decode step of the engine's own thread (node/packing.py's one_thread)."""
+    from node.packing import one_thread
+
+    with one_thread():
+        return _load_model(
+            spec,
+            cache_dir,
+            device,
+            dtype,
+            load_8bit,
+            load_4bit,
+            max_gpu_memory,
+            num_gpus,
+            cpu_offloading,
+            progress,
+        )
+
+
+def _load_model(
+    spec: str | None,
+    cache_dir: Path,
+    device: str,
+    dtype: str,
+    load_8bit: bool,
+    load_4bit: bool,
+    max_gpu_memory: str | None,
+    num_gpus: int | None,
+    cpu_offloading: bool,
+    progress: Callable[[str], None],
+) -> LoadedModel:
     started = time.perf_counter()
     source, name = _resolve(spec, Path(cache_dir), progress)
     dev = pick_device(device)

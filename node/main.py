@@ -100,6 +100,7 @@ def build_hf_engine(cfg: NodeConfig, adapter_dir: Path | None = None) -> Engine:
     from bus.artifacts import describe
     from node.hf import HFEngine
     from node.loader import DEFAULT_MODEL, load_model
+    from node.packing import one_thread
 
     spec: str | None = None if cfg.model == "default" else cfg.model
     name = cfg.name
@@ -127,7 +128,8 @@ def build_hf_engine(cfg: NodeConfig, adapter_dir: Path | None = None) -> Engine:
 
         say(f"applying adapter {adapter_dir.name}")
         # Merged: serving the adapter then costs nothing extra per token.
-        loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter_dir)).merge_and_unload().eval()
+        with one_thread():  # no OpenMP team outside the engine's worker thread (node/packing.py)
+            loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter_dir)).merge_and_unload().eval()
     base = loaded.name
     if name:
         loaded = dataclasses.replace(loaded, name=name)

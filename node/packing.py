@@ -20,8 +20,12 @@ __all__ = ["PackedLinear", "can_pack", "one_thread", "pack_linears"]
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """Run torch single-threaded for a moment: a parallel region on a thread other than the engine's
-    leaves a second OpenMP team that halves every later decode step (docs/benchmarks.md)."""
+    """Run torch single-threaded for a moment, on a thread that is not the engine's.
+
+    A parallel region on any other thread leaves a second OpenMP team for the life of the process;
+    with more OpenMP threads than CPUs, libgomp throttles its spin-waits in every team, so each later
+    decode step of the engine slows ~1.7× (26 → 46 ms at batch 1 on machine C, docs/benchmarks.md).
+    One thread runs no parallel region, so it leaves no team."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -31,13 +35,15 @@ def one_thread() -> Iterator[None]:
 
 
 def can_pack() -> bool:
-    """Is oneDNN's prepacked linear available in this torch build?"""
+    """Is oneDNN's prepacked linear available in this torch build? (Single-threaded: even this tiny
+    product would otherwise leave an OpenMP team on the caller's thread; see one_thread.)"""
     try:
-        weight = torch.zeros(8, 8, dtype=torch.bfloat16)
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight)
-        torch.ops.mkldnn._linear_pointwise(
-            torch.zeros(1, 8, dtype=torch.bfloat16), packed, None, "none", [], ""
-        )
+        with one_thread():
+            weight = torch.zeros(8, 8, dtype=torch.bfloat16)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+            torch.ops.mkldnn._linear_pointwise(
+                torch.zeros(1, 8, dtype=torch.bfloat16), packed, None, "none", [], ""
+            )
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
     return bool(torch.backends.mkldnn.is_available())
