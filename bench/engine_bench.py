@@ -240,12 +240,18 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "chatbus")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs of each, alternating; best kept")
     parser.add_argument("--no-prefix", action="store_true", help="skip the prefix-cache table")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the engine's worker (default: torch's, every core)",
+    )
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
     loaded = load_model(args.model, cache_dir=args.cache_dir, dtype=args.dtype, progress=lambda _: None)
     weights = weight_bytes(loaded.model)  # before packing: the bytes a decode step reads
-    engine = HFEngine(dataclasses.replace(loaded, eos_ids=[]), max_running=max(batches))
+    engine = HFEngine(dataclasses.replace(loaded, eos_ids=[]), max_running=max(batches), threads=args.threads)
     engine.start()
     ours: dict[int, tuple[float, float]] = {}
     theirs: dict[int, float] = {}
@@ -264,7 +270,7 @@ def main() -> None:
 
     flags = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", _cpuinfo())))
     print(
-        f"# {loaded.name} on {loaded.device} {loaded.dtype}, torch threads {torch.get_num_threads()}, "
+        f"# {loaded.name} on {loaded.device} {loaded.dtype}, torch threads {args.threads or torch.get_num_threads()}, "
         f"{os.cpu_count()} cpus ({', '.join(flags) or 'no avx512_bf16/amx_bf16'}), {args.tokens} new tokens per request"
     )
     print(

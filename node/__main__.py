@@ -88,7 +88,13 @@ def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = Non
         help="hf: transformers (any model, GPU, adapters); llamacpp: the bundled GGUF on llama.cpp (CPU); "
         "auto: llamacpp where it can run and passes a self-check, else hf",
     )
-    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: every core)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="the engine's compute threads on CPU (default: torch every core but one, which the bus "
+        "path needs; llama.cpp every core)",
+    )
     p.add_argument("--node-id", default=None)
     p.add_argument("--cache-dir", type=Path, default=None, help="where converted models are kept")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish answers on shutdown")

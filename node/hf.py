@@ -86,8 +86,10 @@ class HFEngine:
         prefill_chunk: int = 128,
         kv_cache_memory: int | str | None = None,
         prefix_cache: bool = True,
+        threads: int | None = None,
     ) -> None:
         self._m = loaded
+        self._threads = threads  # torch's intra-op threads on the worker (None: torch's default)
         self._max_running = max_running
         self._max_queued = max_queued
         self._prefill_chunk = max(1, prefill_chunk)
@@ -245,6 +247,8 @@ class HFEngine:
     # ------------------------------------------------------------------------- the worker
 
     def _work(self) -> None:
+        if self._threads:  # per thread in OpenMP: set where the steps run
+            torch.set_num_threads(self._threads)
         with torch.inference_mode():
             while self._wait_for_work():
                 self._run_calls()

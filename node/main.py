@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -49,12 +50,24 @@ class NodeConfig:
     prefill_chunk: int = 128
     kv_cache_memory: str = "auto"  # bytes ("2GiB") or a fraction of RAM ("0.25"); auto: a quarter
     engine: str = "hf"  # auto | hf | llamacpp (node/native.py)
-    threads: int | None = None  # llama.cpp's threads (default: every core)
+    threads: int | None = None  # the engine's compute threads (default: engine_threads)
     node_id: str | None = None
     cache_dir: Path = Path(".cache/chatbus/models")
     drain_timeout: float = 30.0
     verbose: bool = False
     log_format: str = "text"  # or json (bus.logfmt): one object a line, with request ids
+
+
+def torch_threads() -> int:
+    """The torch engine's default threads on CPU: every core but one. The node's event loop (a NATS
+    publish per token) and, under `chatbus up`, the nats-server and gateway need a core each token;
+    an OpenMP team that wants every core waits at each barrier for whichever was preempted. On 2 cores
+    one thread gives more through the gateway at 1 and at 16 streams (docs/benchmarks.md)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def say(line: str) -> None:
@@ -139,6 +152,7 @@ def build_hf_engine(cfg: NodeConfig, adapter_dir: Path | None = None) -> Engine:
         max_queued=cfg.max_queued,
         prefill_chunk=cfg.prefill_chunk,
         kv_cache_memory=cfg.kv_cache_memory,
+        threads=cfg.threads or (torch_threads() if loaded.device == "cpu" else None),
     )
     engine.adapters.base = base  # what a LoRA must have been trained on, whatever --name says
     engine.adapters.max_adapters = cfg.max_adapters

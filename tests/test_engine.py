@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -346,6 +348,46 @@ def test_embeddings_run_on_the_engine_thread(loaded32: LoadedModel, engine32: HF
     finally:
         hook.remove()
     assert threads and set(threads) == {f"engine-{loaded32.name}"}, threads
+
+
+_TEAM_PROBE = """
+import os, sys
+from pathlib import Path
+import torch
+from node.hf import HFEngine
+from node.loader import load_model
+threads = lambda: len(os.listdir("/proc/self/task"))
+engine = HFEngine(load_model(None, cache_dir=Path(sys.argv[1]), dtype="bfloat16", progress=print), threads=1)
+engine.start()
+engine.embed(["runs on the worker"])
+print("WORKER", engine._on_worker(torch.get_num_threads))  # threads=1 holds where the steps run
+before = threads()
+torch.ones(1 << 22).sum()  # the first parallel region on this thread adds its OpenMP team's threads
+print("TEAM", before, threads())
+engine.stop()
+"""
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/task").is_dir() or torch.get_num_threads() < 2, reason="needs Linux and 2+ threads"
+)
+def test_loading_leaves_no_openmp_team_outside_the_engine_thread() -> None:
+    """A parallel region on the loading thread (can_pack's probe did one) leaves a second OpenMP team,
+    and libgomp then throttles every decode step (1.7x slower at batch 1, docs/benchmarks.md). After
+    loading, packing and serving, the loading thread's first parallel region must still make a team."""
+    out = subprocess.run(
+        [sys.executable, "-c", _TEAM_PROBE, str(CACHE)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    line = next((x for x in out.stdout.splitlines() if x.startswith("TEAM")), None)
+    assert line is not None, out.stdout + out.stderr
+    before, after = (int(x) for x in line.split()[1:])
+    assert after > before, "something ran a parallel region on the loading thread: see node/packing.py"
+    assert "WORKER 1" in out.stdout, out.stdout
 
 
 # ----------------------------------------------------------------------------- text streaming, loader
