@@ -24,7 +24,7 @@ def one_thread() -> Iterator[None]:
 
     A parallel region on any other thread leaves a second OpenMP team for the life of the process;
     with more OpenMP threads than CPUs, libgomp throttles its spin-waits in every team, so each later
-    decode step of the engine slows ~1.7× (26 → 46 ms at batch 1 on machine C, docs/benchmarks.md).
+    decode step of the engine slows ~1.5× (25 → 38 ms at batch 1 on machine C, bench/omp_team.py).
     One thread runs no parallel region, so it leaves no team."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -373,7 +373,7 @@ engine.stop()
 )
 def test_loading_leaves_no_openmp_team_outside_the_engine_thread() -> None:
     """A parallel region on the loading thread (can_pack's probe did one) leaves a second OpenMP team,
-    and libgomp then throttles every decode step (1.7x slower at batch 1, docs/benchmarks.md). After
+    and libgomp then throttles every decode step (1.5x slower at batch 1, bench/omp_team.py). After
     loading, packing and serving, the loading thread's first parallel region must still make a team."""
     out = subprocess.run(
         [sys.executable, "-c", _TEAM_PROBE, str(CACHE)],
