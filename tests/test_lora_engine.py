@@ -20,6 +20,7 @@ from node.engine import Delta, EngineRequest
 from node.hf import HFEngine
 from node.loader import LoadedModel, load_model
 from node.lora import LoraLinear
+from node.packing import FusedSlice, can_pack, pack_linears
 
 pytestmark = pytest.mark.model
 
@@ -218,3 +219,28 @@ def test_a_failed_request_gives_its_adapter_back(engine: HFEngine) -> None:
     with pytest.raises(BadRequest):
         engine.submit(bad, lambda d: None)
     assert running() == 0
+
+
+@pytest.mark.skipif(not can_pack(), reason="oneDNN's prepacked bf16 linear is not in this torch build")
+def test_fused_projections_answer_as_separate_ones_with_and_without_adapters(dirs: dict[str, Any]) -> None:
+    """bf16 on CPU packs each layer's q/k/v and gate/up into one product (node/packing.py): greedy
+    answers of base rows and of adapter rows (whose LoRA wraps the fused slices) equal, token for
+    token, those of separately packed projections."""
+    fused = load_model(None, cache_dir=CACHE, dtype="bfloat16", progress=lambda _: None)
+    separate = load_model(None, cache_dir=CACHE, dtype="bfloat16", progress=lambda _: None)
+    pack_linears(separate.model, fuse=False)
+    answers = []
+    for loaded in (fused, separate):
+        eng = HFEngine(loaded, max_running=4)
+        eng.start()
+        try:
+            for name in ("l0", "l1"):
+                eng.adapters.load(dirs["root"] / name, name)
+            answers.append(run(eng, [ask("base"), ask("a0", "l0"), ask("a1", "l1")]))
+        finally:
+            eng.stop()
+    layers = len(fused.model.get_decoder().layers)
+    assert sum(isinstance(m, FusedSlice) for m in fused.model.modules()) == 5 * layers
+    assert not any(isinstance(m, FusedSlice) for m in separate.model.modules())
+    assert answers[0] == answers[1]
+    assert len(set(answers[0].values())) == 3, answers[0]  # the adapters did change the answers
