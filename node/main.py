@@ -58,16 +58,18 @@ class NodeConfig:
     log_format: str = "text"  # or json (bus.logfmt): one object a line, with request ids
 
 
-def torch_threads() -> int:
-    """The torch engine's default threads on CPU: every core but one. The node's event loop (a NATS
-    publish per token) and, under `chatbus up`, the nats-server and gateway need a core each token;
-    an OpenMP team that wants every core waits at each barrier for whichever was preempted. On 2 cores
-    one thread gives more through the gateway at 1 and at 16 streams (docs/benchmarks.md)."""
+def torch_threads(engines: int = 1) -> int:
+    """The torch engine's default threads on CPU: every core but one, shared by this process's
+    `engines`. The node's event loop (a NATS publish per token) and, under `chatbus up`, the
+    nats-server and gateway need a core each token; an OpenMP team that wants every core waits at
+    each barrier for whichever was preempted. On 2 cores one thread gives more through the gateway at
+    1 and at 16 streams (docs/benchmarks.md). Engines split the rest: teams that together hold more
+    threads than cores make libgomp throttle them all (bench/omp_team.py)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    return max(1, (cores - 1) // max(1, engines))
 
 
 def say(line: str) -> None:
@@ -152,7 +154,7 @@ def build_hf_engine(cfg: NodeConfig, adapter_dir: Path | None = None) -> Engine:
         max_queued=cfg.max_queued,
         prefill_chunk=cfg.prefill_chunk,
         kv_cache_memory=cfg.kv_cache_memory,
-        threads=cfg.threads or (torch_threads() if loaded.device == "cpu" else None),
+        threads=cfg.threads or (torch_threads(1 + len(cfg.extra_models)) if loaded.device == "cpu" else None),
     )
     engine.adapters.base = base  # what a LoRA must have been trained on, whatever --name says
     engine.adapters.max_adapters = cfg.max_adapters
