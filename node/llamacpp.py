@@ -76,6 +76,11 @@ class _Job:
     completion: int = 0
     unsent_tokens: int = 0
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # For node/metrics.py, reported once on the first delta after the first token:
+    submitted: float = field(default_factory=time.monotonic)
+    taken: float | None = None  # a pool thread started its llama.cpp call
+    first_token: float | None = None  # llama.cpp returned its first token (prompt processed)
+    timed: bool = False
 
 
 class LlamaCppEngine:
@@ -201,7 +206,7 @@ class LlamaCppEngine:
         with job.lock:
             if job.finished:  # cancelled while queued
                 return
-            job.started = True
+            job.started, job.taken = True, time.monotonic()
         if job.request.messages:  # its prompt is in llama.cpp's cache from the first chunk on
             self._remember(job.request.messages)
         server = self._server
@@ -265,6 +270,8 @@ class LlamaCppEngine:
 
     def _accept(self, job: _Job, entry: dict[str, Any]) -> tuple[FinishReason | None, str]:
         token = int(entry["id"])
+        if job.first_token is None:
+            job.first_token = time.monotonic()
         job.completion += 1
         job.unsent_tokens += 1
         p = job.request.params
@@ -322,6 +329,9 @@ class LlamaCppEngine:
             "logprobs": job.unsent_logprobs or None,
         }
         job.unsent_tokens, job.unsent_logprobs = 0, []
+        if not job.timed and job.taken is not None and job.first_token is not None:
+            counts["queue_s"], counts["prefill_s"] = job.taken - job.submitted, job.first_token - job.taken
+            job.timed = True
         return counts
 
     def _send(self, job: _Job, delta: Delta) -> None:

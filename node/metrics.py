@@ -3,8 +3,9 @@
 What the deltas tell is enough for vLLM's per-request timings: acceptance, the first delta with a
 token (time to first token), each later delta (inter-token latency, split evenly over the tokens it
 carries), the last one (end-to-end and decode time). Queue and prefill times need the engine's
-scheduler; they are observed only when a delta carries `queue_s` / `prefill_s` (HFEngine sets them on
-a request's first delta after prefill), and their histograms stay empty otherwise. KV-cache use and
+scheduler; they are observed only when a delta carries `queue_s` / `prefill_s` (both engines set them
+on a request's first delta after prefill; llama.cpp's prefill is until its first token), and their
+histograms stay empty otherwise. KV-cache use and
 prefix-cache queries/hits come from the engine's EngineStats.
 """
 

@@ -51,6 +51,9 @@ def test_greedy_answer_and_stream_shape(engine: LlamaCppEngine) -> None:
     assert sum(d.tokens for d in deltas) == deltas[-1].completion_tokens
     assert [d.completion_tokens for d in deltas] == sorted(d.completion_tokens for d in deltas)
     assert deltas[-1].prompt_tokens == engine.count_tokens([ChatMessage(role="user", content=FRANCE)], None)
+    timed = [d for d in deltas if d.prefill_s is not None]  # once, for node/metrics.py's histograms
+    assert len(timed) == 1 and timed[0] is deltas[0] and timed[0].queue_s is not None
+    assert 0 <= timed[0].queue_s < 5 and 0 < timed[0].prefill_s < 30
 
 
 def test_greedy_equals_llamacpps_own_completion(engine: LlamaCppEngine) -> None:
