@@ -322,7 +322,7 @@ class LlamaCppEngine:
                 self._held.popitem(last=False)
 
     def _counts(self, job: _Job) -> dict[str, Any]:
-        counts = {
+        counts: dict[str, Any] = {
             "tokens": job.unsent_tokens,
             "prompt_tokens": len(job.prompt),
             "completion_tokens": job.completion,
