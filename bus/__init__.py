@@ -82,7 +82,7 @@ from bus.schemas import (
     Usage,
 )
 from bus.schemas_adapters import AdapterCommand, AdapterReply, AdapterState
-from bus.schemas_jobs import TERMINAL_STATES, JobEvent, JobRecord
+from bus.schemas_jobs import TERMINAL_STATES, JobEvent, JobRecord, combine_games
 from bus.schemas_keys import KeyRecord, KeyUsage
 from bus.schemas_logs import BATTLE_VOTES, ChatLog, ConvState, LogRecord, VoteLog
 from bus.schemas_logs import Mode as LogMode
@@ -145,6 +145,7 @@ __all__ = [  # noqa: RUF022 (grouped by topic: this list is the table of content
     "connect",
     "prefix_hashes",
     # structured output and tool calls
+    "combine_games",
     "compile_grammar",
     "json_schema_constraint",
     "tool_call_constraint",

@@ -12,7 +12,16 @@ import msgspec
 
 from bus.schemas import _Tagged, _Wire
 
-__all__ = ["TERMINAL_STATES", "ArtifactInfo", "JobEvent", "JobKind", "JobRecord", "JobState", "JobSubmit"]
+__all__ = [
+    "TERMINAL_STATES",
+    "ArtifactInfo",
+    "JobEvent",
+    "JobKind",
+    "JobRecord",
+    "JobState",
+    "JobSubmit",
+    "combine_games",
+]
 
 JobKind = Literal["train", "eval"]
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -77,3 +86,14 @@ class ArtifactInfo(_Wire, frozen=True, kw_only=True):
     base: str = ""  # the base model the adapter applies to ("", "default" or a dir or hub id)
     method: str = "lora"  # lora | qlora | full (full: the dir holds whole model weights)
     job_id: str = ""  # the train job that made it
+
+
+def combine_games(g1_winner: str, g2_winner: str) -> str:
+    """A pairwise eval judgment's result from its two games (judgments.jsonl's `g1_winner` /
+    `g2_winner`, FastChat's format): a winner only when both orders agree, else a tie ('error' if a
+    game failed). The judge writes the games; the judge's tables and the web app read them so."""
+    if "error" in (g1_winner, g2_winner):
+        return "error"
+    if g1_winner == g2_winner:
+        return g1_winner
+    return "tie"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
-from judge.verdicts import combine_games
+from bus import combine_games
 
 __all__ = [
     "Agreement",

@@ -13,7 +13,6 @@ from typing import Any, Literal
 __all__ = [
     "Unparseable",
     "Verdict",
-    "combine_games",
     "pair_winner",
     "parse_choice",
     "parse_rating",
@@ -69,15 +68,6 @@ def pair_winner(choice: str, swapped: bool) -> str:
     if not swapped:
         return first
     return "model_2" if first == "model_1" else "model_1"
-
-
-def combine_games(g1_winner: str, g2_winner: str) -> str:
-    """The match result: a winner only when both orders agree, else a tie ('error' if a game failed)."""
-    if "error" in (g1_winner, g2_winner):
-        return "error"
-    if g1_winner == g2_winner:
-        return g1_winner
-    return "tie"
 
 
 def verdict_schema(kind: Verdict, max_tokens: int) -> dict[str, Any]:

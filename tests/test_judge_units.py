@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from bus import combine_games
 from judge.prompts import load_prompts, pick_prompt
 from judge.questions import load_questions, load_references, parse_questions, select, with_references
 from judge.results import compute_agreement, pairwise_stats, show_result, single_scores
 from judge.schemas import EvalSpec
-from judge.verdicts import Unparseable, combine_games, pair_winner, parse_choice, parse_rating
+from judge.verdicts import Unparseable, pair_winner, parse_choice, parse_rating
 
 # The MT-bench files sit beside the checkout (../shared/data), as CI lays it out.
 MT_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mt_bench"

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 from nats.js.kv import KeyValue
 
-from bus import TERMINAL_STATES, BadMessage, JobEvent, JobRecord, KVMirror, Reconnects, decode
+from bus import TERMINAL_STATES, BadMessage, JobEvent, JobRecord, KVMirror, Reconnects, combine_games, decode
 
 __all__ = [
     "JobsMirror",
@@ -114,11 +114,7 @@ class TrainView:
 
 
 def _match_result(r: Record) -> str:
-    """A pairwise judgment's result: a winner only when both orders agree (the judge's position-swap rule)."""
-    g1, g2 = str(r.get("g1_winner", "error")), str(r.get("g2_winner", "error"))
-    if "error" in (g1, g2):
-        return "error"
-    return g1 if g1 == g2 else "tie"
+    return combine_games(str(r.get("g1_winner", "error")), str(r.get("g2_winner", "error")))
 
 
 def category_scores(judgments: list[Record]) -> dict[str, dict[str, float]]:
