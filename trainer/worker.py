@@ -9,6 +9,8 @@ data report under `train/<job_id>/config.json` and the per-step metrics under `t
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import io
 import json
 import logging
@@ -37,6 +39,10 @@ from bus import (
 )
 from trainer.model import DEFAULT_MODEL, base_name
 from trainer.schemas import TrainResult, TrainSpec
+
+# Every job trains on this one thread: torch on a second thread would start a second OpenMP team,
+# and libgomp then throttles both (node/packing.py's one_thread says why; bench/omp_team.py).
+_TORCH = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-torch")
 
 __all__ = ["WorkerConfig", "checkpoint_name", "handle", "main", "serve"]
 
@@ -106,8 +112,17 @@ async def handle(ctx: JobContext, cfg: WorkerConfig) -> msgspec.Raw:
     hooks = Hooks(progress=progress, checkpoint=store_checkpoint, stop=stop, log=log_line)
     with tempfile.TemporaryDirectory(prefix="chatbus-train-", dir=cfg.work_dir) as tmp:
         out_dir = Path(tmp) / "out"
-        outcome = await asyncio.to_thread(
-            run, spec, dataset, cache_dir=cfg.cache_dir, out_dir=out_dir, hooks=hooks, checkpoint=checkpoint
+        outcome = await asyncio.get_running_loop().run_in_executor(
+            _TORCH,
+            functools.partial(
+                run,
+                spec,
+                dataset,
+                cache_dir=cfg.cache_dir,
+                out_dir=out_dir,
+                hooks=hooks,
+                checkpoint=checkpoint,
+            ),
         )
         if outcome.stopped:
             raise JobCancelled(ctx.job_id)
