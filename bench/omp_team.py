@@ -20,10 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 CASE = """
-import sys, threading, time
+import sys, threading
 from pathlib import Path
 import torch
-from node.kvcache import SlotCache
+from decode_step import step_ms
 from node.loader import load_model
 from node.packing import can_pack, pack_linears
 from node.slotforward import SlotForward
@@ -41,25 +41,15 @@ elif first == "can_pack":  # now: the same product under node.packing.one_thread
 pack_linears(model)
 forward = SlotForward(model)
 
-def step_ms():
-    cache = SlotCache(forward.kv_shape)
-    cache.add_rows(1)
-    with torch.inference_mode():
-        forward(cache, torch.randint(0, 1000, (1, 100)), 0)
-        token = torch.tensor([[5]])
-        for _ in range(10):
-            forward(cache, token, 0)
-        started = time.perf_counter()
-        for _ in range(steps):
-            forward(cache, token, 0)
-    print(f"MS {1000 * (time.perf_counter() - started) / steps:.1f}", flush=True)
+def report():
+    print(f"MS {step_ms(forward, torch.randint(0, 1000, (1, 100)), steps, warm=10):.1f}", flush=True)
 
 if first == "forward":
-    step_ms()
+    report()
 if where == "main":
-    step_ms()
+    report()
 else:
-    worker = threading.Thread(target=step_ms)
+    worker = threading.Thread(target=report)
     worker.start()
     worker.join()
 """
@@ -98,7 +88,7 @@ def main() -> None:
             capture_output=True,
             text=True,
             cwd=ROOT,
-            env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"},
             check=True,
         ).stdout
         shown = " / ".join(line.split()[1] for line in out.splitlines() if line.startswith("MS "))

@@ -20,9 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 CASE = """
-import sys, time
+import sys
 from pathlib import Path
 import torch
+from decode_step import step_ms
 from node.kvcache import SlotCache
 from node.loader import load_model
 from node.packing import pack_linears
@@ -37,23 +38,10 @@ for fuse in (False, True):
     forwards[fuse] = SlotForward(model)
 prompt = torch.randint(0, 1000, (1, 100))
 
-def step_ms(forward):
-    cache = SlotCache(forward.kv_shape)
-    cache.add_rows(1)
-    with torch.inference_mode():
-        forward(cache, prompt, 0)
-        token = torch.tensor([[5]])
-        for _ in range(5):
-            forward(cache, token, 0)
-        started = time.perf_counter()
-        for _ in range(steps):
-            forward(cache, token, 0)
-    return 1000 * (time.perf_counter() - started) / steps
-
 times = {False: [], True: []}
 for _ in range(rounds):
     for fuse in (False, True):
-        times[fuse].append(step_ms(forwards[fuse]))
+        times[fuse].append(step_ms(forwards[fuse], prompt, steps))
 with torch.inference_mode():
     logits = []
     for fuse in (False, True):
@@ -90,7 +78,7 @@ def main() -> None:
             capture_output=True,
             text=True,
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"},
             check=True,
         ).stdout
         line = next(x for x in out.splitlines() if x.startswith("ROW "))
