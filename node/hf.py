@@ -55,7 +55,6 @@ from node.grammar import GrammarCompiler
 from node.kvmemory import KVMemory
 from node.loader import LoadedModel
 from node.lora import AdapterSet
-from node.packing import one_thread
 from node.prefix_cache import BLOCK
 from node.prompts import encode, validate
 from node.sampling import Choice, TokenChooser, choose_tokens
@@ -104,14 +103,12 @@ class HFEngine:
         # Owned by the worker thread only:
         self._prefilling: list[Seq] = []  # out of the queue, not yet running (see _prefill_some)
         self._running: list[Seq] = []
-        with one_thread():  # it packs the weights: no OpenMP team on the caller's thread (packing.py)
-            self._kv = KVMemory(loaded, kv_cache_memory, prefix_cache)
+        self._kv = KVMemory(loaded, kv_cache_memory, prefix_cache)
         self._joining: tuple[Batch, list[Seq]] | None = None  # rows of a prefill getting first tokens
         self._batch = self._kv.new_batch()
         self._steps: deque[tuple[float, int]] = deque()
-        # Other torch work (embeddings) runs on the worker thread too, between two steps: torch used
-        # from a second thread of the process halves every later decode step on our 2-core CPU
-        # (each thread gets its own OpenMP team; docs/benchmarks.md).
+        # Other torch work (embeddings) runs on the worker thread too, between two steps: a second
+        # thread's OpenMP team slows every later decode step (node/packing.py's one_thread).
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()  # guarded by _cond
         # LoRA adapters served beside the base, per row (node/lora.py); wraps nothing until one loads.
         self.adapters = AdapterSet(loaded.model, loaded.name, loaded.context_length, self._on_worker)
@@ -437,7 +434,7 @@ class HFEngine:
         if reason is not None:
             self._finish(seq, reason, text)
         elif text:
-            self._send(seq, Delta(request_id=seq.request.request_id, text=text, **self._counts(seq)))
+            self._send(seq, Delta(request_id=seq.request.request_id, text=text, **seq.counts()))
 
     def _finish(self, seq: Seq, reason: FinishReason, text: str = "", error: str = "") -> None:
         if seq.finished:
@@ -451,12 +448,9 @@ class HFEngine:
             text=text,
             finish_reason=reason,
             error=error,
-            **self._counts(seq),
+            **seq.counts(),
         )
         self._send(seq, delta)
-
-    def _counts(self, seq: Seq) -> dict[str, Any]:
-        return seq.counts()
 
     def _send(self, seq: Seq, delta: Delta) -> None:
         try:

@@ -114,5 +114,5 @@ def _fast_path(model: Any) -> SlotForward | None:
         return None
     weight = model.get_input_embeddings().weight
     if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and can_pack():
-        pack_linears(model)
+        pack_linears(model)  # single-threaded: no OpenMP team on the caller's thread (packing.py)
     return SlotForward(model)
