@@ -51,9 +51,9 @@ def import_llamacpp() -> Any:
     """Import xllamacpp with OpenMP threads that sleep when idle.
 
     The wheel's llama.cpp uses OpenMP, whose threads spin between parallel regions by default: on a
-    busy 2-core machine that collapses decoding (0.9 tok/s spinning vs 30-50 passive, same run,
-    docs/benchmarks.md). libgomp reads the setting once, when the library loads; a user's own
-    OMP_WAIT_POLICY wins.
+    busy 2-core machine that collapses decoding (3.9 tok/s spinning vs 35 passive through the gateway,
+    docs/benchmarks.md), though on a quiet one spinning is ~2x faster (81 vs 41). libgomp reads the
+    setting once, when the library loads; a user's own OMP_WAIT_POLICY wins (empty: libgomp's default).
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import xllamacpp
