@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from bus.errors import ModelLoadError
+from node.packing import can_pack, one_thread
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -51,6 +52,7 @@ class LoadedModel:
     eos_ids: list[int]
 
 
+@one_thread()
 def load_model(
     spec: str | None,
     *,
@@ -68,35 +70,6 @@ def load_model(
 
     Single-threaded: a parallel region here would leave an OpenMP team on the caller's thread that
     slows every decode step of the engine's own thread (node/packing.py's one_thread)."""
-    from node.packing import one_thread
-
-    with one_thread():
-        return _load_model(
-            spec,
-            cache_dir,
-            device,
-            dtype,
-            load_8bit,
-            load_4bit,
-            max_gpu_memory,
-            num_gpus,
-            cpu_offloading,
-            progress,
-        )
-
-
-def _load_model(
-    spec: str | None,
-    cache_dir: Path,
-    device: str,
-    dtype: str,
-    load_8bit: bool,
-    load_4bit: bool,
-    max_gpu_memory: str | None,
-    num_gpus: int | None,
-    cpu_offloading: bool,
-    progress: Callable[[str], None],
-) -> LoadedModel:
     started = time.perf_counter()
     source, name = _resolve(spec, Path(cache_dir), progress)
     dev = pick_device(device)
@@ -242,8 +215,6 @@ def _bf16_speedup() -> float:
     """float32 time / bf16 time of decode-sized matmuls (1 and 16 rows), each run as the engine runs
     it: float32 input-major, bf16 prepacked for oneDNN where torch can. ~0.1 s, once per process.
     Single-threaded, on whatever thread loads the model (see node.packing.one_thread)."""
-    from node.packing import can_pack, one_thread
-
     with one_thread():
         return _measure_bf16_speedup(can_pack())
 

@@ -50,7 +50,7 @@ class NodeConfig:
     prefill_chunk: int = 128
     kv_cache_memory: str = "auto"  # bytes ("2GiB") or a fraction of RAM ("0.25"); auto: a quarter
     engine: str = "hf"  # auto | hf | llamacpp (node/native.py)
-    threads: int | None = None  # the engine's compute threads (default: engine_threads)
+    threads: int | None = None  # the engine's compute threads (torch's default: torch_threads())
     node_id: str | None = None
     cache_dir: Path = Path(".cache/chatbus/models")
     drain_timeout: float = 30.0

@@ -5,8 +5,8 @@ token (time to first token), each later delta (inter-token latency, split evenly
 carries), the last one (end-to-end and decode time). Queue and prefill times need the engine's
 scheduler; they are observed only when a delta carries `queue_s` / `prefill_s` (both engines set them
 on a request's first delta after prefill; llama.cpp's prefill is until its first token), and their
-histograms stay empty otherwise. KV-cache use and
-prefix-cache queries/hits come from the engine's EngineStats.
+histograms stay empty otherwise. KV-cache use and prefix-cache queries/hits come from the engine's
+EngineStats.
 """
 
 from __future__ import annotations
