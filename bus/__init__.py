@@ -15,7 +15,7 @@ from bus.auth import issued as issued_credentials
 from bus.auth import provision as provision_credentials
 from bus.client import BusClient
 from bus.codec import decode, encode
-from bus.connection import connect, ensure_triggers_bucket
+from bus.connection import bucket_entries, connect, ensure_triggers_bucket
 from bus.constraints import compile_grammar, json_schema_constraint, tool_call_constraint
 from bus.errors import (
     BadMessage,
@@ -143,6 +143,7 @@ __all__ = [  # noqa: RUF022 (grouped by topic: this list is the table of content
     "Attempt",
     "ModelEntry",
     "connect",
+    "bucket_entries",
     "prefix_hashes",
     # structured output and tool calls
     "combine_games",

@@ -16,7 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, ObjectStoreConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, BucketNotFoundError, ServerError
+from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, ServerError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 from nats.protocol.parser import AUTHORIZATION_VIOLATION, PERMISSIONS_ERR
@@ -30,6 +30,7 @@ __all__ = [
     "HEARTBEAT_S",
     "MAX_REPLICAS",
     "NODE_TTL_S",
+    "bucket_entries",
     "cancel_and_wait",
     "cluster_size",
     "connect",
@@ -311,6 +312,22 @@ async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValu
         )
     await _raise_replicas(js, f"KV_{bucket}", replicas_for(js))
     return kv
+
+
+async def bucket_entries(kv: KeyValue, prefix: str = "") -> list[KeyValue.Entry]:
+    """The current entry of every key in `kv` under `prefix` (whole tokens, ending in "."), by key; deleted
+    keys left out.
+    The keys come from the stream's own subject index, not from nats-py's `kv.keys()`: that watcher can
+    put its "no more keys" marker before the keys on a loaded machine and answer none (stop 24's CI)."""
+    subject = f"$KV.{kv._name}."  # the KV convention (ADR-8), which nats-py keeps in private fields
+    info = await kv._js.stream_info(kv._stream, subjects_filter=f"{subject}{prefix}>")
+    entries = []
+    for key in sorted(s.removeprefix(subject) for s in info.state.subjects or {}):
+        try:
+            entries.append(await kv.get(key))
+        except KeyNotFoundError:  # deleted (its marker is what the index saw), or deleted since
+            continue
+    return entries
 
 
 async def ensure_nodes_bucket(js: JetStreamContext) -> KeyValue:

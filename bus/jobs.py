@@ -41,7 +41,7 @@ from nats.js.object_store import ObjectStore
 
 from bus import subjects
 from bus.codec import decode, encode
-from bus.connection import ensure_bucket, ensure_object_store, ensure_stream
+from bus.connection import bucket_entries, ensure_bucket, ensure_object_store, ensure_stream
 from bus.errors import BadRequest, JobCancelled
 from bus.schemas_jobs import TERMINAL_STATES, JobEvent, JobKind, JobRecord, JobState, JobSubmit
 
@@ -231,11 +231,7 @@ class Jobs:
 
     async def list(self, kind: JobKind | None = None) -> list[JobRecord]:
         assert self._kv is not None
-        try:
-            keys = await self._kv.keys()
-        except Exception:  # nats-py raises when the bucket is empty
-            return []
-        records = [r for r in [await self.get(k) for k in keys] if r is not None]
+        records = [decode(e.value, JobRecord) for e in await bucket_entries(self._kv) if e.value]
         return sorted((r for r in records if kind is None or r.kind == kind), key=lambda r: r.submitted_at)
 
     async def cancel(self, job_id: str) -> JobRecord:

@@ -16,11 +16,12 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from bus import subjects
 from bus.codec import decode, encode
+from bus.connection import bucket_entries
 from bus.errors import BadRequest, BusError
 from bus.schemas_keys import KeyRecord, KeyUsage
 
@@ -98,17 +99,7 @@ async def create_key(
 
 
 async def list_keys(kv: KeyValue) -> list[KeyRecord]:
-    try:
-        names = await kv.keys()
-    except NoKeysError:
-        return []
-    records = []
-    for name in sorted(names):
-        try:
-            records.append(decode((await kv.get(name)).value or b"", KeyRecord))
-        except KeyNotFoundError:
-            continue
-    return records
+    return [decode(e.value or b"", KeyRecord) for e in await bucket_entries(kv)]
 
 
 async def revoke_key(kv: KeyValue, name: str) -> KeyRecord:
@@ -169,16 +160,6 @@ async def add_usage(
 
 
 async def list_usage(kv: KeyValue, key_name: str | None = None) -> list[KeyUsage]:
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
     prefix = f"{subjects.kv_token(key_name)}." if key_name else ""
-    rows = []
-    for key in sorted(keys):
-        if key.startswith(prefix):
-            try:
-                rows.append(decode((await kv.get(key)).value or b"", KeyUsage))
-            except KeyNotFoundError:
-                continue
+    rows = [decode(e.value or b"", KeyUsage) for e in await bucket_entries(kv, prefix)]
     return sorted(rows, key=lambda u: (u.key, u.day, u.model))

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bus import BusUnavailable, connect, local_url, redact, subjects
+from bus import BusUnavailable, bucket_entries, connect, local_url, redact, subjects
 from bus import issue_node_token as issue
 from bus import issued_credentials as issued
 from bus import revoke_node_token as revoke
@@ -134,11 +134,9 @@ async def forget_node(state: Path, node_id: str) -> None:
         return  # no bus runs: nothing to remove
     try:
         kv = await nc.jetstream().key_value(subjects.NODES_BUCKET)
-        prefix = f"{subjects.kv_token(node_id)}."
-        for key in await kv.keys():
-            if key.startswith(prefix):
-                await kv.delete(key)
-                print(f"removed {key} from the node table on {redact(url)}")
+        for entry in await bucket_entries(kv, f"{subjects.kv_token(node_id)}."):
+            await kv.delete(entry.key)
+            print(f"removed {entry.key} from the node table on {redact(url)}")
     except Exception as e:  # clients drop it anyway once its heartbeats stop (within their TTL)
         print(f"could not remove {node_id} from the node table ({e!r}); it goes when its heartbeats expire")
     finally:

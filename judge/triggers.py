@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import logging
 import time
@@ -11,7 +10,7 @@ import uuid
 import msgspec
 from nats.js.kv import KeyValue
 
-from bus import BusClient, Jobs, ensure_triggers_bucket
+from bus import BusClient, Jobs, bucket_entries, ensure_triggers_bucket
 from judge.rounds import Rounds
 from judge.schemas import EvalSpec, EvalTrigger
 
@@ -53,16 +52,11 @@ class TriggerStore:
 
     async def list(self) -> list[tuple[EvalTrigger, int]]:
         kv = await self.kv()
-        try:
-            keys = await kv.keys()
-        except Exception:  # nats-py raises when the bucket is empty
-            return []
-        out = []
-        for key in keys:
-            with contextlib.suppress(Exception):
-                entry = await kv.get(key)
-                if entry.value:
-                    out.append((msgspec.json.decode(entry.value, type=EvalTrigger), entry.revision or 0))
+        out = [
+            (msgspec.json.decode(e.value, type=EvalTrigger), e.revision or 0)
+            for e in await bucket_entries(kv)
+            if e.value
+        ]
         return sorted(out, key=lambda p: p[0].created_at)
 
     async def claim(self, trigger: EvalTrigger, revision: int, model: str, job_id: str) -> bool:

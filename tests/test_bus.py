@@ -7,10 +7,11 @@ import asyncio
 import pytest
 from fakes import EchoEngine, user
 from fakes import echo_node as running_node
+from nats.js.api import KeyValueConfig
 from procs import eventually
 
 from bus import BusClient, Chunk, Done, Failed, ModelNotFound, SamplingParams
-from bus.connection import cancel_and_wait, connect
+from bus.connection import bucket_entries, cancel_and_wait, connect
 from bus.errors import BadRequest, ContextLengthExceeded, NodeBusy
 from bus.publisher import RecordPublisher
 from node.service import NodeService
@@ -202,4 +203,28 @@ async def test_a_record_not_yet_stored_is_held_until_it_is(nats_url: str) -> Non
         assert (await js.get_last_msg("CBTEST_HELD", "cbtest.held.r1")).data == b"token"
     finally:
         await records.close()
+        await nc.close()
+
+
+async def test_bucket_entries_lists_every_live_key_from_the_stream_index(nats_url: str) -> None:
+    """`bucket_entries` (jobs, keys, usage, triggers, node tokens) answers from the stream's subject
+    index, not from nats-py's racy `kv.keys()` watcher: every live key every time, deleted ones left
+    out, a prefix honoured, an empty bucket empty."""
+    nc = await connect(nats_url, name="bucket-entries-test")
+    js = nc.jetstream()
+    try:
+        kv = await js.create_key_value(KeyValueConfig(bucket="cbtest_entries", history=1))
+        assert await bucket_entries(kv) == []
+        names = [f"{group}.{i:03d}" for group in ("a", "b") for i in range(150)]
+        for name in names:
+            await kv.put(name, name.encode())
+        await kv.delete("a.007")
+        await kv.put("b.003", b"changed")
+        for _ in range(20):  # one wrong answer in a few hundred was the bug
+            entries = await bucket_entries(kv)
+            assert [e.key for e in entries] == [n for n in names if n != "a.007"]
+        assert {e.key: e.value for e in entries}["b.003"] == b"changed"
+        assert [e.key for e in await bucket_entries(kv, "b.")] == names[150:]
+        assert await bucket_entries(kv, "c.") == []
+    finally:
         await nc.close()
