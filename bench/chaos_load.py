@@ -117,6 +117,7 @@ class Load:
         last_id, resumed, events = "", 0, 0
         request = http.build_request("POST", base + path, json=self.body(spec))
         while True:
+            down = ""  # the gateway that just failed us, skipped for the resume
             try:
                 r = await http.send(request, stream=True)
                 try:
@@ -146,12 +147,13 @@ class Load:
                     raise  # nothing came back: ask again, elsewhere
                 if resumed >= 4:
                     return Result("broken", resumed, f"{spec}: {e!r} after {resumed} resumes")
-                await asyncio.sleep(0.5)  # its gateway died: resume on any
+                down = base
+                await asyncio.sleep(0.5)  # its gateway died: resume on another, as a load balancer would
             if not last_id:
                 return Result("broken", resumed, f"{spec}: the body ended with no event id")
             resumed += 1
             completion_id = last_id.rpartition(":")[0]
-            base = random.choice(self.gateways)
+            base = random.choice([g for g in self.gateways if g != down] or self.gateways)
             request = http.build_request(
                 "GET", f"{base}{path}/{completion_id}/stream", headers={"Last-Event-ID": last_id}
             )
