@@ -34,6 +34,10 @@ from node.service import NodeService
 __all__ = ["AdapterHost"]
 
 log = logging.getLogger(__name__)
+_NO_ADAPTERS = (
+    "this node's credential may not read the trained models: make it with "
+    "`chatbus node-token create ... --adapters`"
+)
 
 
 class Unsupported(BusError):
@@ -148,15 +152,14 @@ class AdapterHost:
         except BucketNotFoundError:
             raise BadRequest(f"no trained models on this bus yet: nothing to load as {ref!r}") from None
         except NatsTimeout:
-            raise BadRequest(
-                "this node's credential may not read the artifact store: make it with "
-                "`chatbus node-token create ... --adapters`"
-            ) from None
+            raise BadRequest(_NO_ADAPTERS) from None
 
     # ------------------------------------------------------------------ --serve-adapters
 
     async def _watch_jobs(self) -> None:
-        """Load each train job of our base that finishes from now on (restarting the watch on errors)."""
+        """Load each train job of our base that finishes from now on (restarting the watch on errors).
+        No jobs bucket yet is normal on a new bus; a credential that may not read it is said once."""
+        warned = False
         while True:
             try:
                 kv = await self.service.js.key_value(subjects.JOBS_BUCKET)
@@ -171,6 +174,9 @@ class AdapterHost:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                if isinstance(e, NatsTimeout) and not warned:
+                    log.warning("--serve-adapters cannot watch the train jobs: %s", _NO_ADAPTERS)
+                    warned = True
                 log.debug("job watch restarting after %r", e)
                 await asyncio.sleep(2.0)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import tarfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from bus.server import EmbeddedServer
 from bus.tokens import issue, with_creds
 from chatbus.cli import cmd_setup_bus
 from chatbus.cli import main as cli
+from node.adapter_host import AdapterHost
 from node.service import NodeService
 
 ISSUED = {
@@ -187,6 +189,33 @@ async def test_a_node_fetches_an_adapter_only_with_a_credential_that_allows_it(
     assert describe(fetched).name == "tuned"
     with pytest.raises(BadRequest, match="--adapters"):  # alice's credential was made without --adapters
         await fetch_adapter(urls["alice"], name, tmp_path / "alice")
+
+
+async def test_serve_adapters_says_once_that_its_credential_may_not_read_the_jobs(
+    ready: None, urls: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """bob's credential was made without --adapters: his node's `--serve-adapters` watch is refused by
+    the server (which answers nothing), and the node says what to do, once; `chatbus up`'s node
+    credential watches the same jobs without a word."""
+    nc = await connect(urls["admin"], name="test-admin-jobs")
+    try:
+        await Jobs(nc).start()  # the jobs bucket exists, so only a refusal can stop a watch
+    finally:
+        await nc.close()
+    caplog.set_level(logging.WARNING, logger="node.adapter_host")
+    hosts = []
+    async with contextlib.AsyncExitStack() as stack:
+        for who in ("bob", "node"):
+            engine = EchoEngine("echo")
+            engine.adapters = object()  # type: ignore[attr-defined]  # as the torch engine's AdapterSet
+            service = await stack.enter_async_context(echo_node(urls[who], engine, node_id=who))
+            hosts.append(AdapterHost(service, cache_dir=tmp_path / who, serve_new=True))
+            await hosts[-1].start()
+            stack.push_async_callback(hosts[-1].stop)
+        said = lambda: [r.getMessage() for r in caplog.records if "--serve-adapters" in r.getMessage()]  # noqa: E731
+        await eventually(lambda: said(), 20, what="the warning")
+        await asyncio.sleep(3.0)  # a second refused try (every 2 s) says nothing more
+    assert len(said()) == 1 and "node-token create ... --adapters" in said()[0], said()
 
 
 async def test_an_issued_node_serves_and_a_worker_reads_only_its_own_answers(
