@@ -207,7 +207,7 @@ async def test_serve_adapters_says_once_that_its_credential_may_not_read_the_job
     async with contextlib.AsyncExitStack() as stack:
         for who in ("bob", "node"):
             engine = EchoEngine("echo")
-            engine.adapters = object()  # type: ignore[attr-defined]  # as the torch engine's AdapterSet
+            engine.adapters = object()  # as the torch engine's AdapterSet
             service = await stack.enter_async_context(echo_node(urls[who], engine, node_id=who))
             hosts.append(AdapterHost(service, cache_dir=tmp_path / who, serve_new=True))
             await hosts[-1].start()
