@@ -83,7 +83,28 @@ async def connect(
     TLS, and options after `?`: `ca=` (CA bundle to trust), `cert=` and `key=` (a client
     certificate), `creds=` (a credential file of `chatbus node-token create`, or a NATS JWT .creds
     file, instead of a password).
+
+    A refused credential is tried again `_REFUSED_TRIES` times in all, `_REFUSED_WAIT_S` apart: a
+    server that is reloading its config (`chatbus node-token create|revoke`) refuses good ones for a
+    moment (1 connect in 6 right after a revoke did, in tests/test_security_nodes.py).
     """
+    for _ in range(_REFUSED_TRIES - 1):
+        try:
+            return await _connect_once(url, name, timeout, on_refused)
+        except _Refused:
+            await asyncio.sleep(_REFUSED_WAIT_S)
+    return await _connect_once(url, name, timeout, on_refused)
+
+
+class _Refused(BusUnavailable):
+    """The server refused our credential while we connected."""
+
+
+_REFUSED_TRIES = 3
+_REFUSED_WAIT_S = 0.5
+
+
+async def _connect_once(url: str, name: str, timeout: float, on_refused: Callable[[], None] | None) -> NATS:
     servers, options = _parse_url(url)
     shown = redact(url)
     refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
@@ -124,7 +145,7 @@ async def connect(
         return nc
     await cancel_and_wait(connecting)
     if refused.done():
-        raise BusUnavailable(
+        raise _Refused(
             f"NATS at {shown} refused our credentials ({refused.result()}); use the URL `chatbus up` "
             f"wrote to its state dir, or ask the operator for a credential of the right role"
         )
