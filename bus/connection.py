@@ -84,7 +84,7 @@ async def connect(
     certificate), `creds=` (a credential file of `chatbus node-token create`, or a NATS JWT .creds
     file, instead of a password).
 
-    A refused credential is tried again `_REFUSED_TRIES` times in all, `_REFUSED_WAIT_S` apart: a
+    A refused credential is tried `_REFUSED_TRIES` times in all, `_REFUSED_WAIT_S` apart: a
     server that is reloading its config (`chatbus node-token create|revoke`) refuses good ones for a
     moment (1 connect in 6 right after a revoke did, in tests/test_security_nodes.py).
     """
