@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import BucketNotFoundError
 
@@ -23,15 +24,21 @@ from bus.schemas_jobs import ArtifactInfo
 
 __all__ = [
     "INFO_FILE",
+    "NEEDS_ADAPTERS",
     "ArtifactInfo",
     "describe",
     "fetch_adapter",
+    "fetch_on",
     "fetch_with",
     "resolve_artifact",
     "write_info",
 ]
 
 INFO_FILE = "chatbus.json"  # in every stored model dir: its ArtifactInfo
+NEEDS_ADAPTERS = (
+    "this credential may not read the trained models: a node needs one made with "
+    "`chatbus node-token create ... --adapters`"
+)
 
 
 async def resolve_artifact(jobs: Jobs, ref: str) -> str:
@@ -77,20 +84,21 @@ async def fetch_adapter(nats_url: str, ref: str, dest: Path) -> Path:
     the tokenizer, and either a peft adapter (`adapter_config.json`) or full model weights."""
     nc = await connect(nats_url, name="chatbus-fetch")
     try:
-        try:
-            jobs = await Jobs(nc).attach()  # a node may read the artifacts, not create streams
-            return await fetch_with(jobs, ref, dest)
-        except BucketNotFoundError:
-            raise BadRequest(
-                f"no trained models on {redact(nats_url)} yet: nothing to fetch as {ref!r}"
-            ) from None
-        except NatsTimeout as e:  # the server refuses what a credential may not do: we hear nothing
-            raise BadRequest(
-                "this credential may not read the artifact store: a node needs one made with "
-                "`chatbus node-token create ... --adapters`"
-            ) from e
+        return await fetch_on(nc, ref, dest, redact(nats_url))
     finally:
         await nc.close()
+
+
+async def fetch_on(nc: NATS, ref: str, dest: Path, bus: str = "this bus") -> Path:
+    """`fetch_with` over an open connection, saying plainly the two ways a node's fetch fails: nothing
+    trained on `bus` yet, or a credential that may not read the trained models."""
+    try:
+        jobs = await Jobs(nc).attach()  # a node may read the artifacts, not create streams
+        return await fetch_with(jobs, ref, dest)
+    except BucketNotFoundError:
+        raise BadRequest(f"no trained models on {bus} yet: nothing to fetch as {ref!r}") from None
+    except NatsTimeout as e:  # the server refuses what a credential may not do: we hear nothing
+        raise BadRequest(NEEDS_ADAPTERS) from e
 
 
 def describe(path: Path) -> ArtifactInfo:

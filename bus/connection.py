@@ -67,6 +67,8 @@ T = TypeVar("T")
 NODE_TTL_S = 6.0  # a node that stops heartbeating is gone from `models()` after this long
 HEARTBEAT_S = 2.0
 TOKENS_MAX_AGE_S = 600.0  # token streams are replayable (resume) for this long
+_REFUSED_TRIES = 3  # a credential refused while connecting (connect's docstring says why)
+_REFUSED_WAIT_S = 0.5
 
 
 async def connect(
@@ -98,10 +100,6 @@ async def connect(
 
 class _Refused(BusUnavailable):
     """The server refused our credential while we connected."""
-
-
-_REFUSED_TRIES = 3
-_REFUSED_WAIT_S = 0.5
 
 
 async def _connect_once(url: str, name: str, timeout: float, on_refused: Callable[[], None] | None) -> NATS:

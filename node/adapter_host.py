@@ -18,14 +18,12 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from bus import subjects
-from bus.artifacts import INFO_FILE, describe, fetch_with
+from bus.artifacts import INFO_FILE, NEEDS_ADAPTERS, describe, fetch_on
 from bus.codec import decode
 from bus.errors import BadMessage, BadRequest, BusError, Code
-from bus.jobs import Jobs
 from bus.schemas import ModelCard
 from bus.schemas_adapters import AdapterCommand, AdapterReply, AdapterState
 from bus.schemas_jobs import ArtifactInfo, JobRecord
@@ -34,10 +32,6 @@ from node.service import NodeService
 __all__ = ["AdapterHost"]
 
 log = logging.getLogger(__name__)
-_NO_ADAPTERS = (
-    "this node's credential may not read the trained models: make it with "
-    "`chatbus node-token create ... --adapters`"
-)
 
 
 class Unsupported(BusError):
@@ -116,7 +110,7 @@ class AdapterHost:
         if not ref:
             raise BadRequest("load needs a train job id, a `models/<digest>` artifact or a PEFT dir")
         local = await asyncio.to_thread(_local_dir, ref)
-        folder = local or await self._fetch(ref)
+        folder = local or await fetch_on(self.service.nc, ref, self.cache_dir)
         info = await asyncio.to_thread(_info, folder)
         if info is not None and info.method == "full":
             raise BadRequest(
@@ -145,15 +139,6 @@ class AdapterHost:
         for card in cards.values():
             await self.service.serve_model(card)
 
-    async def _fetch(self, ref: str) -> Path:
-        try:
-            jobs = await Jobs(self.service.nc).attach()
-            return await fetch_with(jobs, ref, self.cache_dir)
-        except BucketNotFoundError:
-            raise BadRequest(f"no trained models on this bus yet: nothing to load as {ref!r}") from None
-        except NatsTimeout:
-            raise BadRequest(_NO_ADAPTERS) from None
-
     # ------------------------------------------------------------------ --serve-adapters
 
     async def _watch_jobs(self) -> None:
@@ -175,7 +160,7 @@ class AdapterHost:
                 raise
             except Exception as e:
                 if isinstance(e, NatsTimeout) and not warned:
-                    log.warning("--serve-adapters cannot watch the train jobs: %s", _NO_ADAPTERS)
+                    log.warning("--serve-adapters cannot watch the train jobs: %s", NEEDS_ADAPTERS)
                     warned = True
                 log.debug("job watch restarting after %r", e)
                 await asyncio.sleep(2.0)
